@@ -1,0 +1,63 @@
+"""`mm profiles`: list profiles, or show one merged with the exact vLLM command line."""
+from __future__ import annotations
+
+import click
+import tomli_w
+
+from mmlib.profiles import Profile, load_all, load_profile
+
+
+@click.group("profiles", invoke_without_command=True)
+@click.pass_context
+def profiles(ctx: click.Context) -> None:
+    """List profiles (shipped ones and your own)."""
+    if ctx.invoked_subcommand:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    found, errors = load_all()
+    table = Table()
+    for col in ("profile", "model", "served as", "sleep", "description"):
+        table.add_column(col)
+    for p in found:
+        model = "stack: " + ", ".join(p.stack) if p.is_stack else p.model
+        sleep = f"level {p.sleep.level}" if p.sleep.enabled else "no"
+        table.add_row(p.name, model, ", ".join(p.names) or "-", sleep if not p.is_stack else "-", p.description)
+    console = Console()
+    console.print(table)
+    for e in errors:
+        console.print(f"[red]broken[/]: {e}", markup=True, highlight=False)
+
+
+def as_toml(p: Profile) -> str:
+    doc = {k: v for k, v in {
+        "description": p.description, "model": p.model, "served_model_name": p.served_model_name,
+        "aliases": list(p.aliases), "host": p.host, "port": p.port, "startup_timeout": p.startup_timeout,
+        "restart": p.restart, "max_restarts": p.max_restarts, "idle_sleep": p.idle_sleep,
+        "idle_stop": p.idle_stop, "stack": list(p.stack), "share_gpu": p.share_gpu,
+    }.items() if v not in (None, [], "")}
+    doc["sleep"] = {"enabled": p.sleep.enabled, "level": p.sleep.level}
+    doc["engine"], doc["env"] = dict(p.engine), dict(p.env)
+    return tomli_w.dumps(doc)
+
+
+@profiles.command("show")
+@click.argument("name")
+def show(name: str) -> None:
+    """Print NAME merged with what it extends, and the vLLM command line mm would run."""
+    from mmlib.vllm_cmd import server_argv, server_env, shell_line
+
+    p = load_profile(name)
+    click.echo(f"# {p.name}, from {p.source}")
+    click.echo(as_toml(p))
+    if p.is_stack:
+        click.echo(f"# a stack: `mm profiles show` each of {', '.join(p.stack)} for their command lines")
+        return
+    argv = server_argv(p, p.port or 0, python="python")
+    env = server_env(p, base={})
+    click.echo("# vLLM command line (port 0 = a free port picked at start):")
+    click.echo(" ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + shell_line(argv))
+
+
+COMMANDS = [profiles]

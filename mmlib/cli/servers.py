@@ -1,0 +1,190 @@
+"""Commands that start, switch, sleep and stop servers, and show them."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from mmlib.client import Client
+from mmlib.errors import MMError
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def preflight(profile: str, force: bool) -> None:
+    """Guard rails before anything starts (`--force` skips them)."""
+    if force:
+        return
+    from mmlib import checks
+
+    checks.preflight(profile)
+
+
+def activate(profile: str | None, model: str | None = None, force: bool = False, verb: str = "starting",
+             quiet: bool = False) -> dict:
+    """Ask the daemon to make a profile answer, with a spinner while it loads."""
+    from rich.console import Console
+
+    preflight(profile or "default", force)
+    client = Client().ensure_daemon()
+    console = Console(stderr=True)
+    what = (profile or "default") + (f" ({model})" if model else "")
+    with console.status(f"{verb} {what}: the first start of a model can take minutes"):
+        result = client.post("/up", {"profile": profile, "model": model}, timeout=None)
+    result["proxy"] = proxy = client.get("/ping")["proxy"]
+    for s in result["servers"]:
+        click.echo(f"{s['profile']}: {s['state']}, model '{s['served_model_name']}' at {proxy}/v1 "
+                   f"(server {s['url']}, pid {s['pid']}); ready in {result['switch_s']:.2f} s", err=quiet)
+    return result
+
+
+@click.command("up")
+@click.argument("profile", required=False)
+@click.option("--model", help="Serve this model (hub id or path) instead of the profile's.")
+@click.option("--force", is_flag=True, help="Skip the checks that run before a start.")
+def up(profile: str | None, model: str | None, force: bool) -> None:
+    """Start (or wake) PROFILE's server(s) and wait until they answer."""
+    activate(profile, model, force)
+
+
+@click.command("switch")
+@click.argument("profile")
+def switch(profile: str) -> None:
+    """Make PROFILE the awake one: others sleep (or stop, where sleep mode is unavailable)."""
+    activate(profile, verb="switching to")
+
+
+def _stack_command(name: str, doc: str) -> click.Command:
+    @click.command(name, help=doc)
+    @click.option("--force", is_flag=True, help="Skip the checks that run before a start.")
+    def command(force: bool) -> None:
+        activate(name, force=force, verb="switching to")
+    return command
+
+
+@click.command("perf")
+@click.argument("model", required=False)
+@click.option("--force", is_flag=True, help="Skip the checks that run before a start.")
+def perf(model: str | None, force: bool) -> None:
+    """Serve the perf profile (tuned to the limit of a 12 GB card), optionally with another MODEL."""
+    activate("perf", model, force)
+
+
+@click.command("sleep")
+@click.argument("profile", required=False)
+def sleep(profile: str | None) -> None:
+    """Put PROFILE (or every awake server) to sleep; servers without sleep mode are stopped."""
+    client = Client()
+    if not client.alive():
+        raise MMError("nothing is running (the daemon is not started)")
+    client.post("/sleep", {"profile": profile}, timeout=None)
+    click.echo(f"{profile or 'all'}: asleep")
+
+
+@click.command("wake")
+@click.argument("profile")
+def wake(profile: str) -> None:
+    """Wake PROFILE (starting it if needed); others sleep if it does not fit beside them."""
+    activate(profile, verb="waking")
+
+
+@click.command("stop")
+@click.argument("profile", required=False)
+@click.option("--all", "all_", is_flag=True, help="Stop every server.")
+def stop(profile: str | None, all_: bool) -> None:
+    """Stop PROFILE's server (SIGTERM to its process group, SIGKILL after a grace period)."""
+    if not profile and not all_:
+        raise MMError("say which: `mm stop PROFILE` or `mm stop --all`")
+    client = Client()
+    if not client.alive():
+        click.echo("nothing is running")
+        return
+    result = client.post("/stop", {"profile": profile, "all": all_}, timeout=None)
+    click.echo(f"stopped: {', '.join(result['stopped']) or 'nothing'}")
+
+
+STATE_STYLE = {"awake": "green", "asleep": "cyan", "starting": "yellow", "waking": "yellow",
+               "stopping": "yellow", "failed": "red", "stopped": "dim"}
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(as_json: bool) -> None:
+    """Show every server: profile, model, state, URL, pid, uptime, switch mode and time."""
+    client = Client()
+    if not client.alive():
+        if as_json:
+            click.echo(json.dumps({"daemon": None, "servers": []}))
+        else:
+            click.echo("mm daemon is not running; no servers (any mm command that needs one starts it)")
+        return
+    doc = client.get("/status")
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mm: proxy {doc['daemon']['proxy']}/v1", title_justify="left")
+    for col in ("profile", "model", "state", "URL", "pid", "uptime", "switch", "last switch"):
+        table.add_column(col)
+    for s in doc["servers"]:
+        state = f"[{STATE_STYLE.get(s['state'], '')}]{s['state']}[/]"
+        last = f"{s['last_switch_s']:.2f}s" if s.get("last_switch_s") is not None else "-"
+        table.add_row(s["profile"], s["served_model_name"], state, s["url"] or "-", str(s["pid"] or "-"),
+                      human_duration(s["uptime_s"]), s["switch"], last)
+    console = Console()
+    console.print(table)
+    for s in doc["servers"]:
+        if s["state"] == "failed" and s.get("error"):
+            console.print(f"[red]{s['profile']}[/]: {s['error']} (log: {s['log']})")
+            for line in s.get("error_log", [])[-5:]:
+                console.print(f"  | {line}", markup=False, highlight=False)
+
+
+@click.command("logs")
+@click.argument("profile")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("-n", "--lines", default=40, show_default=True, help="How many lines from the end.")
+def logs(profile: str, follow: bool, lines: int) -> None:
+    """Print PROFILE's server log (`daemon` for the daemon's own)."""
+    from mmlib import paths
+    from mmlib.profiles import NAME_RE
+
+    if not NAME_RE.match(profile):
+        raise MMError(f"'{profile}' is not a profile name")
+    path = paths.logs_dir() / f"{profile}.log"
+    if not path.exists():
+        raise MMError(f"no log for {profile} yet ({path}); it is written when the server first starts")
+    with open(path, "rb") as f:
+        data = f.read()
+        for line in data.decode(errors="replace").splitlines()[-lines:]:
+            click.echo(line)
+        while follow:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+                if os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:  # the server was restarted
+                    f.close()
+                    f = open(path, "rb")
+
+
+COMMANDS = [up, switch, perf, _stack_command("voice", "Bring the voice stack (speech-to-text + LLM) awake."),
+            _stack_command("ocr", "Bring the OCR stack (LightOnOCR) awake."), sleep, wake, stop, status, logs]

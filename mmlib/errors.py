@@ -1,0 +1,17 @@
+"""Errors written for the user: raised deep, printed once (one line) at the CLI edge."""
+from __future__ import annotations
+
+
+class MMError(Exception):
+    """Anything mm reports to the user as one line, with what to change."""
+
+
+class ProfileError(MMError):
+    def __init__(self, file: str, message: str, fix: str = "", key: str = ""):
+        self.file, self.key, self.fix = file, key, fix
+        where = f"{file}: {key}: " if key else f"{file}: "
+        super().__init__(where + message + (f" (fix: {fix})" if fix else ""))
+
+
+class DaemonError(MMError):
+    pass

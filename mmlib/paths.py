@@ -1,0 +1,54 @@
+"""Where mm keeps things. MM_HOME puts all of it under one folder (tests, portable installs)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+SHIPPED_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+PROJECT_ROOT = SHIPPED_PROFILES.parent
+
+
+def _dir(kind: str) -> Path:
+    override = os.environ.get(f"MM_{kind.upper()}_DIR")  # e.g. tests share one model cache
+    if override:
+        return Path(override)
+    home = os.environ.get("MM_HOME")
+    if home:
+        return Path(home) / kind
+    finder = {"config": platformdirs.user_config_dir, "state": platformdirs.user_state_dir,
+              "cache": platformdirs.user_cache_dir}[kind]
+    return Path(finder("mm"))
+
+
+def config_dir() -> Path:
+    return _dir("config")
+
+
+def user_profiles_dir() -> Path:
+    return config_dir() / "profiles"
+
+
+def state_dir() -> Path:
+    """Daemon socket, state files and server logs: private to the user (0700)."""
+    d = _dir("state")
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(d, 0o700)
+    return d
+
+
+def cache_dir() -> Path:
+    d = _dir("cache")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def logs_dir() -> Path:
+    d = state_dir() / "logs"
+    d.mkdir(exist_ok=True, mode=0o700)
+    return d
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get("MM_RESULTS_DIR", PROJECT_ROOT / "benchmark_results"))

@@ -1,0 +1,282 @@
+"""Profiles: TOML files that say what to serve and how. Load, merge `extends`, validate -> Profile.
+
+Shipped profiles live in ./profiles; the user's own (XDG config dir, profiles/) are read after them,
+so a user's file of the same name wins. Every problem is a ProfileError naming the file and key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from mmlib import paths
+from mmlib.errors import ProfileError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_EXTENDS_DEPTH = 8
+RESTART_POLICIES = ("no", "on-failure")
+
+
+@dataclass(frozen=True)
+class SleepSettings:
+    enabled: bool = False
+    level: int = 1
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    source: str
+    description: str = ""
+    model: str | None = None
+    served_model_name: str = ""
+    aliases: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int | None = None
+    startup_timeout: float = 900.0
+    engine: Mapping[str, Any] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    sleep: SleepSettings = SleepSettings()
+    idle_sleep: float | None = None
+    idle_stop: float | None = None
+    restart: str = "on-failure"
+    max_restarts: int = 3
+    api_key: str | None = None
+    stack: tuple[str, ...] = ()
+    # Declares engine.gpu_memory_utilization a budget this server keeps to, so it may stay awake
+    # beside other such servers while the shares add up to at most 1. Otherwise it runs alone.
+    share_gpu: bool = False
+
+    @property
+    def is_stack(self) -> bool:
+        return bool(self.stack)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every model name a client may use for this profile."""
+        return (self.served_model_name, *self.aliases) if self.served_model_name else ()
+
+    @property
+    def memory_share(self) -> float:
+        return float(self.engine.get("gpu_memory_utilization", 0.9))
+
+    def with_model(self, model: str) -> "Profile":
+        return dataclasses.replace(self, model=model, served_model_name=default_served_name(model), aliases=())
+
+
+# key -> (accepted python types, what to tell the user). Tables are checked on their own.
+SCALAR_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "description": ((str,), "a string"),
+    "extends": ((str,), "a profile name"),
+    "model": ((str,), "a hub id such as Qwen/Qwen2.5-7B-Instruct-AWQ, or a local path"),
+    "served_model_name": ((str,), "a string"),
+    "aliases": ((list,), "a list of strings"),
+    "host": ((str,), "an address such as 127.0.0.1"),
+    "port": ((int,), "an integer 1-65535 (leave it out to pick a free one)"),
+    "startup_timeout": ((int, float), "seconds, a number > 0"),
+    "idle_sleep": ((int, float), "seconds, a number > 0"),
+    "idle_stop": ((int, float), "seconds, a number > 0"),
+    "restart": ((str,), '"no" or "on-failure"'),
+    "max_restarts": ((int,), "an integer >= 0"),
+    "api_key": ((str,), "a string"),
+    "stack": ((list,), "a list of profile names"),
+    "share_gpu": ((bool,), "true or false"),
+}
+TABLE_KEYS = ("engine", "env", "sleep")
+SLEEP_KEYS = {"enabled": (bool,), "level": (int,)}
+
+
+def default_served_name(model: str) -> str:
+    return model.rstrip("/").split("/")[-1].split(":")[-1]
+
+
+def profile_dirs() -> list[Path]:
+    """Search order: the user's directory first, so their files shadow shipped ones."""
+    return [paths.user_profiles_dir(), paths.SHIPPED_PROFILES]
+
+
+def profile_path(name: str) -> Path:
+    if not NAME_RE.match(name):
+        raise ProfileError(name, "not a profile name", "use letters, digits, '.', '_' and '-' only")
+    for d in profile_dirs():
+        p = d / f"{name}.toml"
+        if p.is_file():
+            return p
+    known = list_profile_names()
+    hint = difflib.get_close_matches(name, known, n=1)
+    fix = f"did you mean '{hint[0]}'?" if hint else f"known profiles: {', '.join(known) or 'none'}"
+    raise ProfileError(f"profile '{name}'", "no such profile", fix)
+
+
+def list_profile_names() -> list[str]:
+    names: set[str] = set()
+    for d in profile_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.toml") if NAME_RE.match(p.stem))
+    return sorted(names)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(str(path), f"invalid TOML: {e}", "correct the syntax at that line") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProfileError(str(path), f"cannot read: {e}") from None
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge: tables merge key by key, anything else in `over` replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_raw(name: str, chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[str]]:
+    """The profile's table with its `extends` chain merged in, and the files it came from."""
+    if name in chain:
+        raise ProfileError(str(profile_path(chain[0])), f"extends cycle: {' -> '.join(chain + (name,))}",
+                           "make one profile in the chain stop extending")
+    if len(chain) >= MAX_EXTENDS_DEPTH:
+        raise ProfileError(str(profile_path(chain[0])), f"extends chain deeper than {MAX_EXTENDS_DEPTH}",
+                           "flatten the chain")
+    path = profile_path(name)
+    data = read_toml(path)
+    parent = data.get("extends")
+    if parent is None:
+        return data, [str(path)]
+    if not isinstance(parent, str):
+        raise ProfileError(str(path), "must be a profile name (a string)", key="extends")
+    base, files = load_raw(parent, chain + (name,))
+    merged = merge(base, data)
+    merged.pop("extends", None)
+    return merged, files + [str(path)]
+
+
+def load_profile(name: str) -> Profile:
+    data, files = load_raw(name)
+    return validate(name, data, files[-1])
+
+
+def load_all() -> tuple[list[Profile], list[ProfileError]]:
+    profiles, errors = [], []
+    for name in list_profile_names():
+        try:
+            profiles.append(load_profile(name))
+        except ProfileError as e:
+            errors.append(e)
+    return profiles, errors
+
+
+def _check_type(file: str, key: str, value: Any, types: tuple[type, ...], what: str) -> None:
+    # bool is an int in Python; a TOML `true` is never a valid number here.
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise ProfileError(file, f"expected {what}, got {value!r}"[:200], f"set {key} to {what}", key=key)
+
+
+def _check_unknown(file: str, keys: Any, known: Any, prefix: str = "") -> None:
+    for key in keys:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), list(known), n=1)
+            fix = f"did you mean '{prefix}{hint[0]}'?" if hint else f"known keys: {', '.join(known)}"
+            raise ProfileError(file, "unknown key", fix, key=f"{prefix}{key}")
+
+
+def _positive(file: str, key: str, value: float | None, upper: float = 10 * 365 * 86400) -> None:
+    if value is not None and not 0 < value <= upper:
+        raise ProfileError(file, f"{value!r} is out of range", f"set {key} to a number of seconds > 0", key=key)
+
+
+def _strings(file: str, key: str, value: list[Any]) -> tuple[str, ...]:
+    if not all(isinstance(v, str) and v for v in value):
+        raise ProfileError(file, "expected a list of non-empty strings", key=key)
+    return tuple(value)
+
+
+def _engine(file: str, table: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in table.items():
+        if not re.match(r"^[a-z][a-z0-9_-]*$", key):
+            raise ProfileError(file, "not a vLLM argument name", "use snake_case, e.g. max_model_len",
+                               key=f"engine.{key}")
+        if isinstance(value, list) and not all(isinstance(v, (str, int, float)) for v in value):
+            raise ProfileError(file, "lists may hold strings and numbers only", key=f"engine.{key}")
+    return dict(table)
+
+
+def _env(file: str, table: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, value in table.items():
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise ProfileError(file, "not an environment variable name", key=f"env.{key}")
+        if isinstance(value, bool):
+            value = "1" if value else "0"
+        if not isinstance(value, (str, int, float)):
+            raise ProfileError(file, f"expected a string, got {type(value).__name__}", key=f"env.{key}")
+        out[key] = str(value)
+    return out
+
+
+def _sleep(file: str, table: Any) -> SleepSettings:
+    if isinstance(table, bool):  # `sleep = true` is short for `[sleep] enabled = true`
+        return SleepSettings(enabled=table)
+    _check_unknown(file, table, SLEEP_KEYS, "sleep.")
+    for key, types in SLEEP_KEYS.items():
+        if key in table:
+            _check_type(file, f"sleep.{key}", table[key], types, types[0].__name__)
+    level = table.get("level", 1)
+    if level not in (1, 2):
+        raise ProfileError(file, f"level {level} is not 1 or 2", "level 1 keeps weights in RAM, 2 drops them",
+                           key="sleep.level")
+    return SleepSettings(enabled=table.get("enabled", True), level=level)
+
+
+def validate(name: str, data: Mapping[str, Any], file: str) -> Profile:
+    _check_unknown(file, data, [*SCALAR_KEYS, *TABLE_KEYS])
+    for key, value in data.items():
+        if key in SCALAR_KEYS:
+            _check_type(file, key, value, *SCALAR_KEYS[key])
+        elif key != "sleep" and not isinstance(value, dict):
+            raise ProfileError(file, f"expected a table [{key}]", f"write it as [{key}] with keys below", key=key)
+    stack = _strings(file, "stack", data.get("stack", []))
+    model = data.get("model")
+    if not model and not stack:
+        raise ProfileError(file, "missing", "set model = \"<hub id or local path>\" (or stack = [...])", key="model")
+    port = data.get("port")
+    if port is not None and not 1 <= port <= 65535:
+        raise ProfileError(file, f"{port} is out of range", "use 1-65535, or leave port out", key="port")
+    restart = data.get("restart", "on-failure")
+    if restart not in RESTART_POLICIES:
+        raise ProfileError(file, f"{restart!r} is not a restart policy", 'use "no" or "on-failure"', key="restart")
+    max_restarts = data.get("max_restarts", 3)
+    if not 0 <= max_restarts <= 100:
+        raise ProfileError(file, f"{max_restarts} is out of range", "use 0-100", key="max_restarts")
+    for key in ("startup_timeout", "idle_sleep", "idle_stop"):
+        _positive(file, key, data.get(key))
+    served = data.get("served_model_name") or (default_served_name(model) if model else "")
+    for n in (served, *data.get("aliases", [])):
+        if n and not isinstance(n, str) or isinstance(n, str) and (len(n) > 200 or "\n" in n):
+            raise ProfileError(file, f"bad model name {n!r}"[:200], key="aliases")
+    return Profile(
+        name=name, source=file,
+        description=data.get("description", ""),
+        model=model, served_model_name=served,
+        aliases=_strings(file, "aliases", data.get("aliases", [])),
+        host=data.get("host", "127.0.0.1"), port=port,
+        startup_timeout=float(data.get("startup_timeout", 900)),
+        engine=MappingProxyType(_engine(file, data.get("engine", {}))),
+        env=MappingProxyType(_env(file, data.get("env", {}))),
+        sleep=_sleep(file, data.get("sleep", {"enabled": False})),
+        idle_sleep=data.get("idle_sleep"), idle_stop=data.get("idle_stop"),
+        restart=restart, max_restarts=max_restarts,
+        api_key=data.get("api_key"), stack=stack, share_gpu=data.get("share_gpu", False),
+    )

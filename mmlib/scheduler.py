@@ -1,0 +1,134 @@
+"""Which servers are awake: one place decides (Ollama's sched.go idea), under one lock.
+
+A switch puts to sleep (or stops, where sleep mode is unavailable) every awake server whose memory
+share does not fit beside the target, then wakes or starts the target. Requests that arrive during
+a switch wait on the same activation instead of starting a second one.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+from mmlib.errors import MMError
+from mmlib.profiles import Profile, load_profile
+from mmlib.states import LIVE, State
+from mmlib.supervisor import ManagedServer
+
+# Shares of one GPU's memory (vLLM's gpu_memory_utilization) that may be awake at once.
+GPU_SHARE_LIMIT = 1.0
+
+
+def fit_together(profiles: list[Profile]) -> bool:
+    """One server has the GPU to itself unless every awake one declares a share and they fit."""
+    if len(profiles) <= 1:
+        return True
+    return all(p.share_gpu for p in profiles) and \
+        sum(p.memory_share for p in profiles) <= GPU_SHARE_LIMIT + 1e-9
+
+
+class Scheduler:
+    def __init__(self, make_server: Callable[[Profile], ManagedServer],
+                 load: Callable[[str], Profile] = load_profile):
+        self.servers: dict[str, ManagedServer] = {}
+        self.active: list[str] = []  # profiles of the last activation, the target of model "default"
+        self.last_switch_s: float | None = None
+        self._make_server = make_server
+        self._load = load
+        self._switch = asyncio.Lock()
+        self._pending: dict[tuple[str, ...], asyncio.Task] = {}
+
+    def members(self, profile: Profile) -> list[Profile]:
+        if not profile.is_stack:
+            return [profile]
+        out = []
+        for name in profile.stack:
+            member = self._load(name)
+            if member.is_stack:
+                raise MMError(f"{profile.source}: stack: '{name}' is itself a stack (fix: list servers only)")
+            out.append(member)
+        return out
+
+    def server_for(self, profile: Profile) -> ManagedServer:
+        """The server of this profile, replaced by a fresh one if the profile changed while it was down."""
+        server = self.servers.get(profile.name)
+        if server is None or (server.state not in LIVE and server.profile != profile):
+            server = self._make_server(profile)
+            self.servers[profile.name] = server
+        return server
+
+    def awake(self) -> list[ManagedServer]:
+        return [s for s in self.servers.values() if s.state in (State.READY, State.WAKING, State.STARTING)]
+
+    async def acquire(self, profile: Profile) -> ManagedServer:
+        """A ready server of a (non-stack) profile with one request counted on it, so that no
+        switch puts it to sleep before the request is answered. The caller must release() it."""
+        for _ in range(3):
+            server = (await self.activate(profile))[-1]
+            if server.state == State.READY:  # no await since activate returned: nothing slipped in
+                server.in_flight += 1
+                return server
+        raise MMError(f"{profile.name}: did not stay awake long enough to take the request (state "
+                      f"{server.state.value}{': ' + server.error if server.error else ''})")
+
+    async def activate(self, profile: Profile) -> list[ManagedServer]:
+        """Make the profile's servers answer; coalesces concurrent calls for the same target."""
+        key = tuple(m.name for m in self.members(profile))
+        # Fast path only while no switch is under way or queued: a request for the current model
+        # must not jump ahead of a switch that is waiting for that model's requests to finish.
+        if not self._switch.locked() and all(
+                self.servers.get(n) and self.servers[n].state == State.READY for n in key):
+            if self._fits_all():
+                for n in key:
+                    self.servers[n].last_used = time.monotonic()
+                return [self.servers[n] for n in key]
+        task = self._pending.get(key)
+        if task is None or task.done():
+            task = asyncio.ensure_future(self._activate(profile))
+            self._pending[key] = task
+        return await asyncio.shield(task)
+
+    def _fits_all(self) -> bool:
+        return fit_together([s.profile for s in self.awake()])
+
+    async def _activate(self, profile: Profile) -> list[ManagedServer]:
+        async with self._switch:
+            t0 = time.perf_counter()
+            targets = [self.server_for(m) for m in self.members(profile)]
+            if not fit_together([t.profile for t in targets]):
+                budget = sum(t.profile.memory_share for t in targets)
+                raise MMError(f"{profile.source}: stack: its servers cannot be awake together (shares add "
+                              f"up to {budget:.2f}; fix: set share_gpu = true in each member profile and "
+                              f"engine.gpu_memory_utilization values that add up to at most 1)")
+            # Make room: everyone else sleeps unless all declared shares fit together.
+            others = [s for s in self.awake() if s not in targets]
+            if not fit_together([t.profile for t in targets] + [s.profile for s in others]):
+                await asyncio.gather(*(self._drain_then_sleep(s) for s in others))
+            for t in targets:  # one at a time: vLLM checks free GPU memory when it starts
+                await t.wake()
+            took = time.perf_counter() - t0
+            for t in targets:
+                t.last_switch_s = took
+            self.last_switch_s = took
+            self.active = [t.name for t in targets]
+            return targets
+
+    @staticmethod
+    async def _drain_then_sleep(server: ManagedServer, limit_s: float = 600.0) -> None:
+        """Requests already on a server finish before it sleeps; none is cut off by a switch."""
+        deadline = time.monotonic() + limit_s
+        while server.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await server.sleep()
+
+    async def sleep(self, name: str | None = None) -> None:
+        servers = [self.servers[name]] if name else list(self.servers.values())
+        async with self._switch:
+            await asyncio.gather(*(s.sleep() for s in servers if s.state == State.READY))
+
+    async def stop(self, name: str | None = None) -> list[str]:
+        servers = [self.servers[name]] if name else list(self.servers.values())
+        async with self._switch:
+            await asyncio.gather(*(s.stop() for s in servers))
+        self.active = [n for n in self.active if self.servers[n].state == State.READY]
+        return [s.name for s in servers]

