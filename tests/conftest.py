@@ -1,0 +1,82 @@
+"""Shared fixtures. Every test gets its own MM_HOME (config, state, logs) and proxy port; the
+converted embedded model is cached once per machine (MM_CACHE_DIR) so it is not rebuilt per test."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_CACHE = Path(os.environ.get("MM_TEST_CACHE", Path.home() / ".cache" / "mm-tests"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mm_env(tmp_path, monkeypatch):
+    """An isolated mm: its own home and proxy port, the shared model cache."""
+    env = {"MM_HOME": str(tmp_path / "home"), "MM_CACHE_DIR": str(SHARED_CACHE),
+           "MM_PROXY_PORT": str(free_port()), "MM_RESULTS_DIR": str(tmp_path / "results")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MM_API_KEY", raising=False)
+    return env
+
+
+def run_mm(*args: str, env: dict | None = None, timeout: float = 900, check: bool = True,
+           input: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess, the way a user does (python -m mmlib == ./mm after set-up)."""
+    proc = subprocess.run([sys.executable, "-m", "mmlib", *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout, input=input)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mm {' '.join(args)} exited {proc.returncode}\nstdout: {proc.stdout}\n"
+                             f"stderr: {proc.stderr}")
+    return proc
+
+
+class LiveMM:
+    """A real daemon serving the embedded model on real vLLM (CPU), shared by a test module."""
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.proxy = f"http://127.0.0.1:{env['MM_PROXY_PORT']}"
+
+    def mm(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return run_mm(*args, env=self.env, **kw)
+
+    def status(self) -> dict:
+        import json
+
+        return json.loads(self.mm("status", "--json").stdout)
+
+    def chat(self, content: str, model: str = "smollm2", max_tokens: int = 16, **extra) -> dict:
+        r = httpx.post(f"{self.proxy}/v1/chat/completions", timeout=300, json={
+            "model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            **extra})
+        r.raise_for_status()
+        return r.json()
+
+
+@pytest.fixture(scope="module")
+def live_mm(tmp_path_factory):
+    """Module-scoped: one vLLM start (~45 s on CPU) serves every test of a module."""
+    home = tmp_path_factory.mktemp("mm")
+    env = {"MM_HOME": str(home / "home"), "MM_CACHE_DIR": str(SHARED_CACHE),
+           "MM_PROXY_PORT": str(free_port()), "MM_RESULTS_DIR": str(home / "results")}
+    live = LiveMM(env)
+    live.mm("up", "default")
+    yield live
+    live.mm("daemon", "stop", check=False)
+    deadline = time.time() + 60
+    while time.time() < deadline and (Path(env["MM_HOME"]) / "state" / "mm.sock").exists():
+        time.sleep(0.2)

@@ -1,0 +1,54 @@
+"""Profile -> vLLM argv and environment."""
+from __future__ import annotations
+
+import json
+
+from mmlib import vllm_cmd
+from mmlib.profiles import load_profile
+from mmlib.vllm_cmd import VllmInstall, engine_args, server_argv, server_env
+
+
+def test_engine_args_spelling():
+    argv = engine_args({"max_model_len": 4096, "enforce_eager": True, "enable_prefix_caching": False,
+                        "api_key": ["a", "b"], "override_generation_config": {"temperature": 0.2},
+                        "port": 1})
+    assert argv == ["--max-model-len", "4096", "--enforce-eager", "--no-enable-prefix-caching",
+                    "--api-key", "a", "--api-key", "b",
+                    "--override-generation-config", json.dumps({"temperature": 0.2}, separators=(",", ":"))]
+
+
+def test_perf_argv(mm_env, monkeypatch):
+    monkeypatch.setattr(vllm_cmd, "installed_vllm", lambda: VllmInstall("vllm", "0.26.0"))
+    argv = server_argv(load_profile("perf"), 8123, python="python")
+    assert argv[:5] == ["python", "-m", "vllm.entrypoints.cli.main", "serve", "Qwen/Qwen2.5-7B-Instruct-AWQ"]
+    joined = " ".join(argv)
+    for part in ("--host 127.0.0.1", "--port 8123", "--served-model-name qwen2.5-7b-instruct-perf perf",
+                 "--enable-sleep-mode", "--kv-cache-dtype fp8", "--kv-offloading-backend native",
+                 "--kv-offloading-size 62", "--disable-hybrid-kv-cache-manager", "--attention-backend FLASHINFER",
+                 "--async-scheduling", "--max-num-seqs 64", "--quantization awq", "--max-model-len 16384"):
+        assert part in joined
+    env = server_env(load_profile("perf"), base={})
+    assert env == {"VLLM_SERVER_DEV_MODE": "1"}
+
+
+def test_cpu_build_gets_cpu_env_and_no_sleep_mode(mm_env, monkeypatch):
+    monkeypatch.setattr(vllm_cmd, "installed_vllm", lambda: VllmInstall("vllm", "0.32.0+cpu"))
+    p = load_profile("chat")
+    assert "--enable-sleep-mode" not in server_argv(p, 1)
+    assert server_env(p, base={}) == {"VLLM_TARGET_DEVICE": "cpu"}
+
+
+def test_embedded_model_resolves_to_cache(mm_env):
+    argv = server_argv(load_profile("default"), 1)
+    assert argv[4].endswith("models/SmolLM2-135M-Instruct")
+    assert "--enforce-eager" in argv
+
+
+def test_profile_env_wins_over_mm_defaults(mm_env, monkeypatch):
+    from pathlib import Path
+
+    d = Path(mm_env["MM_HOME"]) / "config" / "profiles"
+    d.mkdir(parents=True)
+    (d / "x.toml").write_text('model = "m"\n[env]\nVLLM_TARGET_DEVICE = "cuda"\nHF_TOKEN = "t"\n')
+    monkeypatch.setattr(vllm_cmd, "installed_vllm", lambda: VllmInstall("vllm", "0.32.0+cpu"))
+    assert server_env(load_profile("x"), base={}) == {"VLLM_TARGET_DEVICE": "cuda", "HF_TOKEN": "t"}
