@@ -1,3 +1,3 @@
 from mmlib.cli import main
 
-main()
+main(prog_name="mm")

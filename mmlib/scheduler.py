@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from mmlib.errors import MMError
@@ -27,6 +28,12 @@ def fit_together(profiles: list[Profile]) -> bool:
         sum(p.memory_share for p in profiles) <= GPU_SHARE_LIMIT + 1e-9
 
 
+@dataclass
+class _Pending:
+    task: asyncio.Task
+    requests: int = 0
+
+
 class Scheduler:
     def __init__(self, make_server: Callable[[Profile], ManagedServer],
                  load: Callable[[str], Profile] = load_profile):
@@ -36,7 +43,7 @@ class Scheduler:
         self._make_server = make_server
         self._load = load
         self._switch = asyncio.Lock()
-        self._pending: dict[tuple[str, ...], asyncio.Task] = {}
+        self._pending: dict[tuple[str, ...], _Pending] = {}
 
     def members(self, profile: Profile) -> list[Profile]:
         if not profile.is_stack:
@@ -61,57 +68,80 @@ class Scheduler:
         return [s for s in self.servers.values() if s.state in (State.READY, State.WAKING, State.STARTING)]
 
     async def acquire(self, profile: Profile) -> ManagedServer:
-        """A ready server of a (non-stack) profile with one request counted on it, so that no
+        """A ready server of a (non-stack) profile with this request counted on it, so that no
         switch puts it to sleep before the request is answered. The caller must release() it."""
-        for _ in range(3):
-            server = (await self.activate(profile))[-1]
-            if server.state == State.READY:  # no await since activate returned: nothing slipped in
-                server.in_flight += 1
-                return server
-        raise MMError(f"{profile.name}: did not stay awake long enough to take the request (state "
-                      f"{server.state.value}{': ' + server.error if server.error else ''})")
+        server = self._ready_now(profile)
+        if server is not None:
+            server.in_flight += 1
+            return server
+        return (await self._join(profile, wants_request=True))[-1]
 
     async def activate(self, profile: Profile) -> list[ManagedServer]:
-        """Make the profile's servers answer; coalesces concurrent calls for the same target."""
+        """Make the profile's servers answer (for commands; requests use acquire)."""
+        return self._ready_now_all(profile) or await self._join(profile, wants_request=False)
+
+    def _ready_now_all(self, profile: Profile) -> list[ManagedServer] | None:
+        # Only while no switch is under way or queued: a request for the current model must not
+        # jump ahead of a switch that is waiting for that model's requests to finish.
+        if self._switch.locked():
+            return None
+        servers = [self.servers.get(m.name) for m in self.members(profile)]
+        if all(s is not None and s.state == State.READY for s in servers) and self._fits_all():
+            for s in servers:
+                s.last_used = time.monotonic()
+            return servers
+        return None
+
+    def _ready_now(self, profile: Profile) -> ManagedServer | None:
+        servers = self._ready_now_all(profile)
+        return servers[-1] if servers else None
+
+    async def _join(self, profile: Profile, wants_request: bool) -> list[ManagedServer]:
+        """Wait on the pending activation of this target, starting one if there is none.
+
+        Requests that join are counted onto the server by the activation itself, at the instant it
+        completes, so the next queued switch cannot put the server to sleep before they run."""
         key = tuple(m.name for m in self.members(profile))
-        # Fast path only while no switch is under way or queued: a request for the current model
-        # must not jump ahead of a switch that is waiting for that model's requests to finish.
-        if not self._switch.locked() and all(
-                self.servers.get(n) and self.servers[n].state == State.READY for n in key):
-            if self._fits_all():
-                for n in key:
-                    self.servers[n].last_used = time.monotonic()
-                return [self.servers[n] for n in key]
-        task = self._pending.get(key)
-        if task is None or task.done():
-            task = asyncio.ensure_future(self._activate(profile))
-            self._pending[key] = task
-        return await asyncio.shield(task)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = _Pending(asyncio.ensure_future(self._activate(profile, key)))
+        if wants_request:
+            pending.requests += 1
+        return await asyncio.shield(pending.task)
 
     def _fits_all(self) -> bool:
         return fit_together([s.profile for s in self.awake()])
 
-    async def _activate(self, profile: Profile) -> list[ManagedServer]:
+    async def _activate(self, profile: Profile, key: tuple[str, ...]) -> list[ManagedServer]:
         async with self._switch:
-            t0 = time.perf_counter()
-            targets = [self.server_for(m) for m in self.members(profile)]
-            if not fit_together([t.profile for t in targets]):
-                budget = sum(t.profile.memory_share for t in targets)
-                raise MMError(f"{profile.source}: stack: its servers cannot be awake together (shares add "
-                              f"up to {budget:.2f}; fix: set share_gpu = true in each member profile and "
-                              f"engine.gpu_memory_utilization values that add up to at most 1)")
-            # Make room: everyone else sleeps unless all declared shares fit together.
-            others = [s for s in self.awake() if s not in targets]
-            if not fit_together([t.profile for t in targets] + [s.profile for s in others]):
-                await asyncio.gather(*(self._drain_then_sleep(s) for s in others))
-            for t in targets:  # one at a time: vLLM checks free GPU memory when it starts
-                await t.wake()
-            took = time.perf_counter() - t0
-            for t in targets:
-                t.last_switch_s = took
-            self.last_switch_s = took
-            self.active = [t.name for t in targets]
+            try:
+                targets = await self._switch_to(profile)
+            finally:
+                pending = self._pending.pop(key)
+            # Still under the lock: the waiting requests hold their places before the next switch.
+            targets[-1].in_flight += pending.requests
             return targets
+
+    async def _switch_to(self, profile: Profile) -> list[ManagedServer]:
+        t0 = time.perf_counter()
+        targets = [self.server_for(m) for m in self.members(profile)]
+        if not fit_together([t.profile for t in targets]):
+            budget = sum(t.profile.memory_share for t in targets)
+            raise MMError(f"{profile.source}: stack: its servers cannot be awake together (shares add "
+                          f"up to {budget:.2f}; fix: set share_gpu = true in each member profile and "
+                          f"engine.gpu_memory_utilization values that add up to at most 1)")
+        # Make room: everyone else sleeps unless all declared shares fit together.
+        others = [s for s in self.awake() if s not in targets]
+        if not fit_together([t.profile for t in targets] + [s.profile for s in others]):
+            await asyncio.gather(*(self._drain_then_sleep(s) for s in others))
+        for t in targets:  # one at a time: vLLM checks free GPU memory when it starts
+            await t.wake()
+        took = time.perf_counter() - t0
+        for t in targets:
+            t.last_switch_s = took
+        self.last_switch_s = took
+        self.active = [t.name for t in targets]
+        return targets
 
     @staticmethod
     async def _drain_then_sleep(server: ManagedServer, limit_s: float = 600.0) -> None:

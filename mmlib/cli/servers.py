@@ -52,10 +52,13 @@ def activate(profile: str | None, model: str | None = None, force: bool = False,
     return result
 
 
+FORCE = click.option("--force", is_flag=True, help="Skip the checks that run before a start.")
+
+
 @click.command("up")
 @click.argument("profile", required=False)
 @click.option("--model", help="Serve this model (hub id or path) instead of the profile's.")
-@click.option("--force", is_flag=True, help="Skip the checks that run before a start.")
+@FORCE
 def up(profile: str | None, model: str | None, force: bool) -> None:
     """Start (or wake) PROFILE's server(s) and wait until they answer."""
     activate(profile, model, force)
@@ -63,14 +66,15 @@ def up(profile: str | None, model: str | None, force: bool) -> None:
 
 @click.command("switch")
 @click.argument("profile")
-def switch(profile: str) -> None:
+@FORCE
+def switch(profile: str, force: bool) -> None:
     """Make PROFILE the awake one: others sleep (or stop, where sleep mode is unavailable)."""
-    activate(profile, verb="switching to")
+    activate(profile, force=force, verb="switching to")
 
 
 def _stack_command(name: str, doc: str) -> click.Command:
     @click.command(name, help=doc)
-    @click.option("--force", is_flag=True, help="Skip the checks that run before a start.")
+    @FORCE
     def command(force: bool) -> None:
         activate(name, force=force, verb="switching to")
     return command
@@ -78,7 +82,7 @@ def _stack_command(name: str, doc: str) -> click.Command:
 
 @click.command("perf")
 @click.argument("model", required=False)
-@click.option("--force", is_flag=True, help="Skip the checks that run before a start.")
+@FORCE
 def perf(model: str | None, force: bool) -> None:
     """Serve the perf profile (tuned to the limit of a 12 GB card), optionally with another MODEL."""
     activate("perf", model, force)
@@ -97,9 +101,10 @@ def sleep(profile: str | None) -> None:
 
 @click.command("wake")
 @click.argument("profile")
-def wake(profile: str) -> None:
+@FORCE
+def wake(profile: str, force: bool) -> None:
     """Wake PROFILE (starting it if needed); others sleep if it does not fit beside them."""
-    activate(profile, verb="waking")
+    activate(profile, force=force, verb="waking")
 
 
 @click.command("stop")
@@ -148,6 +153,8 @@ def status(as_json: bool) -> None:
         table.add_row(s["profile"], s["served_model_name"], state, s["url"] or "-", str(s["pid"] or "-"),
                       human_duration(s["uptime_s"]), s["switch"], last)
     console = Console()
+    if not console.is_terminal:  # piped: don't squeeze the table into 80 columns
+        console = Console(width=200)
     console.print(table)
     for s in doc["servers"]:
         if s["state"] == "failed" and s.get("error"):

@@ -1,0 +1,445 @@
+"""Result files of `mm bench` and `mm eval`, and what is made of them: summary.md, plots, `mm compare`.
+
+A run writes benchmark_results/<profile>/<timestamp>-<kind>.json (mmlib.paths.results_dir()). The
+first save claims its name with a hard link, so it is atomic and never replaces another run's
+file; later saves of the same run replace it atomically. A run saves after every finished step,
+so Ctrl-C (or a crash) keeps what finished, marked "complete": false.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mmlib import paths
+from mmlib.errors import MMError
+from mmlib.memory import NO_GPU
+
+SCHEMA = 1
+SUMMARY = "summary.md"
+PLOTS = ("concurrency.png", "memory.png")
+
+
+def timestamp(now: float | None = None) -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+
+
+def iso(now: float | None = None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now))
+
+
+def _write_tmp(directory: Path, stem: str, text: str) -> Path:
+    tmp = directory / f".{stem}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def replace_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(_write_tmp(path.parent, path.name, text), path)
+
+
+class ResultFile:
+    """One run's file: created exclusively on the first save (a suffix if the name is taken)."""
+
+    def __init__(self, profile: str, kind: str, root: Path | None = None, now: float | None = None):
+        self.dir = (root or paths.results_dir()) / profile
+        self.stem = f"{timestamp(now)}-{kind}"
+        self.path: Path | None = None
+
+    def save(self, doc: dict[str, Any]) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = _write_tmp(self.dir, self.stem, json.dumps(doc, indent=1, default=str) + "\n")
+        if self.path is None:
+            self.path = self._claim(tmp)
+        else:
+            os.replace(tmp, self.path)
+        return self.path
+
+    def _claim(self, tmp: Path) -> Path:
+        for n in range(1, 1000):
+            path = self.dir / (f"{self.stem}.json" if n == 1 else f"{self.stem}-{n}.json")
+            try:
+                os.link(tmp, path)  # fails if the name exists: never replaces another run's file
+            except FileExistsError:
+                continue
+            except OSError:  # a file system without hard links: reserve the name, then fill it
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                except FileExistsError:
+                    continue
+                os.replace(tmp, path)
+                return path
+            os.unlink(tmp)
+            return path
+        os.unlink(tmp)
+        raise MMError(f"no free result file name for {self.stem} in {self.dir} (fix: clean that folder up)")
+
+
+def profile_record(profile: Any) -> dict[str, Any]:
+    """The profile as merged (extends applied), as `mm profiles show` prints it."""
+    import tomllib
+
+    from mmlib.cli.profiles_cmd import as_toml
+
+    return {"name": profile.name, "source": profile.source, **tomllib.loads(as_toml(profile))}
+
+
+def base_doc(kind: str, profile: Any, mode: str, server: dict[str, Any], gpu: str) -> dict[str, Any]:
+    from mmlib.vllm_cmd import installed_vllm
+
+    install = installed_vllm()
+    return {
+        "schema": SCHEMA, "kind": kind, "profile": profile.name, "mode": mode, "complete": False,
+        "started_at": iso(), "finished_at": None,
+        "vllm": {"distribution": install.distribution, "version": install.version} if install else None,
+        "gpu": gpu, "server": {k: server.get(k) for k in ("url", "pid", "served_model_name", "model")},
+        "profile_config": profile_record(profile),
+    }
+
+
+class Recorder:
+    """Runs a result's steps (scenarios, tasks) and saves the document after each one."""
+
+    def __init__(self, doc: dict[str, Any], section: str, file: ResultFile, sampler: Any):
+        self.doc, self.section, self.file, self.sampler = doc, section, file, sampler
+        doc.setdefault(section, {})
+
+    def step(self, name: str, params: dict[str, Any], run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        t0, started = self.sampler.now(), time.monotonic()
+        entry = {"params": params, **run(), "complete": True,
+                 "duration_s": round(time.monotonic() - started, 2), "t_start": round(t0, 2),
+                 "t_end": round(self.sampler.now(), 2)}
+        entry["memory"] = self.sampler.stats(t0, entry["t_end"])
+        self.doc[self.section][name] = entry
+        self.save()
+        return entry
+
+    def save(self) -> Path:
+        self.doc["memory"] = self.sampler.result()
+        return self.file.save(self.doc)
+
+    def finish(self, complete: bool, error: str | None = None) -> Path:
+        self.sampler.stop()
+        self.doc["complete"] = complete
+        self.doc["finished_at"] = iso()
+        if error:
+            self.doc["error"] = error
+        return self.save()
+
+
+# --- reading ------------------------------------------------------------------------------------------
+def load_results(root: Path | None = None) -> list[dict[str, Any]]:
+    """Every readable result under root, oldest first; each with "_path" (relative to root)."""
+    root = root or paths.results_dir()
+    out = []
+    for path in root.glob("*/*.json") if root.is_dir() else []:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("kind") in ("bench", "eval") and doc.get("profile"):
+            doc["_path"] = str(path.relative_to(root))
+            out.append(doc)
+    return sorted(out, key=lambda d: (str(d.get("started_at")), d["_path"]))
+
+
+def latest(results: list[dict], profile: str, kind: str, has: str | None = None) -> dict | None:
+    """The newest result of a profile and kind; with `has`, the newest holding that scenario/task."""
+    section = "scenarios" if kind == "bench" else "tasks"
+    for doc in reversed(results):
+        if doc["profile"] == profile and doc["kind"] == kind and (has is None or has in doc.get(section, {})):
+            return doc
+    return None
+
+
+def profiles_in(results: list[dict]) -> list[str]:
+    return sorted({d["profile"] for d in results})
+
+
+# --- formatting ---------------------------------------------------------------------------------------
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:,.{digits}f}"
+
+
+def run_label(doc: dict) -> str:
+    label = f"{Path(doc['_path']).stem} ({doc.get('mode', '?')})"
+    return label if doc.get("complete") else label + ", incomplete"
+
+
+def scenario_load(params: dict) -> str:
+    if params.get("max_concurrency"):
+        load = f"{params['max_concurrency']} concurrent"
+    elif params.get("request_rate"):
+        load = f"{fmt(params['request_rate'], 1)} req/s"
+    else:
+        load = "all at once"
+    return f"{load}, {params.get('input_len')} in / {params.get('output_len')} out"
+
+
+def concurrency_of(entry: dict) -> float:
+    """Where a scenario sits on the concurrency axis: its cap, else what vLLM saw in flight."""
+    params, figures = entry.get("params", {}), entry.get("figures", {})
+    return float(params.get("max_concurrency") or figures.get("max_concurrent_requests") or 1)
+
+
+# --- summary.md -----------------------------------------------------------------------------------------
+BENCH_COLUMNS = (
+    ("mean TTFT ms", "mean_ttft_ms"), ("P99 TTFT ms", "p99_ttft_ms"), ("mean TPOT ms", "mean_tpot_ms"),
+    ("output tok/s", "output_throughput"), ("peak tok/s", "max_output_tokens_per_s"),
+    ("total tok/s", "total_token_throughput"), ("failed", "failed"),
+)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _scenario_names(results: list[dict]) -> list[str]:
+    from mmlib.bench import SCENARIOS
+
+    seen = {n for d in results if d["kind"] == "bench" for n in d.get("scenarios", {})}
+    return [n for n in SCENARIOS if n in seen] + sorted(seen - set(SCENARIOS))
+
+
+def summary_markdown(results: list[dict], plots: list[str] | None = None, note: str = "") -> str:
+    from mmlib.bench import SCENARIOS
+
+    profiles = profiles_in(results)
+    lines = ["# mm benchmark results", "",
+             f"Made by mm from {len(results)} result file(s) in this folder (the newest run of each "
+             "profile per table); `mm bench` and `mm eval` rewrite it, so do not edit it by hand. "
+             "`mm compare A B` puts two profiles side by side.", ""]
+    for name in _scenario_names(results):
+        nominal = SCENARIOS[name].describe() if name in SCENARIOS else name
+        rows = []
+        for p in profiles:
+            doc = latest(results, p, "bench", has=name)
+            if not doc:
+                continue
+            entry = doc["scenarios"][name]
+            fig, mem = entry.get("figures", {}), entry.get("memory", {}).get("peak", {})
+            rows.append([p, run_label(doc), doc.get("gpu") or "none", scenario_load(entry["params"]),
+                         fmt(entry["params"].get("prompts"))]
+                        + [fmt(fig.get(key), 0 if key == "failed" else 1) for _, key in BENCH_COLUMNS]
+                        + [fmt(mem.get("gpu_server_mib"), 0), fmt(mem.get("rss_mib"), 0)])
+        lines += [f"## Bench: {name} ({nominal})", ""]
+        lines += _table(["profile", "run", "GPU", "load", "prompts", *(c for c, _ in BENCH_COLUMNS),
+                         "server GPU MiB (peak)", "server RAM MiB (peak)"], rows) + [""]
+    lines += _eval_section(results, profiles) + _memory_section(results, profiles)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    if note:
+        lines += [note, ""]
+    return "\n".join(lines)
+
+
+def primary_metric(task: dict) -> tuple[str, float | None, float | None]:
+    p = task.get("primary") or {}
+    return p.get("metric", "-"), p.get("value"), p.get("stderr")
+
+
+def _eval_section(results: list[dict], profiles: list[str]) -> list[str]:
+    tasks = sorted({t for d in results if d["kind"] == "eval" for t in d.get("tasks", {})})
+    rows = []
+    for p in profiles:
+        for t in tasks:
+            doc = latest(results, p, "eval", has=t)
+            if not doc:
+                continue
+            entry = doc["tasks"][t]
+            metric, value, stderr = primary_metric(entry)
+            score = fmt(value, 3) + (f" ± {fmt(stderr, 3)}" if isinstance(stderr, (int, float)) else "")
+            rows.append([p, t, metric, score, fmt(entry.get("samples")), run_label(doc), doc.get("gpu") or "none"])
+    if not rows:
+        return []
+    return ["## Eval (lm-evaluation-harness through the chat API)", ""] + \
+        _table(["profile", "task", "metric", "score", "samples", "run", "GPU"], rows) + [""]
+
+
+def _memory_section(results: list[dict], profiles: list[str]) -> list[str]:
+    rows = []
+    for p in profiles:
+        for kind in ("bench", "eval"):
+            doc = latest(results, p, kind)
+            if not doc or "memory" not in doc:
+                continue
+            m = doc["memory"]
+            peak, mean = m.get("peak", {}), m.get("mean", {})
+            rows.append([p, kind, run_label(doc), m.get("gpu", NO_GPU), fmt(peak.get("gpu_server_mib"), 0),
+                         fmt(peak.get("gpu_device_mib"), 0), fmt(peak.get("rss_mib"), 0),
+                         fmt(mean.get("rss_mib"), 0), fmt(peak.get("ram_used_mib"), 0)])
+    if not rows:
+        return []
+    return ["## Memory while running (sampled at 4 Hz)", "",
+            "Server GPU is what NVML attributes to the server's processes; device GPU is the whole card. "
+            "Server RAM is the RSS of the server's process tree (KV offload to RAM shows here); system RAM "
+            "is all memory in use on the machine.", ""] + \
+        _table(["profile", "kind", "run", "GPU", "server GPU MiB (peak)", "device GPU MiB (peak)",
+                "server RAM MiB (peak)", "server RAM MiB (mean)", "system RAM MiB (peak)"], rows) + [""]
+
+
+def write_summary(root: Path | None = None, plots: bool = True) -> Path:
+    """Regenerate summary.md (and the plots) from every result under root."""
+    root = root or paths.results_dir()
+    results = load_results(root)
+    made, note = [], ""
+    if plots and results:
+        try:
+            made = write_plots(results, root)
+        except ImportError:
+            note = "Plots need matplotlib (`pip install 'mm[eval]'`); none were drawn."
+    path = root / SUMMARY
+    replace_atomic(path, summary_markdown(results, made, note))
+    return path
+
+
+# --- plots ----------------------------------------------------------------------------------------------
+def write_plots(results: list[dict], root: Path) -> list[str]:
+    """concurrency.png (throughput and TTFT vs concurrency) and memory.png (memory over time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    benches = [d for p in profiles_in(results) if (d := latest(results, p, "bench"))]
+    if benches:
+        fig, (ax_tp, ax_ttft) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for doc in benches:
+            pts = sorted((concurrency_of(e), e.get("figures", {})) for e in doc.get("scenarios", {}).values())
+            xs = [x for x, _ in pts]
+            ax_tp.plot(xs, [f.get("output_throughput") for _, f in pts], marker="o", label=doc["profile"])
+            ax_ttft.plot(xs, [f.get("mean_ttft_ms") for _, f in pts], marker="o", label=f"{doc['profile']} mean")
+            ax_ttft.plot(xs, [f.get("p99_ttft_ms") for _, f in pts], marker="x", linestyle="--",
+                         label=f"{doc['profile']} P99")
+        for ax, title, unit in ((ax_tp, "Output throughput", "tokens/s"), (ax_ttft, "Time to first token", "ms")):
+            ax.set(title=title, xlabel="concurrent requests", ylabel=unit)
+            ax.set_xscale("log")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="small")
+        _save(fig, root / PLOTS[0], plt)
+        made.append(PLOTS[0])
+    docs = [d for p in profiles_in(results) for k in ("bench",) if (d := latest(results, p, k)) and "memory" in d]
+    if docs:
+        fig, (ax_gpu, ax_ram) = plt.subplots(1, 2, figsize=(12, 4.5))
+        any_gpu = False
+        for doc in docs:
+            s = doc["memory"].get("series", {})
+            t = s.get("t", [])
+            if isinstance(s.get("gpu_server_mib"), list):
+                pts = [(x, y) for x, y in zip(t, s["gpu_server_mib"]) if isinstance(y, (int, float))]
+                dev = [(x, y) for x, y in zip(t, s.get("gpu_device_mib") or []) if isinstance(y, (int, float))]
+                if pts:
+                    ax_gpu.plot(*zip(*pts), label=f"{doc['profile']} server")
+                if dev:
+                    ax_gpu.plot(*zip(*dev), linestyle="--", label=f"{doc['profile']} device")
+                any_gpu = any_gpu or bool(pts or dev)
+            rss = [(x, y) for x, y in zip(t, s.get("rss_mib") or []) if isinstance(y, (int, float))]
+            if rss:
+                ax_ram.plot(*zip(*rss), label=f"{doc['profile']} server RSS")
+        if not any_gpu:
+            ax_gpu.text(0.5, 0.5, NO_GPU, ha="center", va="center", transform=ax_gpu.transAxes, fontsize=14)
+        for ax, title in ((ax_gpu, "GPU memory"), (ax_ram, "RAM (server process tree)")):
+            ax.set(title=title, xlabel="seconds into the run", ylabel="MiB")
+            ax.grid(True, alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize="small")
+        _save(fig, root / PLOTS[1], plt)
+        made.append(PLOTS[1])
+    return made
+
+
+def _save(fig: Any, path: Path, plt: Any) -> None:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# --- compare --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    label: str
+    a: Any
+    b: Any
+    higher_is_better: bool | None = None  # None: not a figure of merit (a version, a date)
+    digits: int = 1
+
+    def change(self) -> str:
+        a, b = self.a, self.b
+        if self.higher_is_better is None or not all(isinstance(v, (int, float)) for v in (a, b)) or not a:
+            return ""
+        ratio = b / a
+        if abs(ratio - 1) < 0.005:
+            return "same"
+        better = (ratio > 1) == self.higher_is_better
+        return f"{ratio:.2f}x ({'better' if better else 'worse'})"
+
+
+def _fig(results: list[dict], profile: str, scenario: str, key: str) -> Any:
+    doc = latest(results, profile, "bench", has=scenario)
+    return doc["scenarios"][scenario].get("figures", {}).get(key) if doc else None
+
+
+def compare_rows(results: list[dict], a: str, b: str) -> list[Row]:
+    """The seed's side-by-side table (baseline vs max perf), from each profile's newest results."""
+    for p in (a, b):
+        if not any(d["profile"] == p for d in results):
+            raise MMError(f"no results for '{p}' in {paths.results_dir()} (fix: run `mm bench {p}` first)")
+    ba, bb = latest(results, a, "bench"), latest(results, b, "bench")
+
+    def meta(doc: dict | None, key: str) -> Any:
+        if not doc:
+            return None
+        if key == "vllm":
+            return (doc.get("vllm") or {}).get("version")
+        return run_label(doc) if key == "run" else doc.get(key)
+
+    def mem(doc: dict | None, key: str) -> Any:
+        return (doc or {}).get("memory", {}).get("peak", {}).get(key)
+
+    rows = [Row("bench run", meta(ba, "run"), meta(bb, "run")), Row("GPU", meta(ba, "gpu"), meta(bb, "gpu")),
+            Row("vLLM", meta(ba, "vllm"), meta(bb, "vllm"))]
+    for scenario, key, label, better in (
+            ("latency", "mean_ttft_ms", "TTFT mean at 1 req/s (ms)", False),
+            ("latency", "p99_ttft_ms", "TTFT P99 at 1 req/s (ms)", False),
+            ("latency", "mean_tpot_ms", "TPOT mean at 1 req/s (ms)", False),
+            ("c10", "output_throughput", "output tok/s at 10 concurrent", True),
+            ("c10", "mean_ttft_ms", "TTFT mean at 10 concurrent (ms)", False),
+            ("burst", "output_throughput", "output tok/s at 50 concurrent", True),
+            ("heavy", "output_throughput", "output tok/s at 100 concurrent", True),
+            ("heavy", "max_output_tokens_per_s", "peak output tok/s at 100 concurrent", True),
+            ("heavy", "p99_ttft_ms", "TTFT P99 at 100 concurrent (ms)", False)):
+        rows.append(Row(label, _fig(results, a, scenario, key), _fig(results, b, scenario, key), better))
+    fails = [sum((e.get("figures", {}).get("failed") or 0) for e in d.get("scenarios", {}).values()) if d else None
+             for d in (ba, bb)]
+    rows.append(Row("failed requests (newest bench)", *fails, False, 0))
+    for key, label in (("gpu_server_mib", "GPU memory, server peak (MiB)"),
+                       ("gpu_device_mib", "GPU memory, whole device peak (MiB)"),
+                       ("rss_mib", "RAM, server process tree peak (MiB)"),
+                       ("ram_used_mib", "RAM in use, system peak (MiB)")):
+        rows.append(Row(label, mem(ba, key), mem(bb, key), None, 0))
+    tasks = sorted({t for d in results if d["kind"] == "eval" and d["profile"] in (a, b) for t in d.get("tasks", {})})
+    for t in tasks:
+        ea, eb = latest(results, a, "eval", has=t), latest(results, b, "eval", has=t)
+        (ma, va, _), (mb, vb, _) = (primary_metric(e["tasks"][t]) if e else ("-", None, None) for e in (ea, eb))
+        rows.append(Row(f"eval {t} ({ma if ea else mb})", va, vb, True, 3))
+    return rows

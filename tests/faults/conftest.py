@@ -1,0 +1,48 @@
+"""A real mm daemon whose vLLM is the fake one (tests/faults/fakevllm): sleep mode and faults."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import LiveMM, free_port
+
+FAKE_VLLM = Path(__file__).resolve().parent / "fakevllm"
+
+FAKE_PROFILE = """
+model = "fake/{name}"
+served_model_name = "{name}"
+startup_timeout = 30
+{extra}
+[sleep]
+enabled = {sleep}
+"""
+
+
+class FakeMM(LiveMM):
+    def add_profile(self, name: str, sleep: bool = True, extra: str = "") -> None:
+        d = Path(self.env["MM_HOME"]) / "config" / "profiles"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{name}.toml").write_text(FAKE_PROFILE.format(name=name, sleep=str(sleep).lower(), extra=extra))
+
+    def server(self, profile: str) -> dict:
+        return {s["profile"]: s for s in self.status()["servers"]}[profile]
+
+    def calls(self, profile: str) -> list[str]:
+        return [c["call"] for c in httpx.get(f"{self.server(profile)['url']}/calls").json()]
+
+
+@pytest.fixture
+def fake_mm(tmp_path):
+    env = {"MM_HOME": str(tmp_path / "home"), "MM_PROXY_PORT": str(free_port()),
+           "MM_RESULTS_DIR": str(tmp_path / "results"),
+           "PYTHONPATH": os.pathsep.join([str(FAKE_VLLM), str(Path(__file__).resolve().parents[2])])}
+    fake = FakeMM(env)
+    yield fake
+    fake.mm("daemon", "stop", check=False)
+    deadline = time.time() + 30
+    while time.time() < deadline and (Path(env["MM_HOME"]) / "state" / "mm.sock").exists():
+        time.sleep(0.1)

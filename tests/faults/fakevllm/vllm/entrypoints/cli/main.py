@@ -1,0 +1,127 @@
+"""A fake `vllm serve` for what the CPU cannot do (sleep mode) and for fault injection.
+
+Put tests/faults/fakevllm first on PYTHONPATH: mm then sees a GPU build of vLLM ("vllm" 99.0.0) and
+runs this module exactly as it runs the real one (`python -m vllm.entrypoints.cli.main serve ...`).
+Only the model is fake: processes, ports, signals and HTTP are real.
+
+It answers OpenAI chat/completions (streaming or not) with its own served name, keeps sleep state
+like vLLM's dev-mode endpoints, records every control call (GET /calls) and spawns an "engine"
+child process like vLLM does. Environment knobs:
+  FAKE_TOKENS (default 8)        tokens per answer
+  FAKE_TOKEN_DELAY (default 0)   seconds between streamed tokens
+  FAKE_START_DELAY (default 0)   seconds before /health answers
+  FAKE_EXIT_AT_START (unset)     exit with this code during start-up
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+
+def engine_main() -> None:  # vLLM runs its engine core in a child process; so does the fake
+    while True:
+        time.sleep(3600)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd")
+    ap.add_argument("model")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--served-model-name", nargs="+")
+    ap.add_argument("--enable-sleep-mode", action="store_true")
+    args, _unknown = ap.parse_known_args()
+
+    if os.environ.get("FAKE_EXIT_AT_START"):
+        print("fake vllm: ValueError: No available memory for the cache blocks", flush=True)
+        sys.exit(int(os.environ["FAKE_EXIT_AT_START"]))
+    engine = multiprocessing.get_context("spawn").Process(target=engine_main, daemon=True)
+    engine.start()
+    print(f"fake vllm: engine pid {engine.pid}", flush=True)
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+    import uvicorn
+
+    names = args.served_model_name or [args.model]
+    tokens = int(os.environ.get("FAKE_TOKENS", "8"))
+    delay = float(os.environ.get("FAKE_TOKEN_DELAY", "0"))
+    ready_at = time.monotonic() + float(os.environ.get("FAKE_START_DELAY", "0"))
+    state = {"sleeping": False, "calls": []}
+
+    def record(what: str) -> None:
+        state["calls"].append({"call": what, "t": time.time()})
+
+    async def health(request: Request):
+        if time.monotonic() < ready_at:
+            return JSONResponse({}, status_code=503)
+        return JSONResponse({})
+
+    async def sleep(request: Request):
+        if not args.enable_sleep_mode:
+            return JSONResponse({"error": "sleep mode is not enabled"}, status_code=400)
+        record(f"sleep:{request.query_params.get('level', '1')}")
+        state["sleeping"] = True
+        return JSONResponse({})
+
+    async def wake_up(request: Request):
+        record("wake_up")
+        state["sleeping"] = False
+        return JSONResponse({})
+
+    async def is_sleeping(request: Request):
+        return JSONResponse({"is_sleeping": state["sleeping"]})
+
+    async def calls(request: Request):
+        return JSONResponse(state["calls"])
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
+
+    async def chat(request: Request):
+        body = await request.json()
+        model = body.get("model") or names[0]
+        if model not in names:
+            return JSONResponse({"error": {"message": f"model {model} not served here"}}, status_code=404)
+        if state["sleeping"]:  # a request reaching a sleeping server is a scheduling bug in mm
+            record("request-while-asleep")
+            return JSONResponse({"error": {"message": "server is sleeping"}}, status_code=500)
+        record("request")
+        n = min(int(body.get("max_tokens") or tokens), tokens)
+        if not body.get("stream"):
+            if delay:
+                await asyncio.sleep(delay * n)
+            return JSONResponse({"id": "fake", "object": "chat.completion", "model": names[0], "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": " ".join(["tok"] * n)},
+                 "finish_reason": "length"}], "usage": {"completion_tokens": n}})
+
+        async def events():
+            for i in range(n):
+                if delay:
+                    await asyncio.sleep(delay)
+                chunk = {"id": "fake", "object": "chat.completion.chunk", "model": names[0],
+                         "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = Starlette(routes=[
+        Route("/health", health), Route("/sleep", sleep, methods=["POST"]),
+        Route("/wake_up", wake_up, methods=["POST"]), Route("/is_sleeping", is_sleeping),
+        Route("/calls", calls), Route("/v1/models", models),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", chat, methods=["POST"]),
+    ])
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The sleep path, which only a GPU exercises for real: order of calls and the state shown."""
+from __future__ import annotations
+
+import httpx
+
+
+def ask(fake, model: str) -> dict:
+    r = httpx.post(f"{fake.proxy}/v1/chat/completions", timeout=60,
+                   json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_switch_sleeps_the_other_and_wakes_the_target(fake_mm):
+    fake_mm.add_profile("model-a")
+    fake_mm.add_profile("model-b")
+    fake_mm.mm("up", "model-a", "--force")
+    assert ask(fake_mm, "model-b")["model"] == "model-b"  # first sight of b: started while a sleeps
+    assert fake_mm.server("model-a")["state"] == "asleep"
+    assert fake_mm.server("model-b")["state"] == "awake"
+    assert ask(fake_mm, "model-a")["model"] == "model-a"  # back to a: b sleeps, a wakes
+    assert fake_mm.calls("model-a") == ["sleep:1", "wake_up", "request"]
+    assert fake_mm.calls("model-b") == ["request", "sleep:1"]
+    a, b = fake_mm.server("model-a"), fake_mm.server("model-b")
+    assert (a["state"], b["state"]) == ("awake", "asleep")
+    assert a["switch"] == "sleep/wake" and a["last_switch_s"] is not None
+    table = fake_mm.mm("status").stdout
+    assert "asleep" in table and "sleep/wake" in table
+
+
+def test_sleep_level_two_and_explicit_commands(fake_mm):
+    fake_mm.add_profile("deep", extra="")
+    d = fake_mm.env["MM_HOME"] + "/config/profiles/deep.toml"
+    with open(d, "a") as f:
+        f.write("level = 2\n")
+    fake_mm.mm("up", "deep", "--force")
+    fake_mm.mm("sleep", "deep")
+    assert fake_mm.server("deep")["state"] == "asleep"
+    fake_mm.mm("wake", "deep", "--force")
+    assert fake_mm.calls("deep") == ["sleep:2", "wake_up"]
+
+
+def test_profile_without_sleep_falls_back_to_stop_and_start(fake_mm):
+    fake_mm.add_profile("nosleep-a", sleep=False)
+    fake_mm.add_profile("nosleep-b", sleep=False)
+    fake_mm.mm("up", "nosleep-a", "--force")
+    first_pid = fake_mm.server("nosleep-a")["pid"]
+    ask(fake_mm, "nosleep-b")
+    assert fake_mm.server("nosleep-a")["state"] == "stopped"
+    assert fake_mm.server("nosleep-b")["switch"] == "stop/start"
+    ask(fake_mm, "nosleep-a")
+    assert fake_mm.server("nosleep-a")["pid"] != first_pid  # a new process, not a wake-up
+
+
+def test_default_model_means_the_active_one(fake_mm):
+    fake_mm.add_profile("model-a")
+    fake_mm.add_profile("model-b")
+    fake_mm.mm("up", "model-b", "--force")
+    assert ask(fake_mm, "default")["model"] == "model-b"
+    r = httpx.post(f"{fake_mm.proxy}/v1/chat/completions", timeout=30,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.json()["model"] == "model-b"
+
+
+def test_unknown_model_is_404_with_known_names(fake_mm):
+    fake_mm.add_profile("model-a")
+    fake_mm.mm("up", "model-a", "--force")
+    r = httpx.post(f"{fake_mm.proxy}/v1/chat/completions", json={"model": "nope", "messages": []})
+    assert r.status_code == 404
+    assert "model-a" in r.json()["error"]["known_models"]
+
+
+def test_models_endpoint_lists_every_profile_with_state(fake_mm):
+    fake_mm.add_profile("model-a")
+    fake_mm.add_profile("model-b")
+    fake_mm.mm("up", "model-a", "--force")
+    data = {m["id"]: m for m in httpx.get(f"{fake_mm.proxy}/v1/models").json()["data"]}
+    assert data["model-a"]["mm"]["state"] == "awake"
+    assert data["model-b"]["mm"]["state"] == "stopped"
+    assert "smollm2" in data  # shipped profiles too
+
+
+def test_client_disconnect_mid_stream_frees_the_upstream(fake_mm):
+    fake_mm.add_profile("slow", extra="[env]\nFAKE_TOKENS = \"200\"\nFAKE_TOKEN_DELAY = \"0.05\"\n")
+    fake_mm.mm("up", "slow", "--force")
+    with httpx.stream("POST", f"{fake_mm.proxy}/v1/chat/completions", timeout=30, json={
+            "model": "slow", "stream": True, "max_tokens": 200, "messages": [{"role": "user", "content": "x"}]}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 4:
+                break  # the client goes away after a few chunks
+    import time
+
+    deadline = time.time() + 5
+    while time.time() < deadline and fake_mm.server("slow")["in_flight"]:
+        time.sleep(0.05)
+    assert fake_mm.server("slow")["in_flight"] == 0
