@@ -266,7 +266,7 @@ def target_for(profile: Any, server: dict[str, Any]) -> Target:
 
 def run(profile: Any, server: dict[str, Any], plans: list[Plan], mode: str, ui: Any = None,
         root: Path | None = None, runner: Callable[..., dict[str, Any]] = run_scenario,
-        sampler: Any = None) -> tuple[Path, dict[str, Any]]:
+        sampler: Any = None, file: Any = None) -> tuple[Path, dict[str, Any]]:
     """Bench every plan against the server, sampling memory; returns the result file and document.
 
     The document is saved after each scenario; on Ctrl-C or a failure it is saved with what
@@ -279,7 +279,7 @@ def run(profile: Any, server: dict[str, Any], plans: list[Plan], mode: str, ui: 
     target = target_for(profile, server)
     sampler = sampler or memory.MemorySampler(target.pid).start()
     doc = results.base_doc("bench", profile, mode, server, memory.gpu_name(sampler.probe))
-    rec = results.Recorder(doc, "scenarios", results.ResultFile(profile.name, "bench", root), sampler)
+    rec = results.Recorder(doc, "scenarios", file or results.ResultFile(profile.name, "bench", root), sampler)
     log = log_path(profile.name, "bench")
     complete, error = False, None
     try:

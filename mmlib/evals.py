@@ -92,6 +92,12 @@ def _numbers(values: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def primary_key(scores: dict[str, Any]) -> str | None:
+    """The task's first "metric,filter" score (lm-eval lists the task's main metric first)."""
+    numbers = [k for k in _numbers(scores) if "_stderr" not in k and k != "sample_len"]
+    return next((k for k in numbers if "," in k), numbers[0] if numbers else None)
+
+
 def read_lm_eval_results(output: Path, task: str) -> dict[str, Any]:
     """Scores of one task from the newest results_*.json lm-eval wrote under output."""
     files = sorted(output.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
@@ -103,7 +109,7 @@ def read_lm_eval_results(output: Path, task: str) -> dict[str, Any]:
         raise MMError(f"lm-eval's results for {task} hold no scores ({files[-1]})")
     main = scores.get(task) or next(iter(scores.values()))
     metrics = {name: _numbers(v) for name, v in scores.items()}
-    key = next((k for k in _numbers(main) if "_stderr" not in k), None)
+    key = primary_key(main)
     stderr = main.get(key.replace(",", "_stderr,", 1)) if key else None
     higher = raw.get("higher_is_better", {}).get(task, {}).get(key.split(",")[0]) if key else None
     samples = sum(int(n.get("effective", 0)) for n in raw.get("n-samples", {}).values())
@@ -136,7 +142,8 @@ def default_concurrency(profile: Any) -> int:
 
 def run(profile: Any, server: dict[str, Any], tasks: Sequence[str], mode: str, limit: int | None,
         concurrency: int, ui: Any = None, root: Path | None = None,
-        runner: Callable[..., dict[str, Any]] = run_task, sampler: Any = None) -> tuple[Path, dict[str, Any]]:
+        runner: Callable[..., dict[str, Any]] = run_task, sampler: Any = None,
+        file: Any = None) -> tuple[Path, dict[str, Any]]:
     """Evaluate each task against the server, sampling memory; saved after each task (see bench.run)."""
     from mmlib import memory, results
 
@@ -145,7 +152,7 @@ def run(profile: Any, server: dict[str, Any], tasks: Sequence[str], mode: str, l
     sampler = sampler or memory.MemorySampler(target.pid).start()
     doc = results.base_doc("eval", profile, mode, server, memory.gpu_name(sampler.probe))
     doc.update(limit=limit, num_concurrent=concurrency, api="chat-completions")
-    rec = results.Recorder(doc, "tasks", results.ResultFile(profile.name, "eval", root), sampler)
+    rec = results.Recorder(doc, "tasks", file or results.ResultFile(profile.name, "eval", root), sampler)
     log = bench.log_path(profile.name, "eval")
     complete, error = False, None
     try:

@@ -174,7 +174,7 @@ def fmt(value: Any, digits: int = 1) -> str:
         return str(value).lower()
     if isinstance(value, int):
         return str(value)
-    return f"{value:,.{digits}f}"
+    return f"{value:.{digits}f}"
 
 
 def run_label(doc: dict) -> str:
@@ -323,9 +323,14 @@ def write_plots(results: list[dict], root: Path) -> list[str]:
     if benches:
         fig, (ax_tp, ax_ttft) = plt.subplots(1, 2, figsize=(12, 4.5))
         for doc in benches:
-            pts = sorted((concurrency_of(e), e.get("figures", {})) for e in doc.get("scenarios", {}).values())
+            pts = sorted(((concurrency_of(e), e.get("figures", {})) for e in doc.get("scenarios", {}).values()),
+                         key=lambda pt: pt[0])
             xs = [x for x, _ in pts]
             ax_tp.plot(xs, [f.get("output_throughput") for _, f in pts], marker="o", label=doc["profile"])
+            for name, e in doc.get("scenarios", {}).items():
+                if isinstance(e.get("figures", {}).get("output_throughput"), (int, float)):
+                    ax_tp.annotate(name, (concurrency_of(e), e["figures"]["output_throughput"]), fontsize="x-small",
+                                   textcoords="offset points", xytext=(4, -10))
             ax_ttft.plot(xs, [f.get("mean_ttft_ms") for _, f in pts], marker="o", label=f"{doc['profile']} mean")
             ax_ttft.plot(xs, [f.get("p99_ttft_ms") for _, f in pts], marker="x", linestyle="--",
                          label=f"{doc['profile']} P99")
@@ -336,34 +341,46 @@ def write_plots(results: list[dict], root: Path) -> list[str]:
             ax.legend(fontsize="small")
         _save(fig, root / PLOTS[0], plt)
         made.append(PLOTS[0])
-    docs = [d for p in profiles_in(results) for k in ("bench",) if (d := latest(results, p, k)) and "memory" in d]
+    docs = [d for p in profiles_in(results) if (d := latest(results, p, "bench")) and "memory" in d]
     if docs:
         fig, (ax_gpu, ax_ram) = plt.subplots(1, 2, figsize=(12, 4.5))
         any_gpu = False
         for doc in docs:
             s = doc["memory"].get("series", {})
             t = s.get("t", [])
-            if isinstance(s.get("gpu_server_mib"), list):
-                pts = [(x, y) for x, y in zip(t, s["gpu_server_mib"]) if isinstance(y, (int, float))]
-                dev = [(x, y) for x, y in zip(t, s.get("gpu_device_mib") or []) if isinstance(y, (int, float))]
+            for ax, key, style, what in ((ax_gpu, "gpu_server_mib", "-", "server"),
+                                         (ax_gpu, "gpu_device_mib", "--", "whole device"),
+                                         (ax_ram, "rss_mib", "-", "server tree RSS"),
+                                         (ax_ram, "ram_used_mib", "--", "system in use")):
+                pts = _points(t, s.get(key))
                 if pts:
-                    ax_gpu.plot(*zip(*pts), label=f"{doc['profile']} server")
-                if dev:
-                    ax_gpu.plot(*zip(*dev), linestyle="--", label=f"{doc['profile']} device")
-                any_gpu = any_gpu or bool(pts or dev)
-            rss = [(x, y) for x, y in zip(t, s.get("rss_mib") or []) if isinstance(y, (int, float))]
-            if rss:
-                ax_ram.plot(*zip(*rss), label=f"{doc['profile']} server RSS")
+                    ax.plot(*zip(*pts), linestyle=style, label=f"{doc['profile']} {what}")
+                    any_gpu = any_gpu or ax is ax_gpu
+        if len(docs) == 1:  # one run: mark where each scenario ran
+            for i, (name, entry) in enumerate(docs[0].get("scenarios", {}).items()):
+                for ax in (ax_gpu, ax_ram) if any_gpu else (ax_ram,):
+                    ax.axvspan(entry.get("t_start", 0), entry.get("t_end", 0), alpha=0.08, color=f"C{i % 10}")
+                ax_ram.annotate(name, ((entry.get("t_start", 0) + entry.get("t_end", 0)) / 2, 1.0),
+                                xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize="small")
         if not any_gpu:
             ax_gpu.text(0.5, 0.5, NO_GPU, ha="center", va="center", transform=ax_gpu.transAxes, fontsize=14)
-        for ax, title in ((ax_gpu, "GPU memory"), (ax_ram, "RAM (server process tree)")):
-            ax.set(title=title, xlabel="seconds into the run", ylabel="MiB")
+            ax_gpu.set_xticks([])
+            ax_gpu.set_yticks([])
+        for ax, title in ((ax_gpu, "GPU memory"), (ax_ram, "RAM")):
+            ax.set(xlabel="seconds into the run", ylabel="MiB")
+            ax.set_title(title, pad=14)
             ax.grid(True, alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize="small")
         _save(fig, root / PLOTS[1], plt)
         made.append(PLOTS[1])
     return made
+
+
+def _points(t: list[float], values: Any) -> list[tuple[float, float]]:
+    if not isinstance(values, list):
+        return []
+    return [(x, y) for x, y in zip(t, values) if isinstance(y, (int, float))]
 
 
 def _save(fig: Any, path: Path, plt: Any) -> None:

@@ -1,2 +1,191 @@
-"""Filled in by its feature."""
-COMMANDS: list = []
+"""`mm bench` (vLLM's bench against a profile's server) and `mm compare` (two profiles side by side)."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from mmlib.bench import CPU_QUICK_LENGTH_DIVISOR as CPU_DIVISOR
+from mmlib.bench import CPU_QUICK_MAX_PROMPTS as CPU_PROMPTS
+from mmlib.bench import FULL, QUICK, SCENARIOS
+from mmlib.errors import MMError
+
+
+def resolve_profile(name: str | None, verb: str) -> Any:
+    """The profile to measure (default: the configured default); one server, not a stack."""
+    from mmlib.config import load_config
+    from mmlib.profiles import load_profile
+
+    profile = load_profile(name or load_config().default_profile)
+    if profile.is_stack:
+        raise MMError(f"`mm {verb}` measures one server and {profile.name} is a stack "
+                      f"(fix: `mm {verb}` one of its members: {', '.join(profile.stack)})")
+    return profile
+
+
+def serve(profile: Any, force: bool) -> dict[str, Any]:
+    """Make the profile's server answer (through the daemon) and return its snapshot."""
+    from mmlib.cli.servers import activate
+
+    result = activate(profile.name, force=force, quiet=True)
+    for s in result["servers"]:
+        if s["profile"] == profile.name:
+            return s
+    raise MMError(f"the daemon started {profile.name} but did not report its server; see `mm status`")
+
+
+class RichUI:
+    """Progress bars on stderr: one per scenario or task, counting the server's finished requests."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn)
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True))
+        self.task: Any = None
+
+    def __enter__(self) -> "RichUI":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def begin(self, name: str, total: int | None) -> None:
+        self.task = self.progress.add_task(name, total=total)
+
+    def advance(self, done: float) -> None:
+        total = self.progress.tasks[-1].total
+        self.progress.update(self.task, completed=min(done, total) if total else done)
+
+    def end(self, name: str, entry: dict[str, Any]) -> None:
+        total = self.progress.tasks[-1].total
+        self.progress.update(self.task, completed=total or 1, total=total or 1,
+                             description=f"{name} [green]done[/] in {entry.get('duration_s', 0):.0f} s")
+
+
+def interrupted(file: Any) -> None:
+    where = f"; what finished is kept in {file.path} (\"complete\": false)" if file.path else ""
+    click.echo(f"mm: interrupted{where}", err=True)
+    sys.exit(130)
+
+
+def mib(value: Any) -> str:
+    from mmlib.results import fmt
+
+    return fmt(value, 0) + (" MiB" if isinstance(value, (int, float)) else "")
+
+
+def print_memory(doc: dict[str, Any]) -> None:
+    from mmlib.memory import NO_GPU
+
+    m = doc.get("memory", {})
+    peak = m.get("peak", {})
+    gpu = "GPU: no GPU" if m.get("gpu") == NO_GPU else \
+        f"GPU: server {mib(peak.get('gpu_server_mib'))} (whole device {mib(peak.get('gpu_device_mib'))})"
+    click.echo(f"memory, peak while running: {gpu}; RAM: server {mib(peak.get('rss_mib'))}, "
+               f"system in use {mib(peak.get('ram_used_mib'))}")
+
+
+# Short headers: the table must stay readable in an 80-column terminal.
+TERMINAL_COLUMNS = (("TTFT ms", "mean_ttft_ms"), ("P99 TTFT", "p99_ttft_ms"), ("TPOT ms", "mean_tpot_ms"),
+                    ("out tok/s", "output_throughput"), ("peak", "max_output_tokens_per_s"),
+                    ("all tok/s", "total_token_throughput"), ("failed", "failed"))
+
+
+def short_load(params: dict[str, Any]) -> str:
+    load = f"c={params['max_concurrency']}" if params.get("max_concurrency") else \
+        (f"{params['request_rate']:g}/s" if params.get("request_rate") else "all")
+    return f"{load} {params.get('input_len')}/{params.get('output_len')}"
+
+
+def print_bench(doc: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmlib.results import fmt
+
+    table = Table(title=f"{doc['profile']}: vLLM bench, {doc['mode']} (GPU: {doc['gpu']})", title_justify="left",
+                  caption="load: c=concurrent or req/s, in/out tokens; TTFT/TPOT means in ms; tok/s: output, "
+                          "peak output, input+output", caption_justify="left")
+    table.add_column("scenario", no_wrap=True)
+    table.add_column("load", no_wrap=True)
+    table.add_column("n", justify="right")
+    for col, _ in TERMINAL_COLUMNS:
+        table.add_column(col, justify="right")
+    for name, entry in doc.get("scenarios", {}).items():
+        fig = entry.get("figures", {})
+        table.add_row(name, short_load(entry["params"]), fmt(entry["params"].get("prompts")),
+                      *(fmt(fig.get(k), 0) for _, k in TERMINAL_COLUMNS))
+    Console().print(table)
+    for name, entry in doc.get("scenarios", {}).items():
+        for err in entry.get("errors", []):
+            click.echo(f"{name}: a failed request said: {err}")
+    if any(e["params"].get("scaled_for_cpu") for e in doc.get("scenarios", {}).values()):
+        click.echo(f"(--quick on the CPU build: token lengths / {CPU_DIVISOR} and at most {CPU_PROMPTS} prompts "
+                   f"per scenario)")
+    print_memory(doc)
+
+
+@click.command("bench")
+@click.argument("profile", required=False)
+@click.option("--quick", "mode", flag_value=QUICK, help="A few prompts per scenario (a minute or two).")
+@click.option("--full", "mode", flag_value=FULL, default=True,
+              help="Enough prompts for stable figures (the default).")
+@click.option("--scenario", "scenarios", multiple=True, type=click.Choice(list(SCENARIOS)),
+              help="Run only this scenario (repeatable): " + "; ".join(
+                  f"{s.name}: {s.describe()}" for s in SCENARIOS.values()) + ".")
+@click.option("--prompts", type=click.IntRange(1), hidden=True, help="Prompts per scenario (tests).")
+@click.option("--input-len", type=click.IntRange(1), hidden=True, help="Input tokens per prompt (tests).")
+@click.option("--output-len", type=click.IntRange(1), hidden=True, help="Output tokens per prompt (tests).")
+@click.option("--force", is_flag=True, help="Skip the checks that run before a start.")
+def bench(profile: str | None, mode: str, scenarios: tuple[str, ...], prompts: int | None,
+          input_len: int | None, output_len: int | None, force: bool) -> None:
+    """Measure PROFILE's server (default: the default profile) with vLLM's bench: TTFT, TPOT,
+    throughput, failed requests, and GPU and RAM memory while it runs.
+
+    Results go to benchmark_results/<profile>/ and benchmark_results/summary.md (with plots)."""
+    from mmlib import bench as lib
+    from mmlib.results import ResultFile
+    from mmlib.vllm_cmd import installed_vllm
+
+    p = resolve_profile(profile, "bench")
+    install = installed_vllm()
+    if install is None:
+        raise MMError("vLLM is not installed in mm's environment (fix: run ./mm once to set it up)")
+    plans = lib.plan(list(scenarios), mode, install.is_cpu, prompts, input_len, output_len)
+    server = serve(p, force)
+    file = ResultFile(p.name, "bench")
+    try:
+        with RichUI() as ui:
+            path, doc = lib.run(p, server, plans, mode, ui=ui, file=file)
+    except KeyboardInterrupt:
+        interrupted(file)
+    print_bench(doc)
+    click.echo(f"saved {path}; summary in {path.parent.parent / 'summary.md'}")
+
+
+@click.command("compare")
+@click.argument("a")
+@click.argument("b")
+def compare(a: str, b: str) -> None:
+    """Put profiles A and B side by side (e.g. `mm compare baseline perf`) from their newest results."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmlib import paths
+    from mmlib.results import compare_rows, fmt, load_results
+
+    rows = compare_rows(load_results(), a, b)
+    table = Table(title=f"{a} vs {b} (newest results in {paths.results_dir()})", title_justify="left")
+    for col, justify in (("", "left"), (a, "right"), (b, "right"), (f"{b} vs {a}", "left")):
+        table.add_column(col, justify=justify)
+    for r in rows:
+        table.add_row(r.label, fmt(r.a, r.digits), fmt(r.b, r.digits), r.change())
+    Console().print(table)
+
+
+COMMANDS = [bench, compare]
