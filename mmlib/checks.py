@@ -1,9 +1,309 @@
-"""Guard rails run before a server starts (filled in by the guard-rails feature)."""
+"""Guard rails run before a server starts, and by `mm check`: a profile against the installed vLLM
+(its own argument parser, asked once per version) and this machine (GPU, ports, memory fit).
+
+Every problem is a Finding naming the profile file, the key and the fix; errors stop `mm up`
+(`--force` skips the checks), warnings are printed and the start goes on.
+"""
 from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import replace
+from typing import Any, Callable, Iterable
+
+from mmlib import fit as fitmod
+from mmlib import rules
+from mmlib.errors import MMError, ProfileError
+from mmlib.gpu import GpuReport
+from mmlib.profiles import Profile, list_profile_names, load_profile
+from mmlib.rules import ERROR, INFO, WARN, Facts, Finding
+from mmlib.vllm_args import ArgAction, ArgSpec, SpecUnavailable, load_spec
+from mmlib.vllm_cmd import RESERVED_ENGINE_KEYS, engine_args, flag, installed_vllm, resolve_model
+
+# A fit estimate this close below max_model_len is a warning, not an error: the estimate is within
+# a few percent of what vLLM prints, not exact.
+FIT_MARGIN = 0.95
+
+
+# --- the machine ---------------------------------------------------------------------------------
+def _mm_ports() -> set[int]:
+    """Ports of servers mm itself runs: `mm up` of a running profile must not trip on its own port."""
+    from mmlib.client import Client
+
+    try:
+        client = Client(timeout=2.0)
+        if not client.alive():
+            return set()
+        return {s["port"] for s in client.get("/status").get("servers", []) if s.get("port")}
+    except Exception:
+        return set()
+
+
+def port_in_use(host: str, port: int) -> bool:
+    from mmlib.supervisor import port_taken
+
+    return port_taken(host, port) and port not in _mm_ports()
+
+
+def machine_facts(report: GpuReport | None = None, environ: dict[str, str] | None = None) -> tuple[Facts, GpuReport]:
+    from mmlib import gpu
+
+    report = report or gpu.probe()
+    install = installed_vllm()
+    facts = Facts(gpus=report.gpus, is_cpu=bool(install and install.is_cpu), port_in_use=port_in_use,
+                  environ=dict(os.environ if environ is None else environ))
+    return facts, report
+
+
+# --- engine arguments, against vLLM's own parser ------------------------------------------------------
+def _choices_text(choices: Iterable[str], limit: int = 8) -> str:
+    items = list(choices)
+    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
+
+
+def _bad_value(key: str, value: Any, action: ArgAction) -> tuple[str, str] | None:
+    """(message, fix) when vLLM's parser would reject this value for this option."""
+    if action.kind in ("switch", "flag"):
+        if isinstance(value, bool):
+            return None
+        return ("is a switch", "write true or false" if action.kind == "switch" else "write true, or remove the key")
+    if value is True or value is False:
+        if action.nargs == "?":
+            return None
+        return (f"takes a value, not {str(value).lower()}", f"set engine.{key} = <value>, or remove it")
+    if isinstance(value, list) and not action.takes_many:
+        return ("takes one value, not a list", f"set engine.{key} to a single value")
+    if isinstance(value, dict) and (action.choices or action.type in ("int", "float")):
+        return ("takes a single value, not a table", f"set engine.{key} to a single value")
+    for item in value if isinstance(value, list) else [value]:
+        text = str(item)
+        if action.choices is not None:
+            ok = text.upper() in {c.upper() for c in action.choices} if action.choices_ci else text in action.choices
+            if not ok:
+                import difflib
+
+                hint = difflib.get_close_matches(text.upper() if action.choices_ci else text, action.choices, n=1,
+                                                 cutoff=0.6)
+                fix = f'did you mean "{hint[0]}"?' if hint else f"one of: {_choices_text(action.choices)}"
+                return (f"{text!r} is not one of vLLM's choices", fix)
+        if action.type == "int" and not (isinstance(item, int) or text.lstrip("-").isdigit()):
+            return (f"{text!r} is not a whole number", f"set engine.{key} to a whole number")
+        if action.type == "float":
+            try:
+                float(text)
+            except ValueError:
+                return (f"{text!r} is not a number", f"set engine.{key} to a number")
+        if action.type == "human_readable_int" and rules.engine_int(item) is None:
+            return (f"{text!r} is not a count", f"set engine.{key} to a number such as 8192 or \"8k\"")
+    return None
+
+
+def check_engine_args(p: Profile, spec: ArgSpec) -> list[Finding]:
+    """Each [engine] key, as the argv mm builds from it, against the installed vLLM's serve parser."""
+    out: list[Finding] = []
+    ver = f"vLLM {spec.version}"
+
+    def add(severity: str, key: str, message: str, fix: str, rule: str) -> None:
+        out.append(Finding(severity, p.source, f"engine.{key}", message, fix, rule))
+
+    for key, value in p.engine.items():
+        if key in RESERVED_ENGINE_KEYS:
+            continue  # mm drops these from the argv; rules.py says so
+        option = engine_args({key: value})[0]
+        action = spec.lookup(option)
+        positive = spec.lookup(flag(key))
+        if action is None and value is False and positive is not None:
+            if positive.kind == "flag":
+                add(ERROR, key, f"{ver}'s {positive.flag} is an on-switch only: there is no {option}",
+                    "remove the key (off is already the default)", "arg-no-negation")
+            else:
+                add(ERROR, key, f"takes a value, not false", f"set engine.{key} = <value>, or remove it", "arg-value")
+            continue
+        if action is None:
+            full = spec.abbreviates(flag(key))
+            if full is not None:
+                name = full.flag[2:].replace("-", "_")
+                add(WARN, key, f"is short for {full.flag}: {ver} accepts it, but a new flag can make it ambiguous",
+                    f"write engine.{name}", "arg-abbreviation")
+                continue
+            hint = spec.suggest(key)
+            fix = rules.RENAMED_ARGS.get(key) or (f"did you mean {' or '.join('engine.' + h for h in hint)}?" if hint
+                                                   else "see `vllm serve --help=all` for what exists")
+            add(ERROR, key, f"{ver} has no {flag(key)} argument", fix, "arg-unknown")
+            continue
+        if action.deprecated:
+            add(WARN, key, f"is deprecated in {ver}", "see `vllm serve --help` for its replacement", "arg-deprecated")
+        bad = _bad_value(key, value, action)
+        if bad:
+            add(ERROR, key, *bad, "arg-value")
+    return out
+
+
+def check_env_names(p: Profile, spec: ArgSpec) -> list[Finding]:
+    """VLLM_* variables in [env] that the installed vLLM never reads (typos, removed ones)."""
+    removed = {r.name for r in rules.REMOVED_ENV}
+    out = []
+    for name in p.env:
+        if not name.startswith("VLLM_") or name in spec.env or name in removed:
+            continue
+        hint = spec.suggest_env(name)
+        out.append(Finding(WARN, p.source, f"env.{name}", f"vLLM {spec.version} does not read this variable",
+                           f"did you mean {hint[0]}?" if hint else "remove it", "env-unknown"))
+    return out
+
+
+# --- memory fit -------------------------------------------------------------------------------------
+def model_files(p: Profile) -> tuple[Any, dict[str, Any] | None, str]:
+    """(folder, config.json, why not) for the profile's model, from disk only: never downloads."""
+    from mmlib import embedded
+
+    if not p.model:
+        return None, None, "a stack has no model of its own"
+    if embedded.is_embedded(p.model) and not embedded.is_ready():
+        return None, None, "the embedded model is converted on its first start"
+    folder = fitmod.model_dir(resolve_model(p.model))
+    if folder is None:
+        return None, None, f"no config.json for {p.model} on this machine (mm reads the Hugging Face cache, never downloads)"
+    cfg = fitmod.read_config(folder)
+    return folder, cfg, "" if cfg else f"cannot read {folder / 'config.json'}"
+
+
+def _holders(gpu: Any) -> str:
+    procs = sorted(gpu.processes, key=lambda q: -(q.used or 0))[:4]
+    return ", ".join(f"{q.name} (pid {q.pid}" + (f", {fitmod.gib(q.used)})" if q.used else ")") for q in procs)
+
+
+def check_fit(p: Profile, facts: Facts, folder: Any, cfg: dict[str, Any] | None, why: str,
+              gpu_memory: int | None = None, gpu_error: str | None = None) -> list[Finding]:
+    def finding(severity: str, message: str, fix: str = "", key: str = "engine.gpu_memory_utilization") -> Finding:
+        return Finding(severity, p.source, key, message, fix, "memory-fit")
+
+    if not p.model:
+        return []
+    gpu = facts.gpu
+    if gpu_memory is None and gpu is None:
+        if facts.is_cpu:
+            return [finding(INFO, "GPU memory fit not checked: vLLM's CPU build keeps the KV cache in RAM",
+                            "pass --gpu-memory 12GiB to check it for a card")]
+        return [finding(WARN, f"GPU memory fit not checked: no GPU answered ({gpu_error or 'NVML'})",
+                        "run `mm doctor`; --gpu-memory 12GiB checks it for a card you name")]
+    if cfg is None:
+        return [finding(INFO, f"memory fit not estimated: {why}", "start it once, or point model at a local folder")]
+    total = gpu_memory or gpu.total
+    est = fitmod.estimate(p.engine, cfg, total, folder)
+    if est is None:
+        return [finding(INFO, "memory fit not estimated: config.json lacks the shapes (an encoder-decoder?)")]
+    card = f"{fitmod.gib(total)} card" if gpu_memory else gpu.name
+    out = []
+    if est.fits and est.max_model_len and est.tokens < est.max_model_len / FIT_MARGIN and est.tokens >= est.max_model_len:
+        out.append(finding(WARN, f"fits {card} only just: {est.summary()}", "; or ".join(est.remedies()[1:])))
+    elif est.fits:
+        text = f"fits {card}: {est.summary()}"
+        if est.max_num_seqs and est.concurrency is not None and est.max_num_seqs > est.concurrency:
+            text += (f"; max_num_seqs = {est.max_num_seqs} is more than that, so long requests queue "
+                     f"(fine for short ones)")
+        out.append(finding(INFO, text))
+    else:
+        severity = ERROR if est.kv_cache <= 0 or est.tokens < FIT_MARGIN * (est.max_model_len or 0) else WARN
+        key = "engine.max_model_len" if est.kv_cache > 0 else "engine.gpu_memory_utilization"
+        out.append(finding(severity, f"does not fit {card}: {est.summary()}",
+                           "one of: " + "; ".join(est.remedies()), key=key))
+    if gpu_memory is None and gpu.free < est.budget:
+        floor = math.floor((gpu.free / gpu.total - 0.01) * 100) / 100
+        held = _holders(gpu)
+        out.append(finding(WARN, f"{fitmod.gib(gpu.free)} free on {gpu.name} now, but the share asks for "
+                                 f"{fitmod.gib(est.budget)}; vLLM refuses to start with less"
+                                 + (f" (held by {held})" if held else ""),
+                           "mm sleeps or stops its own servers first; stop other holders, or lower "
+                           f"gpu_memory_utilization to {floor:g}" if floor > 0 else "free the GPU first"))
+    return out
+
+
+# --- putting it together -------------------------------------------------------------------------
+def check_profile(p: Profile, facts: Facts, spec: ArgSpec | None, gpu_memory: int | None = None,
+                  gpu_error: str | None = None) -> list[Finding]:
+    folder, cfg, why = model_files(p) if p.model else (None, None, "")
+    facts = replace(facts, model_config=cfg, vllm_env=spec.env if spec else None)
+    found = rules.evaluate(p, facts)
+    if spec is not None:
+        found += check_engine_args(p, spec) + check_env_names(p, spec)
+    return found + check_fit(p, facts, folder, cfg, why, gpu_memory, gpu_error)
+
+
+def _profile_error(e: ProfileError) -> Finding:
+    text = str(e)
+    prefix = f"{e.file}: {e.key}: " if e.key else f"{e.file}: "
+    text = text[len(prefix):] if text.startswith(prefix) else text
+    suffix = f" (fix: {e.fix})"
+    text = text[:-len(suffix)] if e.fix and text.endswith(suffix) else text
+    return Finding(ERROR, e.file, e.key, text, e.fix, "profile")
+
+
+def _expand(names: list[str]) -> tuple[list[Profile], list[Finding]]:
+    """Profiles to check (stacks become their members), and the ones that would not load."""
+    profiles: dict[str, Profile] = {}
+    errors: list[Finding] = []
+    for name in names:
+        try:
+            p = load_profile(name)
+        except ProfileError as e:
+            errors.append(_profile_error(e))
+            continue
+        if not p.is_stack:
+            profiles.setdefault(p.name, p)
+            continue
+        members = []
+        for member in p.stack:
+            try:
+                members.append(load_profile(member))
+            except ProfileError as e:
+                errors.append(_profile_error(e))
+        for m in members:
+            profiles.setdefault(m.name, m)
+        shares = sum(m.memory_share for m in members if m.share_gpu)
+        if shares > 1.0:
+            errors.append(Finding(ERROR, p.source, "stack", f"its members' gpu_memory_utilization add up to "
+                                  f"{shares:g}, more than the whole GPU", "lower their shares so they sum to 1 or less",
+                                  "stack-shares"))
+    return list(profiles.values()), errors
+
+
+def load_spec_quietly(announce: Callable[[str], None] | None = None) -> tuple[ArgSpec | None, Finding | None]:
+    try:
+        return load_spec(announce=announce), None
+    except SpecUnavailable as e:
+        return None, Finding(WARN, "vLLM", "", f"engine arguments not checked: {e}", "run `mm doctor`", "vllm-args")
+
+
+def check(names: list[str] | None = None, gpu_memory: int | None = None, facts: Facts | None = None,
+          spec: ArgSpec | None = None, report: GpuReport | None = None,
+          announce: Callable[[str], None] | None = None) -> list[Finding]:
+    """Findings for the named profiles (all of them when None), errors first."""
+    profiles, found = _expand(list_profile_names() if names is None else names)
+    if facts is None:
+        facts, report = machine_facts(report)
+    if spec is None and profiles:
+        spec, problem = load_spec_quietly(announce)
+        found += [problem] if problem else []
+    for p in profiles:
+        found += check_profile(p, facts, spec, gpu_memory, report.error if report else None)
+    order = {ERROR: 0, WARN: 1, INFO: 2}
+    return sorted(found, key=lambda f: order.get(f.severity, 3))
 
 
 def preflight(profile_name: str) -> None:
-    """Raise MMError naming the file, key and fix when the profile cannot work."""
-    from mmlib.profiles import load_profile
+    """Raise MMError naming the file, key and fix when the profile cannot work; print warnings."""
+    def announce(text: str) -> None:
+        print(f"mm: {text}", file=sys.stderr, flush=True)
 
-    load_profile(profile_name)
+    found = check([profile_name], announce=announce)
+    for f in found:
+        if f.severity == WARN:
+            print(f"mm: warning: {f.line()}", file=sys.stderr)
+    errors = [f for f in found if f.severity == ERROR]
+    if errors:
+        lines = "\n".join(f"  {f.line()}" for f in errors)
+        force = "" if all(f.rule == "profile" for f in errors) else "; `--force` starts it anyway"
+        raise MMError(f"{profile_name} would not start ({len(errors)} problem{'s' * (len(errors) > 1)}{force}):\n"
+                      f"{lines}")

@@ -42,7 +42,7 @@ class Client:
         if self.alive():
             return self
         log = daemon_log()
-        with open(log, "ab") as out:
+        with os.fdopen(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             # Its own session: the daemon outlives this command and ignores the terminal's Ctrl-C.
             subprocess.Popen([sys.executable, "-m", "mmlib", "daemon"], stdin=subprocess.DEVNULL, stdout=out,
                              stderr=subprocess.STDOUT, start_new_session=True, cwd=paths.PROJECT_ROOT)

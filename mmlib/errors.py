@@ -6,11 +6,16 @@ class MMError(Exception):
     """Anything mm reports to the user as one line, with what to change."""
 
 
+def printable(text: str) -> str:
+    """A key or name from user input, safe for one line: control characters shown escaped."""
+    return text if text.isprintable() else repr(text)
+
+
 class ProfileError(MMError):
     def __init__(self, file: str, message: str, fix: str = "", key: str = ""):
         self.file, self.key, self.fix = file, key, fix
-        where = f"{file}: {key}: " if key else f"{file}: "
-        super().__init__(where + message + (f" (fix: {fix})" if fix else ""))
+        where = f"{file}: {printable(key)}: " if key else f"{file}: "
+        super().__init__(where + printable(message) + (f" (fix: {printable(fix)})" if fix else ""))
 
 
 class DaemonError(MMError):

@@ -155,8 +155,12 @@ def load_raw(name: str, chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], li
     parent = data.get("extends")
     if parent is None:
         return data, [str(path)]
-    if not isinstance(parent, str):
-        raise ProfileError(str(path), "must be a profile name (a string)", key="extends")
+    if not isinstance(parent, str) or not NAME_RE.match(parent):
+        raise ProfileError(str(path), f"{parent!r} is not a profile name", key="extends")
+    try:
+        profile_path(parent)
+    except ProfileError as e:
+        raise ProfileError(str(path), f"no profile named {parent!r}", e.fix, key="extends") from None
     base, files = load_raw(parent, chain + (name,))
     merged = merge(base, data)
     merged.pop("extends", None)

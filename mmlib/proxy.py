@@ -192,7 +192,9 @@ class Proxy:
                         return
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (aiohttp.ClientError, OSError) as e:
-                # The server died mid-answer: end with an error event the client can show.
+                if not upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                    raise  # a plain body cannot carry an error: drop the connection, the client sees it
+                # The server died mid-answer: end the event stream with an error the client can show.
                 msg = json.dumps({"error": {"message": f"{server.name}: upstream connection lost ({type(e).__name__})"}})
                 await send({"type": "http.response.body", "body": f"\n\ndata: {msg}\n\n".encode(), "more_body": True})
             finally:

@@ -74,10 +74,19 @@ class Scheduler:
         if server is not None:
             server.in_flight += 1
             return server
+        failed = self.servers.get(profile.name)
+        if failed is not None and failed.state == State.FAILED and not failed.may_restart:
+            # A crashed server is restarted by its policy, not by whoever asks next: say so at once.
+            raise MMError(f"{profile.name} failed ({failed.error}); `mm up {profile.name}` starts it again")
         return (await self._join(profile, wants_request=True))[-1]
 
     async def activate(self, profile: Profile) -> list[ManagedServer]:
-        """Make the profile's servers answer (for commands; requests use acquire)."""
+        """Make the profile's servers answer (for commands; requests use acquire). A command is
+        the user asking again, so a failed server gets a fresh restart budget."""
+        for member in self.members(profile):
+            server = self.servers.get(member.name)
+            if server is not None and server.state == State.FAILED:
+                server.restarts = 0
         return self._ready_now_all(profile) or await self._join(profile, wants_request=False)
 
     def _ready_now_all(self, profile: Profile) -> list[ManagedServer] | None:

@@ -116,6 +116,11 @@ class ManagedServer:
         return f"http://{connect_host(self.profile.host)}:{self.port}" if self.port else None
 
     @property
+    def may_restart(self) -> bool:
+        """Whether the restart policy still allows starting this server after a failure."""
+        return self.profile.restart == "on-failure" and self.restarts < self.profile.max_restarts
+
+    @property
     def can_sleep(self) -> bool:
         return sleep_available(self.profile)
 
@@ -291,7 +296,7 @@ class ManagedServer:
             which = "server" if self.pid in dead else f"engine process {dead[0]}"
             await self._kill_family()  # a half-dead vLLM (API up, engine gone) must not linger
             await self._fail(f"{which} died unexpectedly")
-        if self.profile.restart == "on-failure" and self.restarts < self.profile.max_restarts:
+        if self.may_restart:
             self.restarts += 1
             await asyncio.sleep(min(2 ** self.restarts, 30) * 0.5)  # bounded backoff
             try:

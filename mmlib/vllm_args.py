@@ -20,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-SCHEMA = 1
+SCHEMA = 2
 HELPER_TIMEOUT_S = 300.0  # a cold first import of vLLM on a slow disk can take a minute or more
 # Where each vLLM release keeps the serve parser (newest first).
 PARSER_MODULES = ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args")
@@ -38,6 +38,7 @@ class ArgAction:
     choices: tuple[str, ...] | None = None
     type: str | None = None
     deprecated: bool = False
+    choices_ci: bool = False  # vLLM upper-cases the value before looking it up (attention backends)
 
     @property
     def flag(self) -> str:
@@ -82,7 +83,8 @@ class ArgSpec:
     def from_json(cls, doc: dict[str, Any]) -> "ArgSpec":
         actions = tuple(ArgAction(dest=a["dest"], options=tuple(a["options"]), kind=a["kind"], nargs=a.get("nargs"),
                                   choices=tuple(a["choices"]) if a.get("choices") is not None else None,
-                                  type=a.get("type"), deprecated=a.get("deprecated", False))
+                                  type=a.get("type"), deprecated=a.get("deprecated", False),
+                                  choices_ci=a.get("choices_ci", False))
                         for a in doc["actions"])
         return cls(doc["distribution"], doc["version"], actions, frozenset(doc.get("env", ())))
 
@@ -201,6 +203,15 @@ def _env_names() -> list[str]:
     return sorted(names)
 
 
+def _attention_backends() -> list[str] | None:
+    """--attention-backend takes any string at parse time; vLLM looks it up in an enum later."""
+    try:
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    except ImportError:
+        return None
+    return ["auto", *(m.name for m in AttentionBackendEnum)]
+
+
 def dump() -> dict[str, Any]:
     parser = _serve_parser()
     deprecated = getattr(parser, "_deprecated", set())
@@ -208,12 +219,15 @@ def dump() -> dict[str, Any]:
     for a in parser._actions:
         if not a.option_strings or isinstance(a, argparse._HelpAction):
             continue
-        actions.append({
+        doc = {
             "dest": a.dest, "options": list(a.option_strings), "kind": _kind(a),
             "nargs": a.nargs if isinstance(a.nargs, (int, str)) else None,
             "choices": [str(c) for c in a.choices] if a.choices is not None else None,
             "type": _type_name(a), "deprecated": bool(getattr(a, "deprecated", False) or a in deprecated),
-        })
+        }
+        if a.dest == "attention_backend" and a.choices is None:
+            doc.update(choices=_attention_backends(), choices_ci=True)
+        actions.append(doc)
     return {"schema": SCHEMA, "actions": actions, "env": _env_names()}
 
 

