@@ -110,7 +110,8 @@ def check_engine_args(p: Profile, spec: ArgSpec) -> list[Finding]:
     for key, value in p.engine.items():
         if key in RESERVED_ENGINE_KEYS:
             continue  # mm drops these from the argv; rules.py says so
-        option = engine_args({key: value})[0]
+        argv = engine_args({key: value})
+        option = argv[0]
         action = spec.lookup(option)
         positive = spec.lookup(flag(key))
         if action is None and value is False and positive is not None:
@@ -137,6 +138,9 @@ def check_engine_args(p: Profile, spec: ArgSpec) -> list[Finding]:
         bad = _bad_value(key, value, action)
         if bad:
             add(ERROR, key, *bad, "arg-value")
+        elif argv.count(option) > 1 and action.kind != "append":
+            add(WARN, key, f"only the last item reaches vLLM: it keeps the last of a repeated {option}",
+                "list one item (mm passes a list as repeated flags)", "arg-repeated")
     return out
 
 

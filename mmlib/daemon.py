@@ -103,9 +103,15 @@ class Daemon:
         return await self._call(request, lambda a: self._status())
 
     async def _status(self) -> dict:
+        from mmlib.memory import server_memory  # pynvml is initialised once, on the first status
+
+        servers = []
+        for s in self.scheduler.servers.values():
+            snap = s.snapshot()
+            snap["memory"] = await asyncio.to_thread(server_memory, s.pid)
+            servers.append(snap)
         return {"daemon": await self._ping(), "active": self.scheduler.active,
-                "last_switch_s": self.scheduler.last_switch_s,
-                "servers": [s.snapshot() for s in self.scheduler.servers.values()]}
+                "last_switch_s": self.scheduler.last_switch_s, "servers": servers}
 
     def _profile(self, args: dict) -> Profile:
         name = args.get("profile") or self.config.default_profile

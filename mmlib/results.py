@@ -305,6 +305,8 @@ def write_summary(root: Path | None = None, plots: bool = True) -> Path:
             made = write_plots(results, root)
         except ImportError:
             note = "Plots need matplotlib (`pip install 'mm[eval]'`); none were drawn."
+        except Exception as e:  # a plot must never cost the run its summary
+            note = f"The plots could not be drawn ({type(e).__name__}: {e})."
     path = root / SUMMARY
     replace_atomic(path, summary_markdown(results, made, note))
     return path

@@ -151,10 +151,11 @@ def run_helper(args: list[str], python: str = sys.executable, timeout: float = H
     return json.loads(lines[-1])
 
 
-def parse_with_vllm(argv: list[str], python: str = sys.executable) -> tuple[bool, str]:
-    """Does the installed vLLM's serve parser accept argv (the flags after the model)? Slow: imports vLLM."""
-    doc = run_helper(["--parse", "--", *argv], python=python)
-    return doc["ok"], doc.get("error", "")
+def parse_with_vllm(argvs: list[list[str]], python: str = sys.executable) -> list[tuple[bool, str]]:
+    """Does the installed vLLM's serve parser accept each argv (the flags after the model)? One
+    helper process for all of them; slow (it imports vLLM)."""
+    docs = run_helper(["--parse-json", json.dumps(argvs)], python=python)["results"]
+    return [(d["ok"], d.get("error", "")) for d in docs]
 
 
 # --- the helper process: imports vllm ------------------------------------------------------------
@@ -249,7 +250,12 @@ def parse(argv: list[str]) -> dict[str, Any]:
 
 
 def main(args: list[str]) -> None:
-    doc = parse(args[args.index("--") + 1:] if "--" in args else args[1:]) if args[:1] == ["--parse"] else dump()
+    if args[:1] == ["--parse"]:  # --parse [--] FLAG...: one argv
+        doc = parse(args[args.index("--") + 1:] if "--" in args else args[1:])
+    elif args[:1] == ["--parse-json"]:  # --parse-json '[[FLAG, ...], ...]': many
+        doc = {"results": [parse(argv) for argv in json.loads(args[1])]}
+    else:
+        doc = dump()
     sys.stdout.write("\n" + json.dumps(doc) + "\n")
 
 

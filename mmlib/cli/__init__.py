@@ -5,6 +5,7 @@ torch or transformers, and rich is imported only by the commands that draw with 
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -12,8 +13,28 @@ import click
 from mmlib.errors import MMError
 
 
+# command -> "module:function" under mmlib.cli. Loaded on use (click's lazy-group pattern), so
+# `mm status` pays for no import that only `mm bench` needs.
+COMMANDS = {
+    "up": "servers:up", "stop": "servers:stop", "status": "servers:status", "logs": "servers:logs",
+    "switch": "servers:switch", "sleep": "servers:sleep", "wake": "servers:wake", "perf": "servers:perf",
+    "voice": "servers:voice", "ocr": "servers:ocr", "chat": "chat:chat", "profiles": "profiles_cmd:profiles",
+    "check": "check:check", "doctor": "check:doctor", "bench": "bench:bench", "compare": "bench:compare",
+    "eval": "evals:eval_cmd", "daemon": "daemon_cmd:daemon",
+}
+
+
 class Main(click.Group):
-    """Prints MMError (and a Ctrl-C) as one line, never a traceback."""
+    """Lazy subcommands; prints MMError (and a Ctrl-C) as one line, never a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(f"mmlib.cli.{module}"), attr)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -30,14 +51,3 @@ class Main(click.Group):
 @click.version_option(package_name="mm", prog_name="mm")
 def main() -> None:
     """mm: run local LLMs with vLLM, tuned for one GPU, behind one stable OpenAI endpoint."""
-
-
-def _register() -> None:
-    from mmlib.cli import bench, chat, check, daemon_cmd, evals, profiles_cmd, servers
-
-    for module in (servers, profiles_cmd, chat, check, bench, evals, daemon_cmd):
-        for command in module.COMMANDS:
-            main.add_command(command)
-
-
-_register()

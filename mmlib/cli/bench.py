@@ -62,8 +62,8 @@ class RichUI:
         self.progress.update(self.task, completed=min(done, total) if total else done)
 
     def end(self, name: str, entry: dict[str, Any]) -> None:
-        total = self.progress.tasks[-1].total
-        self.progress.update(self.task, completed=total or 1, total=total or 1,
+        total = self.progress.tasks[-1].total or entry.get("samples") or 1
+        self.progress.update(self.task, completed=total, total=total,
                              description=f"{name} [green]done[/] in {entry.get('duration_s', 0):.0f} s")
 
 

@@ -5,7 +5,6 @@ import json
 import sys
 
 import click
-import httpx
 
 from mmlib.cli.servers import activate
 from mmlib.errors import MMError
@@ -29,6 +28,8 @@ def resolve_target(target: str | None) -> tuple[str | None, str | None]:
 
 def stream_reply(url: str, model: str, messages: list[dict], max_tokens: int,
                  temperature: float | None, headers: dict) -> str:
+    import httpx
+
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True}
     if temperature is not None:
         body["temperature"] = temperature
@@ -96,5 +97,3 @@ def chat(target: str | None, prompt: str | None, system: str, max_tokens: int, t
             messages.pop()
             click.echo("\n[answer stopped]", err=True)
 
-
-COMMANDS = [chat]

@@ -26,5 +26,3 @@ def daemon_stop() -> None:
     client.post("/shutdown")
     click.echo("mm daemon stopping (servers are stopped first)")
 
-
-COMMANDS = [daemon]

@@ -59,5 +59,3 @@ def show(name: str) -> None:
     click.echo("# vLLM command line (port 0 = a free port picked at start):")
     click.echo(" ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + shell_line(argv))
 
-
-COMMANDS = [profiles]

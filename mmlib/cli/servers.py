@@ -126,6 +126,12 @@ STATE_STYLE = {"awake": "green", "asleep": "cyan", "starting": "yellow", "waking
                "stopping": "yellow", "failed": "red", "stopped": "dim"}
 
 
+def memory_cells(mem: dict) -> tuple[str, str]:
+    gpu = f"{mem['gpu_mib'] / 1024:.1f} GiB" if mem.get("gpu_mib") is not None else (mem.get("gpu") or "-")
+    ram = f"{mem['rss_mib'] / 1024:.1f} GiB" if mem.get("rss_mib") is not None else "-"
+    return gpu, ram
+
+
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(as_json: bool) -> None:
@@ -145,13 +151,13 @@ def status(as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(title=f"mm: proxy {doc['daemon']['proxy']}/v1", title_justify="left")
-    for col in ("profile", "model", "state", "URL", "pid", "uptime", "switch", "last switch"):
+    for col in ("profile", "model", "state", "URL", "pid", "uptime", "GPU", "RAM", "switch", "last switch"):
         table.add_column(col)
     for s in doc["servers"]:
         state = f"[{STATE_STYLE.get(s['state'], '')}]{s['state']}[/]"
         last = f"{s['last_switch_s']:.2f}s" if s.get("last_switch_s") is not None else "-"
         table.add_row(s["profile"], s["served_model_name"], state, s["url"] or "-", str(s["pid"] or "-"),
-                      human_duration(s["uptime_s"]), s["switch"], last)
+                      human_duration(s["uptime_s"]), *memory_cells(s.get("memory") or {}), s["switch"], last)
     console = Console()
     if not console.is_terminal:  # piped: don't squeeze the table into 80 columns
         console = Console(width=200)
@@ -193,5 +199,5 @@ def logs(profile: str, follow: bool, lines: int) -> None:
                     f = open(path, "rb")
 
 
-COMMANDS = [up, switch, perf, _stack_command("voice", "Bring the voice stack (speech-to-text + LLM) awake."),
-            _stack_command("ocr", "Bring the OCR stack (LightOnOCR) awake."), sleep, wake, stop, status, logs]
+voice = _stack_command("voice", "Bring the voice stack (speech-to-text + LLM) awake.")
+ocr = _stack_command("ocr", "Bring the OCR stack (LightOnOCR) awake.")

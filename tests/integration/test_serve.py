@@ -70,6 +70,30 @@ def test_server_that_dies_at_startup_shows_its_log(live_mm):
     assert states["dies"] == "failed"
 
 
+def test_killed_vllm_engine_is_noticed_and_restarted(live_mm):
+    """kill -9 of real vLLM's engine process: failed within 1 s, then restarted by the policy."""
+    import os
+    import signal
+
+    live_mm.mm("up", "default")
+    before = {s["profile"]: s for s in live_mm.status()["servers"]}["default"]
+    engine = psutil.Process(before["pid"]).children(recursive=True)[-1]
+    t0 = time.monotonic()
+    os.kill(engine.pid, signal.SIGKILL)
+    while time.monotonic() - t0 < 5:
+        s = {s["profile"]: s for s in live_mm.status()["servers"]}["default"]
+        if s["state"] in ("failed", "starting"):
+            break
+    detected = time.monotonic() - t0
+    assert s["state"] in ("failed", "starting") and detected < 1.5  # includes two CLI round trips
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and s["state"] != "awake":
+        time.sleep(1)
+        s = {s["profile"]: s for s in live_mm.status()["servers"]}["default"]
+    assert s["state"] == "awake" and s["restarts"] == 1 and s["pid"] != before["pid"]
+    assert live_mm.chat("Say hi")["choices"][0]["message"]["content"]
+
+
 def test_stop_leaves_no_process(live_mm):
     live_mm.mm("up", "default")
     s = {s["profile"]: s for s in live_mm.status()["servers"]}["default"]
