@@ -314,69 +314,77 @@ def write_summary(root: Path | None = None, plots: bool = True) -> Path:
 
 # --- plots ----------------------------------------------------------------------------------------------
 def write_plots(results: list[dict], root: Path) -> list[str]:
-    """concurrency.png (throughput and TTFT vs concurrency) and memory.png (memory over time)."""
+    """concurrency.png (throughput and TTFT vs concurrency) and memory.png (memory over time), from
+    each profile's newest bench. matplotlib is imported here only, with the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
     benches = [d for p in profiles_in(results) if (d := latest(results, p, "bench"))]
-    if benches:
-        fig, (ax_tp, ax_ttft) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for doc in benches:
-            pts = sorted(((concurrency_of(e), e.get("figures", {})) for e in doc.get("scenarios", {}).values()),
-                         key=lambda pt: pt[0])
-            xs = [x for x, _ in pts]
-            ax_tp.plot(xs, [f.get("output_throughput") for _, f in pts], marker="o", label=doc["profile"])
-            for name, e in doc.get("scenarios", {}).items():
-                if isinstance(e.get("figures", {}).get("output_throughput"), (int, float)):
-                    ax_tp.annotate(name, (concurrency_of(e), e["figures"]["output_throughput"]), fontsize="x-small",
-                                   textcoords="offset points", xytext=(4, -10))
-            ax_ttft.plot(xs, [f.get("mean_ttft_ms") for _, f in pts], marker="o", label=f"{doc['profile']} mean")
-            ax_ttft.plot(xs, [f.get("p99_ttft_ms") for _, f in pts], marker="x", linestyle="--",
-                         label=f"{doc['profile']} P99")
-        for ax, title, unit in ((ax_tp, "Output throughput", "tokens/s"), (ax_ttft, "Time to first token", "ms")):
-            ax.set(title=title, xlabel="concurrent requests", ylabel=unit)
-            ax.set_xscale("log")
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize="small")
-        _save(fig, root / PLOTS[0], plt)
-        made.append(PLOTS[0])
-    docs = [d for p in profiles_in(results) if (d := latest(results, p, "bench")) and "memory" in d]
-    if docs:
-        fig, (ax_gpu, ax_ram) = plt.subplots(1, 2, figsize=(12, 4.5))
-        any_gpu = False
-        for doc in docs:
-            s = doc["memory"].get("series", {})
-            t = s.get("t", [])
-            for ax, key, style, what in ((ax_gpu, "gpu_server_mib", "-", "server"),
-                                         (ax_gpu, "gpu_device_mib", "--", "whole device"),
-                                         (ax_ram, "rss_mib", "-", "server tree RSS"),
-                                         (ax_ram, "ram_used_mib", "--", "system in use")):
-                pts = _points(t, s.get(key))
-                if pts:
-                    ax.plot(*zip(*pts), linestyle=style, label=f"{doc['profile']} {what}")
-                    any_gpu = any_gpu or ax is ax_gpu
-        if len(docs) == 1:  # one run: mark where each scenario ran
-            for i, (name, entry) in enumerate(docs[0].get("scenarios", {}).items()):
-                for ax in (ax_gpu, ax_ram) if any_gpu else (ax_ram,):
-                    ax.axvspan(entry.get("t_start", 0), entry.get("t_end", 0), alpha=0.08, color=f"C{i % 10}")
-                ax_ram.annotate(name, ((entry.get("t_start", 0) + entry.get("t_end", 0)) / 2, 1.0),
-                                xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize="small")
-        if not any_gpu:
-            ax_gpu.text(0.5, 0.5, NO_GPU, ha="center", va="center", transform=ax_gpu.transAxes, fontsize=14)
-            ax_gpu.set_xticks([])
-            ax_gpu.set_yticks([])
-        for ax, title in ((ax_gpu, "GPU memory"), (ax_ram, "RAM")):
-            ax.set(xlabel="seconds into the run", ylabel="MiB")
-            ax.set_title(title, pad=14)
-            ax.grid(True, alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize="small")
-        _save(fig, root / PLOTS[1], plt)
-        made.append(PLOTS[1])
+    made = []
+    for name, draw in zip(PLOTS, (_plot_concurrency, _plot_memory)):
+        if benches:
+            fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+            draw(benches, *axes)
+            _save(fig, root / name, plt)
+            made.append(name)
     return made
+
+
+def _plot_concurrency(benches: list[dict], ax_tp: Any, ax_ttft: Any) -> None:
+    for i, doc in enumerate(benches):
+        color = f"C{i % 10}"
+        entries = sorted(doc.get("scenarios", {}).items(), key=lambda item: concurrency_of(item[1]))
+        xs = [concurrency_of(e) for _, e in entries]
+        figs = [e.get("figures", {}) for _, e in entries]
+        ax_tp.plot(xs, [f.get("output_throughput") for f in figs], marker="o", color=color, label=doc["profile"])
+        for x, (name, _), f in zip(xs, entries, figs):
+            if isinstance(f.get("output_throughput"), (int, float)):
+                ax_tp.annotate(name, (x, f["output_throughput"]), fontsize="x-small", textcoords="offset points",
+                               xytext=(4, -10))
+        ax_ttft.plot(xs, [f.get("mean_ttft_ms") for f in figs], marker="o", color=color,
+                     label=f"{doc['profile']} mean")
+        ax_ttft.plot(xs, [f.get("p99_ttft_ms") for f in figs], marker="x", linestyle="--", color=color,
+                     label=f"{doc['profile']} P99")
+    for ax, title, unit in ((ax_tp, "Output throughput", "tokens/s"), (ax_ttft, "Time to first token", "ms")):
+        ax.set(title=title, xlabel="concurrent requests", ylabel=unit)
+        ax.set_xscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+
+
+MEMORY_LINES = (("gpu_server_mib", "-", "server"), ("gpu_device_mib", "--", "whole device"),
+                ("rss_mib", "-", "server tree RSS"), ("ram_used_mib", "--", "system in use"))
+
+
+def _plot_memory(benches: list[dict], ax_gpu: Any, ax_ram: Any) -> None:
+    any_gpu = False
+    for i, doc in enumerate(benches):
+        s = doc.get("memory", {}).get("series", {})
+        for key, style, what in MEMORY_LINES:
+            pts = _points(s.get("t", []), s.get(key))
+            ax = ax_gpu if key.startswith("gpu") else ax_ram
+            if pts:
+                ax.plot(*zip(*pts), linestyle=style, color=f"C{i % 10}", label=f"{doc['profile']} {what}")
+                any_gpu = any_gpu or ax is ax_gpu
+    if len(benches) == 1:  # one run: shade where each scenario ran
+        for i, (name, e) in enumerate(benches[0].get("scenarios", {}).items()):
+            t0, t1 = e.get("t_start", 0), e.get("t_end", 0)
+            for ax in (ax_gpu, ax_ram) if any_gpu else (ax_ram,):
+                ax.axvspan(t0, t1, alpha=0.08, color=f"C{i % 10}")
+            ax_ram.annotate(name, ((t0 + t1) / 2, 1.0), xycoords=("data", "axes fraction"), ha="center",
+                            va="bottom", fontsize="small")
+    if not any_gpu:
+        ax_gpu.text(0.5, 0.5, NO_GPU, ha="center", va="center", transform=ax_gpu.transAxes, fontsize=14)
+        ax_gpu.set_xticks([])
+        ax_gpu.set_yticks([])
+    for ax, title in ((ax_gpu, "GPU memory"), (ax_ram, "RAM")):
+        ax.set(xlabel="seconds into the run", ylabel="MiB")
+        ax.set_title(title, pad=14)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
 
 
 def _points(t: list[float], values: Any) -> list[tuple[float, float]]:

@@ -94,3 +94,41 @@ def test_client_disconnect_mid_stream_frees_the_upstream(fake_mm):
     while time.time() < deadline and fake_mm.server("slow")["in_flight"]:
         time.sleep(0.05)
     assert fake_mm.server("slow")["in_flight"] == 0
+
+
+def test_stack_brings_its_members_awake_together_and_the_rest_to_sleep(fake_mm):
+    fake_mm.add_profile("other")
+    fake_mm.add_profile("stt", extra="share_gpu = true\n[engine]\ngpu_memory_utilization = 0.3\n")
+    fake_mm.add_profile("llm", extra="share_gpu = true\n[engine]\ngpu_memory_utilization = 0.6\n")
+    d = fake_mm.env["MM_HOME"] + "/config/profiles/"
+    with open(d + "duo.toml", "w") as f:
+        f.write('stack = ["stt", "llm"]\n')
+    fake_mm.mm("up", "other", "--force")
+    fake_mm.mm("up", "duo", "--force")
+    states = {s["profile"]: s["state"] for s in fake_mm.status()["servers"]}
+    assert states == {"other": "asleep", "stt": "awake", "llm": "awake"}
+    ask(fake_mm, "stt")
+    ask(fake_mm, "llm")  # both answer without a switch between them
+    assert fake_mm.calls("stt") == ["request"] and fake_mm.calls("llm") == ["request"]
+
+
+def test_stack_whose_shares_do_not_fit_is_refused(fake_mm):
+    fake_mm.add_profile("big1", extra="share_gpu = true\n[engine]\ngpu_memory_utilization = 0.7\n")
+    fake_mm.add_profile("big2", extra="share_gpu = true\n[engine]\ngpu_memory_utilization = 0.7\n")
+    with open(fake_mm.env["MM_HOME"] + "/config/profiles/toobig.toml", "w") as f:
+        f.write('stack = ["big1", "big2"]\n')
+    r = fake_mm.mm("up", "toobig", "--force", check=False)
+    assert r.returncode == 1 and "1.40" in r.stderr and "gpu_memory_utilization" in r.stderr
+
+
+def test_idle_policy_sleeps_then_stops(fake_mm):
+    fake_mm.add_profile("idler", extra="idle_sleep = 1\nidle_stop = 3\n")
+    fake_mm.mm("up", "idler", "--force")
+    import time
+
+    time.sleep(2.5)
+    assert fake_mm.server("idler")["state"] == "asleep"
+    time.sleep(2.5)
+    assert fake_mm.server("idler")["state"] == "stopped"
+    ask(fake_mm, "idler")  # a request brings it back
+    assert fake_mm.server("idler")["state"] == "awake"
