@@ -240,11 +240,6 @@ def log_path(profile: str, kind: str) -> Path:
     return paths.logs_dir() / f"{kind}-{profile}.log"
 
 
-def wait_a_moment() -> None:
-    """Let the server drain between scenarios (the last responses' bookkeeping)."""
-    time.sleep(0.5)
-
-
 # --- one whole run ------------------------------------------------------------------------------------
 class NullUI:
     """What a run reports as it goes; the CLI's rich progress bars implement the same three calls."""
@@ -286,7 +281,7 @@ def run(profile: Any, server: dict[str, Any], plans: list[Plan], mode: str, ui: 
         with tempfile.TemporaryDirectory(prefix="mm-bench-") as work:
             for i, p in enumerate(plans):
                 if i:
-                    wait_a_moment()
+                    time.sleep(0.5)  # let the server finish the last scenario's bookkeeping
                 ui.begin(p.scenario, p.prompts + p.warmups)
                 entry = rec.step(p.scenario, p.params(), lambda: runner(p, target, Path(work), log, ui.advance))
                 ui.end(p.scenario, entry)

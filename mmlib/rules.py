@@ -7,6 +7,7 @@ CPU-only box. Nothing here imports vLLM or touches the GPU: checks.py gathers th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from mmlib.gpu import GpuInfo
@@ -158,6 +159,28 @@ def _share_out_of_range(p: Profile, facts: Facts) -> bool:
 
 
 RESERVED = {"host": "host", "port": "port", "model": "model", "served_model_name": "served_model_name"}
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def local_model(p: Profile) -> Path | None:
+    """The folder of a model given as a path (the embedded one once converted); None for hub ids."""
+    from mmlib.vllm_cmd import resolve_model
+
+    if not p.model or not (p.model.startswith(("/", ".", "~")) or p.model.startswith("embedded:")):
+        return None
+    return Path(resolve_model(p.model)).expanduser()
+
+
+def _path_missing(p: Profile, facts: Facts) -> bool:
+    folder = local_model(p)
+    return folder is not None and not p.model.startswith("embedded:") and not folder.exists()
+
+
+def _weights_missing(p: Profile, facts: Facts) -> bool:
+    folder = local_model(p)
+    if folder is None or not folder.is_dir() or _lower(_get(p, "load_format")) == "dummy":
+        return False
+    return not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES)
 
 
 def _reserved(p: Profile) -> str:
@@ -242,6 +265,13 @@ RULES: list[Rule] = [
                        f"({model_max_len(f.model_config)} tokens in its config.json); vLLM refuses to start"),
          lambda p, f: f"set engine.max_model_len = {model_max_len(f.model_config)} or less",
          key="engine.max_model_len"),
+    Rule("model-path-missing", ERROR, _path_missing,
+         lambda p, f: f"{p.model} does not exist", "point model at a folder with config.json, or use a hub id",
+         key="model"),
+    Rule("model-weights-missing", ERROR, _weights_missing,
+         lambda p, f: f"{local_model(p)} has no weight files (*.safetensors, *.bin, *.gguf)",
+         'copy the weights there, or set engine.load_format = "dummy" for random weights of the right size',
+         key="model"),
     Rule("memory-share-range", ERROR, _share_out_of_range,
          lambda p, f: f"{_get(p, 'gpu_memory_utilization')!r} is not a share of the GPU's memory",
          "use a number above 0 and at most 1, e.g. 0.85", key="engine.gpu_memory_utilization"),

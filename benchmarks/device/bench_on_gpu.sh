@@ -8,8 +8,11 @@
 #
 #   bash benchmarks/device/bench_on_gpu.sh
 #
-# Knobs (environment): DIRECT_SCENARIOS (default "c10 heavy"), PY (default python3), PROFILE_FILE
-# (default the perf-dummy fixture), MM_BENCH_ARGS (extra `mm bench` arguments, e.g. --scenario c10).
+# Knobs (environment): DIRECT_SCENARIOS (default "c10 heavy"; two at most, or $OUT's 8 files
+# overflow), PY (default python3), PROFILE_FILE (default the perf-dummy fixture; e.g.
+# tests/fixtures/profiles-gpu/perf-full.toml), MM_BENCH_ARGS (more `mm bench` arguments, e.g.
+# "--scenario c10"). Tried here on the CPU build with PY=.venv/bin/python, a CPU profile and
+# MM_CACHE_DIR set; not yet on the device.
 #
 # What it does: a scratch MM_HOME with tests/fixtures/profiles-gpu/perf-dummy.toml as a user
 # profile (perf's settings on the dummy 7B AWQ model, random weights); `mm bench perf-dummy --quick`
@@ -28,14 +31,14 @@ exec > >(tee -a "$out/run.log") 2>&1
 py="${PY:-python3}"
 profile_file="${PROFILE_FILE:-tests/fixtures/profiles-gpu/perf-dummy.toml}"
 profile="$(basename "$profile_file" .toml)"
-export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="/tmp/site:$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1   # nothing outside can be reached
 direct="${DIRECT_SCENARIOS:-c10 heavy}"
 
 say() { printf '\n== %s (at %d s)\n' "$*" "$SECONDS"; }
 
 say "set-up"
-$py -c "import vllm" 2>/dev/null || [ -f /tmp/site/.unpacked ] || bash .gpu-stage/unpack.sh
+$py -c "import vllm" 2>/dev/null || [ -f /tmp/site/.unpacked ] || { mkdir -p /tmp/stage && bash .gpu-stage/unpack.sh; }
 if ! $py -c "import platformdirs, tomli_w" 2>/dev/null; then
   if ! ls .whl/platformdirs-*.whl .whl/tomli_w-*.whl >/dev/null 2>&1; then
     echo "mm needs platformdirs and tomli-w: carry .whl (see this script's header)"; exit 1
@@ -61,8 +64,9 @@ finish() {
   server_log="$MM_HOME/state/logs/$profile.log"
   tail -n 300 "$server_log" > "$out/server.log" 2>/dev/null || true
   if [ "$rc" -ne 0 ]; then
-    echo "FAILED (exit $rc); last lines of the server log and the daemon log:"
+    echo "FAILED (exit $rc); last lines of the server, bench and daemon logs:"
     tail -n 40 "$server_log" 2>/dev/null || true
+    grep -v -e nanobind -e leaked "$MM_HOME/state/logs/bench-$profile.log" 2>/dev/null | tail -n 20 || true
     tail -n 20 "$MM_HOME/state/logs/daemon.log" 2>/dev/null || true
   fi
   $py -m mmlib daemon stop >/dev/null 2>&1 || true
@@ -74,7 +78,7 @@ trap finish EXIT
 say "mm bench $profile --quick (the daemon starts the server first)"
 # --force: the guard rails would rightly flag a model folder without weight files (load_format dummy).
 # shellcheck disable=SC2086
-timeout 480 $py -m mmlib bench "$profile" --quick --force ${MM_BENCH_ARGS:-}
+timeout 420 $py -m mmlib bench "$profile" --quick --force ${MM_BENCH_ARGS:-}
 
 result="$(ls "$MM_RESULTS_DIR/$profile"/*-bench.json | tail -n 1)"
 read -r url served tokenizer < <($py -c 'import json, sys
@@ -106,7 +110,7 @@ print(" ".join(map(str, a)))
 EOF
   ) || true
   [ "${#args[@]}" -gt 0 ] || { echo "mm's result has no scenario $s: skipped"; continue; }
-  timeout 180 $py -m vllm.entrypoints.cli.main bench serve --backend vllm --endpoint /v1/completions \
+  timeout 100 $py -m vllm.entrypoints.cli.main bench serve --backend vllm --endpoint /v1/completions \
     --base-url "$url" --model "$served" --tokenizer "$tokenizer" --dataset-name random --ignore-eos \
     --seed 0 "${args[@]}" --save-result --result-dir "$out" --result-filename "direct-$s.json" \
     2>&1 | grep -v -e "nanobind" -e "leaked" || true

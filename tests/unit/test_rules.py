@@ -1,6 +1,7 @@
 """Every rule in mmlib.rules.RULES: a profile and machine that trigger it, and one that does not."""
 from __future__ import annotations
 
+from pathlib import Path
 from types import MappingProxyType
 
 import pytest
@@ -12,6 +13,7 @@ from mmlib.rules import ERROR, INFO, WARN, Facts, engine_int, model_max_len
 
 H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 80 * GIB, 79 * GIB, (9, 0))
 RTX3060 = GpuInfo(0, "NVIDIA GeForce RTX 3060", 12 * GIB, 11 * GIB, (8, 6))
+HERE = Path(__file__).resolve().parent
 HOPPER, AMPERE, CPU = Facts(gpus=(H100,)), Facts(gpus=(RTX3060,)), Facts(is_cpu=True)
 AWQ_CONFIG = {"torch_dtype": "float16", "max_position_embeddings": 32768,
               "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}
@@ -57,6 +59,12 @@ CASES = {
     "max-model-len-over-model": (
         (profile({"max_model_len": 65536}), Facts(model_config=AWQ_CONFIG)),
         (profile({"max_model_len": "32k"}), Facts(model_config=AWQ_CONFIG))),
+    "model-path-missing": (
+        (profile(model="/nowhere/model"), AMPERE),
+        (profile(model=str(HERE)), AMPERE)),
+    "model-weights-missing": (
+        (profile(model=str(HERE)), AMPERE),  # a folder without weight files
+        (profile({"load_format": "dummy"}, model=str(HERE)), AMPERE)),
     "memory-share-range": (
         (profile({"gpu_memory_utilization": 85}), AMPERE),
         (profile({"gpu_memory_utilization": 0.85}), AMPERE)),
@@ -129,6 +137,13 @@ def test_shipped_profiles_on_a_12gb_ampere_card_have_no_errors(mm_env):
 def test_shipped_chat_profile_dies_on_hopper_and_perf_does_not(mm_env):
     assert "awq-fp16-fp8kv-fa3" in fired(load_profile("chat"), HOPPER)
     assert "awq-fp16-fp8kv-fa3" not in fired(load_profile("perf"), HOPPER)  # FLASHINFER, not FA3
+
+
+def test_weights_found_in_a_model_folder(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert "model-weights-missing" not in fired(profile(model=str(tmp_path)), AMPERE)
+    assert not {"model-weights-missing", "model-path-missing"} & fired(profile(model="org/name"), AMPERE)
 
 
 def test_engine_int_and_model_max_len():

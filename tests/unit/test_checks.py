@@ -1,0 +1,303 @@
+"""`mm check` and the preflight of `mm up`: engine arguments against a parser spec (a small stand-in
+for vLLM 0.32's; tests/integration/test_vllm_args.py uses the real one), the memory fit on faked
+GPUs, and the CLI's output: one line per problem, never a traceback."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+from click.testing import CliRunner
+
+from mmlib import checks
+from mmlib.cli import main
+from mmlib.errors import MMError
+from mmlib.gpu import GIB, GpuInfo, GpuProcess
+from mmlib.profiles import Profile, SleepSettings
+from mmlib.rules import ERROR, INFO, WARN, Facts
+from mmlib.vllm_args import ArgAction, ArgSpec
+
+# The same shapes as vLLM 0.32.0's serve parser for these options (see the integration test).
+SPEC = ArgSpec("vllm", "0.32.0", (
+    ArgAction("enforce_eager", ("--enforce-eager", "--no-enforce-eager"), "switch", 0),
+    ArgAction("async_scheduling", ("--async-scheduling", "--no-async-scheduling"), "switch", 0),
+    ArgAction("disable_hybrid_kv_cache_manager", ("--disable-hybrid-kv-cache-manager",
+                                                  "--no-disable-hybrid-kv-cache-manager"), "switch", 0),
+    ArgAction("disable_log_stats", ("--disable-log-stats",), "flag", 0),
+    ArgAction("max_model_len", ("--max-model-len",), "value", type="human_readable_int_or_auto"),
+    ArgAction("max_log_len", ("--max-log-len",), "value", type="int"),
+    ArgAction("max_num_seqs", ("--max-num-seqs",), "value", type="int"),
+    ArgAction("max_num_batched_tokens", ("--max-num-batched-tokens",), "value", type="human_readable_int"),
+    ArgAction("gpu_memory_utilization", ("--gpu-memory-utilization", "--device-memory-utilization"), "value",
+              type="float"),
+    ArgAction("kv_cache_dtype", ("--kv-cache-dtype",), "value", choices=("auto", "bfloat16", "fp8", "fp8_e4m3",
+                                                                           "fp8_e5m2"), type="str"),
+    ArgAction("dtype", ("--dtype",), "value", choices=("auto", "bfloat16", "float", "float16", "float32", "half"),
+              type="str"),
+    ArgAction("attention_backend", ("--attention-backend",), "value", choices=("auto", "FLASH_ATTN", "FLASHINFER",
+                                                                               "TRITON_ATTN"),
+              type="_optional_type", choices_ci=True),
+    ArgAction("kv_offloading_size", ("--kv-offloading-size",), "value", type="_optional_type"),
+    ArgAction("kv_offloading_backend", ("--kv-offloading-backend",), "value", choices=("lmcache", "native"),
+              type="str"),
+    ArgAction("quantization", ("--quantization", "-q"), "value", type="_optional_type"),
+    ArgAction("override_generation_config", ("--override-generation-config",), "value", type="_parse_type"),
+    ArgAction("cudagraph_capture_sizes", ("--cudagraph-capture-sizes",), "value", nargs="+", type="int"),
+    ArgAction("middleware", ("--middleware",), "append"),
+    ArgAction("load_format", ("--load-format",), "value", type="str"),
+    ArgAction("old_knob", ("--old-knob",), "value", type="int", deprecated=True),
+    ArgAction("speculative_config", ("--speculative-config", "-sc"), "value", type="parse_dataclass"),
+), frozenset({"VLLM_LOGGING_LEVEL", "VLLM_USE_FLASHINFER_SAMPLER", "VLLM_TARGET_DEVICE"}))
+
+DUMMY_7B_AWQ = {  # /work/shared/gpu/models/dummy-7b-awq/config.json, the parts that matter
+    "dtype": "float16", "head_dim": 128, "hidden_size": 3584, "intermediate_size": 18944,
+    "max_position_embeddings": 32768, "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "tie_word_embeddings": False, "vocab_size": 49152,
+    "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True},
+}
+A3060 = GpuInfo(0, "NVIDIA GeForce RTX 3060", 12 * GIB, 11 * GIB, (8, 6))
+
+
+def profile(engine=None, env=None, model="Qwen/Qwen2.5-7B-Instruct-AWQ", **kw) -> Profile:
+    return Profile(name="t", source="/profiles/t.toml", model=model, served_model_name="t",
+                   engine=MappingProxyType(engine or {}), env=MappingProxyType(env or {}), **kw)
+
+
+def by_key(found):
+    return {f.key: f for f in found}
+
+
+# --- engine arguments -------------------------------------------------------------------------------
+def test_good_engine_tables_pass():
+    p = profile({"max_model_len": 16384, "enforce_eager": False, "async_scheduling": True, "kv_cache_dtype": "fp8",
+                 "attention_backend": "flashinfer", "gpu_memory_utilization": 0.85, "max_num_seqs": 64,
+                 "max_num_batched_tokens": "8k", "override_generation_config": {"temperature": 0.2},
+                 "speculative_config": {"method": "ngram"}, "cudagraph_capture_sizes": [8],
+                 "middleware": ["a.b", "c.d"], "port": 1234})
+    assert checks.check_engine_args(p, SPEC) == []
+
+
+def test_unknown_argument_with_did_you_mean():
+    f = checks.check_engine_args(profile({"max_modle_len": 8192}), SPEC)[0]
+    assert (f.severity, f.key) == (ERROR, "engine.max_modle_len")
+    assert "has no --max-modle-len" in f.message and "engine.max_model_len" in f.fix
+
+
+def test_removed_argument_gets_its_replacement():
+    f = checks.check_engine_args(profile({"swap_space": 4}), SPEC)[0]
+    assert f.severity == ERROR and "kv_offloading_size" in f.fix
+
+
+def test_false_on_an_on_switch_only_says_remove_the_key():
+    f = checks.check_engine_args(profile({"disable_log_stats": False}), SPEC)[0]
+    assert f.severity == ERROR and "--no-disable-log-stats" in f.message and "remove the key" in f.fix
+    assert checks.check_engine_args(profile({"disable_log_stats": True}), SPEC) == []
+    f = checks.check_engine_args(profile({"max_num_seqs": False}), SPEC)[0]
+    assert f.severity == ERROR and "takes a value" in f.message
+
+
+@pytest.mark.parametrize("engine,message", [
+    ({"enforce_eager": "yes"}, "is a switch"),
+    ({"disable_log_stats": 1}, "is a switch"),
+    ({"kv_cache_dtype": "fp9"}, "not one of vLLM's choices"),
+    ({"attention_backend": "flashinfr"}, "not one of vLLM's choices"),
+    ({"max_num_seqs": "many"}, "not a whole number"),
+    ({"gpu_memory_utilization": "most"}, "not a number"),
+    ({"max_num_batched_tokens": "lots"}, "not a count"),
+    ({"max_num_seqs": [8, 16]}, "takes one value, not a list"),
+    ({"max_num_seqs": True}, "takes a value, not true"),
+    ({"kv_cache_dtype": {"a": 1}}, "not a table"),
+])
+def test_bad_values(engine, message):
+    found = checks.check_engine_args(profile(engine), SPEC)
+    assert len(found) == 1 and found[0].severity == ERROR and message in found[0].message
+    assert found[0].key == f"engine.{next(iter(engine))}"
+
+
+def test_choice_fix_suggests_the_spelling():
+    f = checks.check_engine_args(profile({"attention_backend": "flashinfr"}), SPEC)[0]
+    assert '"FLASHINFER"' in f.fix
+    f = checks.check_engine_args(profile({"kv_cache_dtype": "q4"}), SPEC)[0]
+    assert f.fix.startswith("one of: auto, bfloat16, fp8")
+
+
+def test_abbreviation_deprecation_and_repeated_flags_warn():
+    found = by_key(checks.check_engine_args(profile({"max_num_batched": 4096, "old_knob": 1,
+                                                     "cudagraph_capture_sizes": [1, 2, 4]}), SPEC))
+    assert found["engine.max_num_batched"].severity == WARN
+    assert "engine.max_num_batched_tokens" in found["engine.max_num_batched"].fix
+    assert found["engine.old_knob"].severity == WARN and "deprecated" in found["engine.old_knob"].message
+    assert found["engine.cudagraph_capture_sizes"].severity == WARN
+    assert "only the last item" in found["engine.cudagraph_capture_sizes"].message
+
+
+def test_env_names_vllm_does_not_read():
+    found = checks.check_env_names(profile(env={"VLLM_LOGGIN_LEVEL": "DEBUG", "VLLM_LOGGING_LEVEL": "INFO",
+                                                "HF_TOKEN": "x", "VLLM_USE_V1": "1"}), SPEC)
+    assert [(f.key, f.severity) for f in found] == [("env.VLLM_LOGGIN_LEVEL", WARN)]
+    assert "VLLM_LOGGING_LEVEL" in found[0].fix
+
+
+# --- memory fit -------------------------------------------------------------------------------------
+@pytest.fixture
+def local_7b(tmp_path) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps(DUMMY_7B_AWQ))
+    return tmp_path
+
+
+def fit_findings(p: Profile, facts: Facts, gpu_memory=None):
+    return [f for f in checks.check_profile(p, facts, SPEC, gpu_memory) if f.rule == "memory-fit"]
+
+
+def test_fit_on_a_12gb_card(local_7b):
+    p = profile({"max_model_len": 16384, "kv_cache_dtype": "fp8", "gpu_memory_utilization": 0.85,
+                 "max_num_seqs": 64}, model=str(local_7b))
+    (f,) = fit_findings(p, Facts(gpus=(A3060,)))
+    assert f.severity == INFO and "fits NVIDIA GeForce RTX 3060" in f.message
+    assert "requests of 16,384 tokens at once" in f.message and "max_num_seqs = 64" in f.message
+
+
+def test_fit_that_cannot_work_says_what_would(local_7b):
+    p = profile({"max_model_len": 32768, "gpu_memory_utilization": 0.45}, model=str(local_7b))
+    (f,) = fit_findings(p, Facts(is_cpu=True), gpu_memory=12 * GIB)  # --gpu-memory on a CPU box
+    assert f.severity == ERROR and f.key == "engine.max_model_len" and "does not fit 12.00 GiB card" in f.message
+    assert "max_model_len = " in f.fix and 'kv_cache_dtype = "fp8"' in f.fix and "gpu_memory_utilization = " in f.fix
+    p = profile({"gpu_memory_utilization": 0.3}, model=str(local_7b))
+    (f,) = fit_findings(p, Facts(gpus=(A3060,)))
+    assert f.severity == ERROR and f.key == "engine.gpu_memory_utilization"
+
+
+def test_fit_warns_when_others_hold_the_memory(local_7b):
+    held = GpuInfo(0, "NVIDIA GeForce RTX 3060", 12 * GIB, 3 * GIB, (8, 6),
+                   (GpuProcess(4242, "game.exe", 9 * GIB),))
+    p = profile({"max_model_len": 8192, "gpu_memory_utilization": 0.85}, model=str(local_7b))
+    found = fit_findings(p, Facts(gpus=(held,)))
+    warn = [f for f in found if f.severity == WARN][0]
+    assert "3.00 GiB free" in warn.message and "game.exe (pid 4242, 9.00 GiB)" in warn.message
+    assert "gpu_memory_utilization to 0.24" in warn.fix
+
+
+def test_fit_skipped_with_reasons(local_7b, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    (f,) = fit_findings(profile(model=str(local_7b)), Facts(is_cpu=True))
+    assert f.severity == INFO and "CPU build" in f.message and "--gpu-memory" in f.fix
+    (f,) = fit_findings(profile(model=str(local_7b)), Facts())
+    assert f.severity == WARN and "no GPU answered" in f.message
+    (f,) = fit_findings(profile(), Facts(gpus=(A3060,)))
+    assert f.severity == INFO and "no config.json" in f.message and "never downloads" in f.message
+
+
+# --- whole profiles, preflight and the CLI --------------------------------------------------------------
+BROKEN = """
+model = "{model}"
+[engine]
+load_format = "dummy"
+max_modle_len = 8192
+kv_cache_dtype = "fp9"
+disable_log_stats = false
+kv_offloading_size = 8
+[env]
+VLLM_ATTENTION_BACKEND = "FLASHINFER"
+"""
+CLEAN = """
+model = "{model}"
+[engine]
+load_format = "dummy"
+max_model_len = 8192
+gpu_memory_utilization = 0.85
+"""
+
+
+@pytest.fixture
+def user_profiles(mm_env, local_7b, monkeypatch) -> Path:
+    d = Path(mm_env["MM_HOME"]) / "config" / "profiles"
+    d.mkdir(parents=True)
+    (d / "broken.toml").write_text(BROKEN.format(model=local_7b))
+    (d / "clean.toml").write_text(CLEAN.format(model=local_7b))
+    (d / "typo.toml").write_text('model = "x/y"\ndescripton = "oops"\n')
+    monkeypatch.setattr(checks, "load_spec", lambda **kw: SPEC)
+    return d
+
+
+def test_preflight_raises_every_error_one_line_each(user_profiles, capsys):
+    with pytest.raises(MMError) as e:
+        checks.preflight("broken")
+    text = str(e.value)
+    assert text.startswith("broken would not start (4 problems; `--force` starts it anyway):")
+    lines = text.splitlines()[1:]
+    assert len(lines) == 4 and all(line.startswith(f"  {user_profiles / 'broken.toml'}: ") for line in lines)
+    for key in ("engine.max_modle_len", "engine.kv_cache_dtype", "engine.disable_log_stats",
+                "env.VLLM_ATTENTION_BACKEND"):
+        assert sum(key in line for line in lines) == 1
+    err = capsys.readouterr().err
+    assert "mm: warning:" in err and "disable_hybrid_kv_cache_manager" in err
+
+
+def test_preflight_passes_a_clean_profile(user_profiles, capsys):
+    checks.preflight("clean")
+    checks.preflight("default")
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_preflight_of_a_profile_with_a_typo(user_profiles):
+    with pytest.raises(MMError, match=r"typo would not start \(1 problem\):\n  .*typo.toml: descripton: "
+                                      r"unknown key \(fix: did you mean 'description'\?\)$"):
+        checks.preflight("typo")
+
+
+def test_port_in_use_by_another_program(user_profiles):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        (user_profiles / "porty.toml").write_text(CLEAN.format(model="x/y").replace("[engine]", f"port = {port}\n[engine]"))
+        with pytest.raises(MMError, match=f"port {port} is already in use"):
+            checks.preflight("porty")
+
+
+def test_stack_members_are_checked_and_their_shares_summed(user_profiles):
+    (user_profiles / "greedy.toml").write_text('model = "x/y"\nshare_gpu = true\n[engine]\ngpu_memory_utilization = 0.7\n')
+    (user_profiles / "pair.toml").write_text('stack = ["greedy", "voice-llm", "broken"]\n')
+    found = checks.check(["pair"], facts=Facts(gpus=(A3060,)), spec=SPEC)
+    assert any(f.rule == "stack-shares" and "1.3" in f.message for f in found)
+    assert any(f.key == "engine.max_modle_len" for f in found)
+
+
+def test_mm_check_cli_prints_one_line_per_problem(user_profiles):
+    r = CliRunner().invoke(main, ["check", "broken"])
+    assert r.exit_code == 1
+    lines = [line for line in r.output.splitlines() if line.startswith("error")]
+    assert len(lines) == 4 and all("broken.toml: " in line for line in lines)
+    assert "4 error(s)" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["check", "typo"])
+    assert r.exit_code == 1
+    assert "typo.toml: descripton: unknown key (fix: did you mean 'description'?)" in r.output
+
+
+def test_mm_check_cli_gpu_memory_and_json(user_profiles):
+    r = CliRunner().invoke(main, ["check", "clean", "--gpu-memory", "12GiB", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    fits = [f for f in doc if f["rule"] == "memory-fit"]
+    assert fits and fits[0]["severity"] == "info" and "fits 12.00 GiB card" in fits[0]["message"]
+    r = CliRunner().invoke(main, ["check", "clean", "--gpu-memory", "lots"])
+    assert r.exit_code == 2 and "12GiB" in r.output
+
+
+def test_mm_check_all_profiles_reports_each_broken_file(user_profiles):
+    r = CliRunner().invoke(main, ["check", "-q"])
+    assert r.exit_code == 1
+    assert "typo.toml: descripton" in r.output and "broken.toml: engine.max_modle_len" in r.output
+    assert "info" not in r.output.split()
+
+
+def test_the_cli_path_imports_no_vllm_torch_or_transformers():
+    code = ("import sys, mmlib.cli, mmlib.checks, mmlib.doctor, mmlib.fit, mmlib.rules, mmlib.gpu, mmlib.diagnose, "
+            "mmlib.vllm_args; bad = [m for m in ('vllm', 'torch', 'transformers') if m in sys.modules]; "
+            "print(bad); sys.exit(bool(bad))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr

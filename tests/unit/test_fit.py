@@ -1,0 +1,186 @@
+"""The memory-fit estimate against figures vLLM itself printed, and the files it reads."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from mmlib import fit
+from mmlib.fit import GIB, Shape, estimate, parse_size
+
+# The random-weight models of /work/shared/gpu/models (config.json only; served with
+# --load-format dummy), copied here so the tests need nothing outside the repository.
+DUMMY_15B = {
+    "architectures": ["LlamaForCausalLM"], "dtype": "bfloat16", "head_dim": 128, "hidden_size": 1536,
+    "intermediate_size": 8960, "max_position_embeddings": 32768, "model_type": "llama",
+    "num_attention_heads": 12, "num_hidden_layers": 28, "num_key_value_heads": 2,
+    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}, "tie_word_embeddings": True,
+    "vocab_size": 49152,
+}
+DUMMY_7B_AWQ = {
+    "architectures": ["LlamaForCausalLM"], "dtype": "float16", "head_dim": 128, "hidden_size": 3584,
+    "intermediate_size": 18944, "max_position_embeddings": 32768, "model_type": "llama",
+    "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}, "tie_word_embeddings": False,
+    "vocab_size": 49152,
+    "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+                            "version": "gemm"},
+}
+H100_TOTAL = 81559 * 1024 * 1024  # what NVML and CUDA report for an H100 80GB HBM3
+
+
+def within(value: float, expected: float, tolerance: float) -> bool:
+    return abs(value - expected) <= tolerance * expected
+
+
+# (config, engine, vLLM's "Available KV cache memory" GiB, its "GPU KV cache size" tokens, tolerance)
+# vLLM 0.26.0 on an nvidia-h100-x1, --load-format dummy, 2026-11-24 (VLLM_LOGGING_LEVEL=DEBUG runs).
+MEASURED = {
+    "1.5b bf16, share 0.125, defaults": (
+        DUMMY_15B, {"gpu_memory_utilization": 0.125}, 6.43, 240_816, 0.03),
+    "1.5b bf16, share 0.125, max_model_len 4096, max_num_seqs 16": (
+        DUMMY_15B, {"gpu_memory_utilization": 0.125, "max_model_len": 4096, "max_num_seqs": 16}, 6.43, 240_816, 0.03),
+    "7b awq fp8-kv, share 0.125, max_model_len 16384": (
+        DUMMY_7B_AWQ, {"gpu_memory_utilization": 0.125, "kv_cache_dtype": "fp8", "max_model_len": 16384},
+        4.56, 170_784, 0.03),
+    "7b awq fp8-kv, share 0.125, max_model_len 16384, max_num_seqs 64": (
+        DUMMY_7B_AWQ, {"gpu_memory_utilization": 0.125, "kv_cache_dtype": "fp8", "max_model_len": 16384,
+                       "max_num_seqs": 64}, 4.56, 170_784, 0.03),
+    # The issue's figures (an earlier H100 run), held to its 10%. The 1.5B one at share 0.125; the
+    # 7B one cannot be at 0.125 (4.0 GiB of weights + 6.49 GiB KV > the 9.96 GiB budget, and vLLM
+    # printed 4.56 GiB there, above): it matches a share of 0.15.
+    "issue: 1.5b, share 0.125": (DUMMY_15B, {"gpu_memory_utilization": 0.125}, 6.59, 246_816, 0.10),
+    "issue: 7b awq fp8-kv, max_model_len 16384 (share 0.15)": (
+        DUMMY_7B_AWQ, {"gpu_memory_utilization": 0.15, "kv_cache_dtype": "fp8", "max_model_len": 16384},
+        6.49, 242_912, 0.10),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MEASURED))
+def test_estimate_matches_what_vllm_printed(case):
+    cfg, engine, kv_gib, tokens, tolerance = MEASURED[case]
+    est = estimate(engine, cfg, H100_TOTAL)
+    assert est.weights_from == "config.json shapes"
+    assert within(est.kv_cache / GIB, kv_gib, tolerance), est.summary()
+    assert within(est.tokens, tokens, tolerance), est.summary()
+    assert est.fits
+
+
+def test_weights_match_vllm_model_loading_figures():
+    # vLLM printed "Model loading took 2.68 GiB" and "4.03 GiB"; that includes its per-token buffers.
+    for cfg, loaded in ((DUMMY_15B, 2.68), (DUMMY_7B_AWQ, 4.03)):
+        est = estimate({}, cfg, H100_TOTAL)
+        buffers = fit.BUFFER_BYTES_PER_HIDDEN * cfg["hidden_size"] * 8192
+        assert within((est.weights + buffers) / GIB, loaded, 0.02)
+
+
+def test_kv_bytes_per_token():
+    s15, s7 = Shape.from_config(DUMMY_15B), Shape.from_config(DUMMY_7B_AWQ)
+    assert s15.kv_bytes_per_token(2) == 28 * 2 * 128 * 2 * 2 == 28_672
+    assert s7.kv_bytes_per_token(1) == 28 * 4 * 128 * 2 == 28_672
+    mla = Shape.from_config({"hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128,
+                             "kv_lora_rank": 512, "qk_rope_head_dim": 64})
+    assert mla.kv_bytes_per_token(2) == 61 * (512 + 64) * 2
+
+
+def test_shapes_of_other_configs():
+    vlm = Shape.from_config({"text_config": {"hidden_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8},
+                             "torch_dtype": "bfloat16"})
+    assert vlm.layers == 4 and vlm.kv_heads == 8 and vlm.head_dim == 128
+    moe = Shape.from_config({"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16,
+                             "num_key_value_heads": 4, "num_experts": 64, "moe_intermediate_size": 1024,
+                             "intermediate_size": 5632, "vocab_size": 1000})
+    assert moe.linear_params()[1] == 3 * 2048 * 1024 * 64
+    assert Shape.from_config({"d_model": 1280, "encoder_layers": 32}) is None  # whisper: not a decoder LM
+
+
+def test_a_12gb_card_and_what_would_fit():
+    engine = {"gpu_memory_utilization": 0.85, "max_model_len": 32768}
+    est = estimate(engine, DUMMY_7B_AWQ, 12 * GIB)
+    assert est.fits and est.kv_dtype == "16-bit"
+    tight = estimate({"gpu_memory_utilization": 0.45, "max_model_len": 32768}, DUMMY_7B_AWQ, 12 * GIB)
+    assert not tight.fits and 0 < tight.tokens < 32768
+    remedies = " | ".join(tight.remedies())
+    assert f"max_model_len = {tight.tokens // 1024 * 1024}" in remedies
+    assert 'kv_cache_dtype = "fp8"' in remedies and "gpu_memory_utilization = " in remedies
+    assert tight.share_needed(32768) > 0.45
+    none_left = estimate({"gpu_memory_utilization": 0.3}, DUMMY_7B_AWQ, 12 * GIB)
+    assert none_left.kv_cache < 0 and none_left.tokens == 0 and not none_left.fits
+    assert "smaller or more quantized model" in " ".join(estimate({"gpu_memory_utilization": 0.9}, DUMMY_7B_AWQ,
+                                                                    4 * GIB).remedies())
+
+
+def test_defaults_follow_vllm():
+    big, small = estimate({}, DUMMY_15B, H100_TOTAL), estimate({}, DUMMY_15B, 12 * GIB)
+    assert big.activation > small.activation  # 8192 batched tokens on an 80 GB card, 2048 below 70 GiB
+    assert big.max_model_len == 32768 and big.share == 0.9
+    eager = estimate({"enforce_eager": True}, DUMMY_15B, H100_TOTAL)
+    assert eager.overhead == big.overhead - fit.CUDA_GRAPHS
+    assert "7.4 requests of 32,768 tokens" in estimate({"gpu_memory_utilization": 0.125}, DUMMY_15B,
+                                                        H100_TOTAL).summary()
+
+
+@pytest.mark.parametrize("text,gib", [("12GiB", 12), ("12G", 12), ("12 GB", 12), ("12", 12), ("0.5T", 512),
+                                      ("11264MiB", 11)])
+def test_parse_size(text, gib):
+    assert parse_size(text) == gib * GIB
+
+
+def test_parse_size_rejects_nonsense():
+    with pytest.raises(ValueError, match="12GiB"):
+        parse_size("twelve")
+
+
+def write_safetensors(path, tensors: dict[str, tuple[str, list[int]]]) -> None:
+    header, offset = {}, 0
+    for name, (dtype, shape) in tensors.items():
+        n = fit.ST_BYTES[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + int(n)]}
+        offset += int(n)
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
+
+
+def test_weights_from_safetensors_headers(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(DUMMY_15B))
+    write_safetensors(tmp_path / "model-00001-of-00002.safetensors",
+                      {"a": ("BF16", [1024, 1024]), "b": ("F32", [1024])})  # fp32 is served in 16 bits
+    write_safetensors(tmp_path / "model-00002-of-00002.safetensors", {"q": ("I32", [256, 128])})
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "q": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    files = fit.safetensors_files(tmp_path)
+    assert fit.safetensors_bytes(files) == 1024 * 1024 * 2 + 1024 * 2 + 256 * 128 * 4
+    est = estimate({}, DUMMY_15B, H100_TOTAL, folder=tmp_path)
+    assert est.weights_from == "safetensors headers"
+    assert est.weights == fit.safetensors_bytes(files)
+    dummy = estimate({"load_format": "dummy"}, DUMMY_15B, H100_TOTAL, folder=tmp_path)
+    assert dummy.weights_from == "config.json shapes"  # random weights of the config's size
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()  # an interrupted download
+    assert fit.safetensors_files(tmp_path) is None
+
+
+def test_model_dir_finds_local_folders_and_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert fit.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") is None
+    repo = tmp_path / "hub" / "models--Qwen--Qwen2.5-7B-Instruct-AWQ"
+    old, new = repo / "snapshots" / "aaa", repo / "snapshots" / "bbb"
+    for snap in (old, new):
+        snap.mkdir(parents=True)
+        (snap / "config.json").write_text(json.dumps(DUMMY_7B_AWQ))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("aaa\n")
+    assert fit.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") == old
+    (repo / "refs" / "main").unlink()
+    assert fit.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") in (old, new)
+    local = tmp_path / "mymodel"
+    local.mkdir()
+    assert fit.model_dir(str(local)) is None  # no config.json
+    (local / "config.json").write_text("{}")
+    assert fit.model_dir(str(local)) == local
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert fit.hf_hub_cache() == tmp_path / "hf" / "hub"
