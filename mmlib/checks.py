@@ -168,7 +168,8 @@ def model_files(p: Profile) -> tuple[Any, dict[str, Any] | None, str]:
         return None, None, "the embedded model is converted on its first start"
     folder = fitmod.model_dir(resolve_model(p.model))
     if folder is None:
-        return None, None, f"no config.json for {p.model} on this machine (mm reads the Hugging Face cache, never downloads)"
+        return None, None, (f"no config.json for {p.model} on this machine (mm reads the Hugging Face cache, "
+                            "never downloads)")
     cfg = fitmod.read_config(folder)
     return folder, cfg, "" if cfg else f"cannot read {folder / 'config.json'}"
 
@@ -194,13 +195,16 @@ def check_fit(p: Profile, facts: Facts, folder: Any, cfg: dict[str, Any] | None,
                         "run `mm doctor`; --gpu-memory 12GiB checks it for a card you name")]
     if cfg is None:
         return [finding(INFO, f"memory fit not estimated: {why}", "start it once, or point model at a local folder")]
+    share = p.engine.get("gpu_memory_utilization", 0.9)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        return []  # rules.py reports the share itself
     total = gpu_memory or gpu.total
     est = fitmod.estimate(p.engine, cfg, total, folder)
     if est is None:
         return [finding(INFO, "memory fit not estimated: config.json lacks the shapes (an encoder-decoder?)")]
     card = f"{fitmod.gib(total)} card" if gpu_memory else gpu.name
     out = []
-    if est.fits and est.max_model_len and est.tokens < est.max_model_len / FIT_MARGIN and est.tokens >= est.max_model_len:
+    if est.fits and est.max_model_len and est.tokens < est.max_model_len / FIT_MARGIN:
         out.append(finding(WARN, f"fits {card} only just: {est.summary()}", "; or ".join(est.remedies()[1:])))
     elif est.fits:
         text = f"fits {card}: {est.summary()}"
@@ -265,7 +269,8 @@ def _expand(names: list[str]) -> tuple[list[Profile], list[Finding]]:
                 errors.append(_profile_error(e))
         for m in members:
             profiles.setdefault(m.name, m)
-        shares = sum(m.memory_share for m in members if m.share_gpu)
+        shares = sum(m.engine["gpu_memory_utilization"] for m in members if m.share_gpu
+                     and isinstance(m.engine.get("gpu_memory_utilization"), (int, float)))
         if shares > 1.0:
             errors.append(Finding(ERROR, p.source, "stack", f"its members' gpu_memory_utilization add up to "
                                   f"{shares:g}, more than the whole GPU", "lower their shares so they sum to 1 or less",
@@ -306,8 +311,10 @@ def preflight(profile_name: str) -> None:
         if f.severity == WARN:
             print(f"mm: warning: {f.line()}", file=sys.stderr)
     errors = [f for f in found if f.severity == ERROR]
-    if errors:
-        lines = "\n".join(f"  {f.line()}" for f in errors)
-        force = "" if all(f.rule == "profile" for f in errors) else "; `--force` starts it anyway"
-        raise MMError(f"{profile_name} would not start ({len(errors)} problem{'s' * (len(errors) > 1)}{force}):\n"
-                      f"{lines}")
+    if not errors:
+        return
+    force = "" if all(f.rule == "profile" for f in errors) else " (`--force` starts it anyway)"
+    if len(errors) == 1:  # the common case stays one line
+        raise MMError(errors[0].line() + force)
+    lines = "\n".join(f"  {f.line()}" for f in errors)
+    raise MMError(f"{profile_name} would not start ({len(errors)} problems{force}):\n{lines}")

@@ -69,7 +69,8 @@ def software_lines(version: Callable[[str], str | None], has_gpu: bool, driver_c
         out.append(Line("warn" if has_gpu else "ok", "vllm", f"{vllm} (CPU build)", hint))
     else:
         out.append(Line("ok" if has_gpu else "fail", "vllm", f"{vllm} (CUDA build)",
-                        "" if has_gpu else "no GPU answers: see the GPU line; or delete .venv and run ./mm for the CPU build"))
+                        "" if has_gpu else "no GPU answers (see the gpu line); or delete .venv and run ./mm "
+                                           "for the CPU build"))
     torch = version("torch")
     if torch is None:
         out.append(Line("fail", "torch", "not installed", SETUP_HINT))

@@ -28,19 +28,20 @@ ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 
 FLOAT_ST = ("F64", "F32", "F16", "BF16")
 
 # --- the overhead vLLM keeps beside weights and KV cache ---------------------------------------------
-# Calibrated on an H100 with vLLM 0.26 (DEBUG log of its memory profiler, 2026-11-24), two models
+# Calibrated on an H100 with vLLM 0.26 (the DEBUG log of its memory profiler, 2026-11-24), two models
 # of different width served with defaults (max_num_batched_tokens 8192):
 #   dummy-1.5b (hidden 1536, intermediate 8960):  weights 2.68 GiB, torch peak +0.56, non-torch +0.22
 #   dummy-7b-awq (hidden 3584, intermediate 18944): weights 4.03 GiB, torch peak +1.08, non-torch +0.22
-# and the KV cache it reported was 0.06 GiB below budget - those, both times (CUDA graphs).
-# - "weights" as vLLM counts them include persistent per-token buffers sized by the batch: about
-#   4 tensors of max_num_batched_tokens x hidden in 16 bits on top of the parameters (the parameter
-#   bytes alone are 2.58 and 3.81 GiB; the gap is 0.094 and 0.219 GiB = 8 bytes x hidden x 8192).
-# - the activation peak of the profiling forward pass is the MLP's gate/up and activation outputs
-#   plus a few hidden-sized tensors for each of max_num_batched_tokens tokens, and ~0.1 GiB fixed
-#   (sampler and logits): 2 bytes x tokens x (3 x intermediate + 2 x hidden) + 0.1 GiB fits both
-#   runs to 0.01 GiB.
-# - non-torch memory (cuBLAS/NCCL workspaces) and the CUDA graphs' pool are constants.
+# and both times the KV cache came out a further 0.06 GiB short (its CUDA graph memory estimate).
+# - "weights" as vLLM counts them include persistent buffers sized by the batch: the parameter bytes
+#   alone are 2.58 and 3.81 GiB, and the gaps (0.094 and 0.219 GiB) are 8 bytes x hidden x 8192
+#   tokens for both, i.e. about four 16-bit tensors of max_num_batched_tokens x hidden.
+# - the activation peak of the profiling pass grows with max_num_batched_tokens: the MLP's gate/up
+#   and activation outputs (3 x intermediate) plus two hidden-sized tensors a token, in 16 bits,
+#   and ~0.1 GiB fixed (sampler, logits). Two runs fix the two numbers; runs with max_num_seqs 16 or
+#   64 and max_model_len 4096 printed the same peak, so neither enters. Below 70 GiB cards vLLM
+#   batches 2048 tokens by default, and the same formula is used there (an extrapolation).
+# - non-torch memory (cuBLAS/NCCL workspaces) and the CUDA graph pool are constants.
 BUFFER_BYTES_PER_HIDDEN = 8
 ACTIVATION_FIXED = int(0.1027 * GIB)
 NON_TORCH = int(0.22 * GIB)
@@ -87,9 +88,13 @@ class Shape:
     def from_config(cls, cfg: Mapping[str, Any]) -> "Shape | None":
         """The language model's shapes; None where config.json lacks them (encoder-decoders, ...)."""
         text = {**cfg, **(cfg.get("text_config") or {}), **(cfg.get("llm_config") or {})}
-        get = lambda *keys, default=None: next((text[k] for k in keys if text.get(k) is not None), default)  # noqa: E731
-        hidden, layers, heads = get("hidden_size", "d_model", "n_embd"), get("num_hidden_layers", "n_layer"), \
-            get("num_attention_heads", "n_head")
+
+        def get(*keys: str, default: Any = None) -> Any:
+            return next((text[k] for k in keys if text.get(k) is not None), default)
+
+        hidden = get("hidden_size", "d_model", "n_embd")
+        layers = get("num_hidden_layers", "n_layer")
+        heads = get("num_attention_heads", "n_head")
         if not all(isinstance(v, int) and v > 0 for v in (hidden, layers, heads)):
             return None
         qc = cfg.get("quantization_config") or text.get("quantization_config") or {}
@@ -314,7 +319,8 @@ def estimate(engine: Mapping[str, Any], cfg: Mapping[str, Any], total: int,
     batched = engine_int(engine.get("max_num_batched_tokens")) or default_batched_tokens(total)
     overhead = NON_TORCH + (0 if engine.get("enforce_eager") is True else CUDA_GRAPHS) \
         + BUFFER_BYTES_PER_HIDDEN * shape.hidden * batched
-    max_len = engine_int(engine.get("max_model_len")) or model_max_len(cfg)
+    max_len = engine_int(engine.get("max_model_len"))
+    max_len = max_len if max_len and max_len > 0 else model_max_len(cfg)  # -1 and "auto": the model's own
     share = engine.get("gpu_memory_utilization", 0.9)
     return Fit(total=total, share=float(share), weights=weights, weights_from=source,
                activation=shape.activation_bytes(batched), overhead=overhead,

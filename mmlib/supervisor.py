@@ -226,8 +226,11 @@ class ManagedServer:
         from mmlib import diagnose  # matches the log against known failures
 
         lines = [f"{self.name}: {self.error}; last lines of {self.log_path}:"] + [f"  | {l}" for l in self.error_log]
-        hint = diagnose.hint_for(self.error_log)
-        return "\n".join(lines + ([f"hint: {hint}"] if hint else []))
+        # The root cause often sits above vLLM's closing traceback, so search the whole log.
+        found = diagnose.diagnose_log(self.log_path)
+        if found and found.line not in "\n".join(self.error_log):
+            lines.append(f"  | ... {found.line}")
+        return "\n".join(lines + ([f"hint: {found.hint}"] if found else []))
 
     async def _fail(self, reason: str) -> None:
         self.error_log = log_tail(self.log_path)

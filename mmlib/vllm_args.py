@@ -148,7 +148,10 @@ def run_helper(args: list[str], python: str = sys.executable, timeout: float = H
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise SpecUnavailable(f"vLLM's argument parser could not be loaded: {tail[:300]}")
-    return json.loads(lines[-1])
+    try:
+        return json.loads(lines[-1])
+    except ValueError:
+        raise SpecUnavailable(f"vLLM's argument parser answered oddly: {lines[-1][:300]}") from None
 
 
 def parse_with_vllm(argvs: list[list[str]], python: str = sys.executable) -> list[tuple[bool, str]]:

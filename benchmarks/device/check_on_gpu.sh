@@ -12,7 +12,8 @@
 #   1. mm doctor (expects the H100, compute 9.0, no fail line)
 #   2. mm check for each fixture (the first check asks vLLM 0.26's parser once, ~15 s), then:
 #      check-1.5b and check-7b-awq fit, within 10% of the KV cache vLLM 0.26 printed for them;
-#      check-7b-awq-fp16 is refused (fp16 AWQ + fp8 KV on Hopper); check-typo gives one line a problem
+#      check-7b-awq-fp16 is refused (fp16 AWQ + fp8 KV on Hopper); check-typo gives one line a problem;
+#      check-perf-12gb (perf's settings, dummy 7B AWQ) fits a 12 GiB card (--gpu-memory 12GiB)
 #   3. the shipped perf profile: `mm profiles show perf`'s argv through vLLM 0.26's parser, and
 #      `mm check perf` without argument errors
 # and prints PASS/FAIL for each expectation. Exit status: the number of FAILs.
@@ -84,8 +85,9 @@ for p in check-1.5b check-7b-awq check-7b-awq-fp16 check-typo; do
   $py -m mmlib check "$p"; echo "(exit $?)"
   $py -m mmlib check "$p" --json > "$scratch/$p.json" 2>/dev/null
 done
-echo "-- mm check check-7b-awq --gpu-memory 12GiB"
-$py -m mmlib check check-7b-awq --gpu-memory 12GiB
+echo "-- mm check check-perf-12gb --gpu-memory 12GiB (perf's settings, a 12 GB card)"
+$py -m mmlib check check-perf-12gb --gpu-memory 12GiB; echo "(exit $?)"
+$py -m mmlib check check-perf-12gb --gpu-memory 12GiB --json > "$scratch/check-perf-12gb.json" 2>/dev/null
 
 fit_within() {  # fit_within PROFILE TOKENS: mm's token estimate within 10% of what vLLM printed
   $py - "$scratch/$1.json" "$2" <<'PY'
@@ -109,6 +111,7 @@ expect "check-1.5b: fit within 10% of vLLM's 240,816 tokens" fit_within check-1.
 expect "check-7b-awq: no errors" no_errors check-7b-awq
 expect "check-7b-awq: fit within 10% of vLLM's 170,784 tokens" fit_within check-7b-awq 170784
 expect "check-7b-awq-fp16: refused for fp16 AWQ + fp8 KV on Hopper" has_rule check-7b-awq-fp16 awq-fp16-fp8kv-fa3
+expect "check-perf-12gb: fits a 12 GiB card" has_rule check-perf-12gb memory-fit info
 for r in arg-unknown arg-value arg-no-negation env-vllm-attention-backend; do
   expect "check-typo: $r" has_rule check-typo "$r"
 done

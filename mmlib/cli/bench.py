@@ -187,5 +187,3 @@ def compare(a: str, b: str) -> None:
         table.add_row(r.label, fmt(r.a, r.digits), fmt(r.b, r.digits), r.change())
     Console().print(table)
 
-
-COMMANDS = [bench, compare]

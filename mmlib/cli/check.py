@@ -100,9 +100,8 @@ def doctor(as_json: bool) -> None:
     else:
         width = max(len(line.what) for line in lines)
         for line in lines:
-            click.echo(f"{line.status:4}  {line.what:{width}}  {line.detail}" + (f" (hint: {line.hint})" if line.hint else ""))
+            hint = f" (hint: {line.hint})" if line.hint else ""
+            click.echo(f"{line.status:4}  {line.what:{width}}  {line.detail}{hint}")
     if any(line.status == "fail" for line in lines):
         sys.exit(1)
 
-
-COMMANDS = [check, doctor]

@@ -71,5 +71,3 @@ def eval_cmd(profile: str | None, mode: str, tasks: tuple[str, ...], limit: int 
     print_eval(doc)
     click.echo(f"saved {path}; summary in {path.parent.parent / 'summary.md'}")
 
-
-COMMANDS = [eval_cmd]

