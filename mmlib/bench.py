@@ -276,20 +276,11 @@ def run(profile: Any, server: dict[str, Any], plans: list[Plan], mode: str, ui: 
     doc = results.base_doc("bench", profile, mode, server, memory.gpu_name(sampler.probe))
     rec = results.Recorder(doc, "scenarios", file or results.ResultFile(profile.name, "bench", root), sampler)
     log = log_path(profile.name, "bench")
-    complete, error = False, None
-    try:
-        with tempfile.TemporaryDirectory(prefix="mm-bench-") as work:
-            for i, p in enumerate(plans):
-                if i:
-                    time.sleep(0.5)  # let the server finish the last scenario's bookkeeping
-                ui.begin(p.scenario, p.prompts + p.warmups)
-                entry = rec.step(p.scenario, p.params(), lambda: runner(p, target, Path(work), log, ui.advance))
-                ui.end(p.scenario, entry)
-        complete = True
-    except MMError as e:
-        error = str(e)
-        raise
-    finally:
-        path = rec.finish(complete, error)
-        results.write_summary(root)
-    return path, doc
+    with results.finishing(rec, root) as outcome, tempfile.TemporaryDirectory(prefix="mm-bench-") as work:
+        for i, p in enumerate(plans):
+            if i:
+                time.sleep(0.5)  # let the server finish the last scenario's bookkeeping
+            ui.begin(p.scenario, p.prompts + p.warmups)
+            entry = rec.step(p.scenario, p.params(), lambda: runner(p, target, Path(work), log, ui.advance))
+            ui.end(p.scenario, entry)
+    return outcome["path"], doc

@@ -313,8 +313,9 @@ def preflight(profile_name: str) -> None:
     errors = [f for f in found if f.severity == ERROR]
     if not errors:
         return
-    force = "" if all(f.rule == "profile" for f in errors) else " (`--force` starts it anyway)"
+    forcible = not all(f.rule == "profile" for f in errors)
     if len(errors) == 1:  # the common case stays one line
-        raise MMError(errors[0].line() + force)
+        raise MMError(errors[0].line() + (" (`--force` starts it anyway)" if forcible else ""))
     lines = "\n".join(f"  {f.line()}" for f in errors)
+    force = "; `--force` starts it anyway" if forcible else ""
     raise MMError(f"{profile_name} would not start ({len(errors)} problems{force}):\n{lines}")

@@ -154,21 +154,12 @@ def run(profile: Any, server: dict[str, Any], tasks: Sequence[str], mode: str, l
     doc.update(limit=limit, num_concurrent=concurrency, api="chat-completions")
     rec = results.Recorder(doc, "tasks", file or results.ResultFile(profile.name, "eval", root), sampler)
     log = bench.log_path(profile.name, "eval")
-    complete, error = False, None
-    try:
-        with tempfile.TemporaryDirectory(prefix="mm-eval-") as work:
-            include = prepare_tasks(Path(work))
-            for task in dict.fromkeys(tasks):
-                ui.begin(task, limit)
-                out = Path(work) / "out" / task
-                entry = rec.step(task, {"limit": limit, "num_concurrent": concurrency},
-                                 lambda: runner(task, target, include, out, limit, concurrency, log, ui.advance))
-                ui.end(task, entry)
-        complete = True
-    except MMError as e:
-        error = str(e)
-        raise
-    finally:
-        path = rec.finish(complete, error)
-        results.write_summary(root)
-    return path, doc
+    with results.finishing(rec, root) as outcome, tempfile.TemporaryDirectory(prefix="mm-eval-") as work:
+        include = prepare_tasks(Path(work))
+        for task in dict.fromkeys(tasks):
+            ui.begin(task, limit)
+            out = Path(work) / "out" / task
+            entry = rec.step(task, {"limit": limit, "num_concurrent": concurrency},
+                             lambda: runner(task, target, include, out, limit, concurrency, log, ui.advance))
+            ui.end(task, entry)
+    return outcome["path"], doc

@@ -7,6 +7,7 @@ so Ctrl-C (or a crash) keeps what finished, marked "complete": false.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmlib import paths
+from mmlib.files import replace_atomic, write_tmp
 from mmlib.errors import MMError
 from mmlib.memory import NO_GPU
 
@@ -31,21 +33,6 @@ def iso(now: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now))
 
 
-def _write_tmp(directory: Path, stem: str, text: str) -> Path:
-    tmp = directory / f".{stem}.{os.getpid()}.{time.monotonic_ns()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
-
-
-def replace_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(_write_tmp(path.parent, path.name, text), path)
-
-
 class ResultFile:
     """One run's file: created exclusively on the first save (a suffix if the name is taken)."""
 
@@ -56,7 +43,7 @@ class ResultFile:
 
     def save(self, doc: dict[str, Any]) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = _write_tmp(self.dir, self.stem, json.dumps(doc, indent=1, default=str) + "\n")
+        tmp = write_tmp(self.dir, self.stem, json.dumps(doc, indent=1, default=str) + "\n")
         if self.path is None:
             self.path = self._claim(tmp)
         else:
@@ -136,6 +123,22 @@ class Recorder:
 
 
 # --- reading ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def finishing(rec: "Recorder", root: Path | None):
+    """Whatever ends the run (done, an error, Ctrl-C), the result file is closed as complete or not
+    and the summary rewritten; what finished stays. Yields a dict that gets the file's "path"."""
+    outcome: dict[str, Any] = {"complete": False, "error": None}
+    try:
+        yield outcome
+        outcome["complete"] = True
+    except MMError as e:
+        outcome["error"] = str(e)
+        raise
+    finally:
+        outcome["path"] = rec.finish(outcome["complete"], outcome["error"])
+        write_summary(root)
+
+
 def load_results(root: Path | None = None) -> list[dict[str, Any]]:
     """Every readable result under root, oldest first; each with "_path" (relative to root)."""
     root = root or paths.results_dir()

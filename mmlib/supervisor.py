@@ -20,6 +20,7 @@ import httpx
 import psutil
 
 from mmlib import embedded, paths
+from mmlib.files import replace_atomic
 from mmlib.errors import MMError
 from mmlib.profiles import Profile
 from mmlib.states import LIVE, State, check_transition
@@ -57,16 +58,6 @@ def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> list[str]:
 
 def connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-
-
-def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 async def spawn_process(argv: list[str], env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
@@ -394,7 +385,7 @@ class ManagedServer:
             created = psutil.Process(self.pid).create_time()
         except psutil.Error:
             created = None
-        write_atomic(self._state_file(), json.dumps({
+        replace_atomic(self._state_file(), mode=0o600, text=json.dumps({
             "profile": self.name, "pid": self.pid, "create_time": created, "port": self.port,
             "host": self.profile.host, "model": self.profile.model, "started_at": self.started_at,
             "log": str(self.log_path), "argv": self.argv,

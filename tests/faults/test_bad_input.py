@@ -16,9 +16,10 @@ from mmlib.profiles import SCALAR_KEYS, load_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False),
+# Only what TOML can hold (no None): tomli_w writes the document, mm must read it back safely.
+scalars = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False),
                     st.text(max_size=40), st.lists(st.text(max_size=10), max_size=3))
-toml_values = st.recursive(scalars.filter(lambda v: v is not None),
+toml_values = st.recursive(scalars,
                            lambda inner: st.dictionaries(st.text(min_size=1, max_size=12), inner, max_size=4),
                            max_leaves=8)
 keys = st.one_of(st.sampled_from([*SCALAR_KEYS, "engine", "env", "sleep"]), st.text(min_size=1, max_size=20))
@@ -27,7 +28,9 @@ profiles = st.dictionaries(keys, toml_values, max_size=8)
 FUZZ_CASES = 400
 
 
-@settings(max_examples=FUZZ_CASES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same 400 cases every run, so CI is repeatable; change FUZZ_CASES to explore more.
+@settings(max_examples=FUZZ_CASES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=profiles)
 def test_generated_profiles_load_or_fail_with_a_profile_error(mm_env, doc):
     d = Path(mm_env["MM_HOME"]) / "config" / "profiles"
