@@ -49,4 +49,24 @@ PY
   python3 -m mmlib daemon stop
 }
 
+perf_full() {  # the same in the foreground: start, answer, sleep, wake through a request, stop
+  mkdir -p $PERF_HOME/config/profiles && cp tests/fixtures/profiles-gpu/*.toml $PERF_HOME/config/profiles/
+  export MM_HOME=$PERF_HOME MM_PROXY_PORT=8100
+  timeout 500 python3 -m mmlib up perf-full --force || { tail -40 $PERF_HOME/state/logs/perf-full.log; return 1; }
+  python3 -m mmlib status
+  ask() { python3 -c 'import sys, time, httpx
+t0 = time.perf_counter()
+r = httpx.post("http://127.0.0.1:8100/v1/chat/completions", timeout=120, json={"model": "perf-full",
+    "max_tokens": 32, "ignore_eos": True, "messages": [{"role": "user", "content": "hi"}]})
+print(sys.argv[1], r.status_code, r.json().get("usage", r.text[:200]), f"{time.perf_counter() - t0:.3f} s")' "$1"; }
+  ask "request, awake:"
+  python3 -m mmlib sleep perf-full
+  python3 -m mmlib status
+  ask "request, asleep (mm wakes it first):"
+  python3 -m mmlib status
+  grep -iE "offload|flashinfer|fp8|async sched|sleep|wake|KV cache" "$PERF_HOME/state/logs/perf-full.log" \
+    | grep -viE "warn|deprecat" | cut -c1-220 | head -25
+  python3 -m mmlib daemon stop
+}
+
 for step in "${@:-setup perf_start check switch}"; do for s in $step; do echo "== $s"; $s; done; done

@@ -7,12 +7,20 @@ from mmlib.client import Client
 
 
 @click.group("daemon", invoke_without_command=True)
+@click.option("--host", help="Address of the OpenAI endpoint (default 127.0.0.1; config: proxy_host).")
+@click.option("--port", type=int, help="Port of the OpenAI endpoint (default 8000; config: proxy_port).")
+@click.option("--api-key", help="Require this key on the endpoint and the control API (config: api_key).")
 @click.pass_context
-def daemon(ctx: click.Context) -> None:
+def daemon(ctx: click.Context, host: str | None, port: int | None, api_key: str | None) -> None:
     """Run the mm daemon in the foreground (other commands start it in the background)."""
     if ctx.invoked_subcommand is None:
+        import os
+
         from mmlib import daemon as daemon_mod
 
+        for var, value in (("MM_PROXY_HOST", host), ("MM_PROXY_PORT", port), ("MM_API_KEY", api_key)):
+            if value is not None:
+                os.environ[var] = str(value)  # load_config reads these over config.toml
         daemon_mod.run()
 
 
