@@ -129,6 +129,9 @@ class Proxy:
                 server = self.scheduler.servers[self.scheduler.active[-1]]
                 return server.profile
             return self.default_profile()
+        for server in self.scheduler.servers.values():  # a model given on the command line (`mm chat ORG/M`)
+            if model in server.profile.names:
+                return server.profile
         return self.index.lookup(model)
 
     # --- the hot path: plain ASGI, no middleware stack or per-response task group ----------------

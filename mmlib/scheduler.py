@@ -94,8 +94,10 @@ class Scheduler:
         # jump ahead of a switch that is waiting for that model's requests to finish.
         if self._switch.locked():
             return None
-        servers = [self.servers.get(m.name) for m in self.members(profile)]
-        if all(s is not None and s.state == State.READY for s in servers) and self._fits_all():
+        members = self.members(profile)
+        servers = [self.servers.get(m.name) for m in members]
+        if all(s is not None and s.state == State.READY and s.profile.model == m.model
+               for s, m in zip(servers, members)) and self._fits_all():
             for s in servers:
                 s.last_used = time.monotonic()
             return servers
@@ -133,6 +135,10 @@ class Scheduler:
 
     async def _switch_to(self, profile: Profile) -> list[ManagedServer]:
         t0 = time.perf_counter()
+        for m in self.members(profile):  # `mm chat OTHER/MODEL` on a running profile: a new server
+            old = self.servers.get(m.name)
+            if old is not None and old.state in LIVE and old.profile.model != m.model:
+                await self._drain_then_stop(old)
         targets = [self.server_for(m) for m in self.members(profile)]
         if not fit_together([t.profile for t in targets]):
             budget = sum(t.profile.memory_share for t in targets)
@@ -153,12 +159,19 @@ class Scheduler:
         return targets
 
     @staticmethod
-    async def _drain_then_sleep(server: ManagedServer, limit_s: float = 600.0) -> None:
+    async def _drain(server: ManagedServer, limit_s: float = 600.0) -> None:
         """Requests already on a server finish before it sleeps; none is cut off by a switch."""
         deadline = time.monotonic() + limit_s
         while server.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+
+    async def _drain_then_sleep(self, server: ManagedServer) -> None:
+        await self._drain(server)
         await server.sleep()
+
+    async def _drain_then_stop(self, server: ManagedServer) -> None:
+        await self._drain(server)
+        await server.stop()
 
     async def sleep(self, name: str | None = None) -> None:
         servers = [self.servers[name]] if name else list(self.servers.values())

@@ -132,3 +132,13 @@ def test_idle_policy_sleeps_then_stops(fake_mm):
     assert fake_mm.server("idler")["state"] == "stopped"
     ask(fake_mm, "idler")  # a request brings it back
     assert fake_mm.server("idler")["state"] == "awake"
+
+
+def test_another_model_for_a_running_profile_replaces_its_server(fake_mm):
+    fake_mm.add_profile("chatty")
+    fake_mm.mm("up", "chatty", "--force")
+    first = fake_mm.server("chatty")["pid"]
+    fake_mm.mm("up", "chatty", "--model", "org/other-model", "--force")
+    s = fake_mm.server("chatty")
+    assert s["pid"] != first and s["model"] == "org/other-model" and s["served_model_name"] == "other-model"
+    assert ask(fake_mm, "other-model")["model"] == "other-model"  # routed though no file names it
