@@ -41,12 +41,13 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 
 class Client:
-    def __init__(self, timeout: float | None = 10.0):
-        self.sock = socket_path()
+    def __init__(self, timeout: float | None = 10.0, sock=None, api_key: str | None = None):
+        self.sock = sock or socket_path()
         self.timeout = timeout
         self.headers = {"content-type": "application/json"}
-        if os.environ.get("MM_API_KEY"):
-            self.headers["authorization"] = f"Bearer {os.environ['MM_API_KEY']}"
+        api_key = api_key or os.environ.get("MM_API_KEY")
+        if api_key:
+            self.headers["authorization"] = f"Bearer {api_key}"
 
     def _request(self, method: str, path: str, body: dict | None, timeout: float | None) -> tuple[int, Any]:
         conn = UnixHTTPConnection(str(self.sock), timeout)

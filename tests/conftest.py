@@ -55,9 +55,11 @@ class LiveMM:
         return run_mm(*args, env=self.env, **kw)
 
     def status(self) -> dict:
-        import json
+        """Straight from the control socket: polling through a CLI subprocess would blur timings."""
+        from mmlib.client import Client
 
-        return json.loads(self.mm("status", "--json").stdout)
+        sock = Path(self.env["MM_HOME"]) / "state" / "mm.sock"
+        return Client(sock=sock, api_key=self.env.get("MM_API_KEY")).get("/status")
 
     def chat(self, content: str, model: str = "smollm2", max_tokens: int = 16, **extra) -> dict:
         r = httpx.post(f"{self.proxy}/v1/chat/completions", timeout=300, json={
