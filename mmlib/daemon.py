@@ -129,15 +129,13 @@ class Daemon:
         self.index.refresh()
         t0 = time.perf_counter()
         servers = await self.scheduler.activate(profile)
-        return {"servers": [s.snapshot() for s in servers], "switch_s": time.perf_counter() - t0}
+        return {"servers": [s.snapshot() for s in servers], "switch_s": time.perf_counter() - t0,
+                "proxy": self.config.proxy_url}
 
     async def up(self, request: Request) -> JSONResponse:
         return await self._call(request, self._activate)
 
-    switch = up
-
-    async def wake(self, request: Request) -> JSONResponse:
-        return await self._call(request, self._activate)
+    switch = wake = up  # the same request: make this profile answer
 
     def _existing(self, args: dict) -> str | None:
         name = args.get("profile")

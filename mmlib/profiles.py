@@ -267,14 +267,15 @@ def validate(name: str, data: Mapping[str, Any], file: str) -> Profile:
     for key in ("startup_timeout", "idle_sleep", "idle_stop"):
         _positive(file, key, data.get(key))
     served = data.get("served_model_name") or (default_served_name(model) if model else "")
-    for n in (served, *data.get("aliases", [])):
-        if n and not isinstance(n, str) or isinstance(n, str) and (len(n) > 200 or "\n" in n):
-            raise ProfileError(file, f"bad model name {n!r}"[:200], key="aliases")
+    aliases = _strings(file, "aliases", data.get("aliases", []))
+    for key, n in [("served_model_name", served)] + [("aliases", a) for a in aliases]:
+        if len(n) > 200 or not n.isprintable():  # clients send it back in JSON and headers
+            raise ProfileError(file, f"bad model name {n!r}"[:200], "use a short printable name", key=key)
     return Profile(
         name=name, source=file,
         description=data.get("description", ""),
         model=model, served_model_name=served,
-        aliases=_strings(file, "aliases", data.get("aliases", [])),
+        aliases=aliases,
         host=data.get("host", "127.0.0.1"), port=port,
         startup_timeout=float(data.get("startup_timeout", 900)),
         engine=MappingProxyType(_engine(file, data.get("engine", {}))),

@@ -183,7 +183,8 @@ class Proxy:
         try:
             response_headers = [(k.encode(), v.encode()) for k, v in upstream.headers.items()
                                 if k.lower() not in HOP_BY_HOP]
-            if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
+            if event_stream:
                 response_headers.append((b"x-accel-buffering", b"no"))  # no buffering proxy in between
             await send({"type": "http.response.start", "status": upstream.status, "headers": response_headers})
             # A client that goes away must free vLLM: watch for the disconnect while relaying.
@@ -195,7 +196,7 @@ class Proxy:
                         return
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (aiohttp.ClientError, OSError) as e:
-                if not upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                if not event_stream:
                     raise  # a plain body cannot carry an error: drop the connection, the client sees it
                 # The server died mid-answer: end the event stream with an error the client can show.
                 msg = json.dumps({"error": {"message": f"{server.name}: upstream connection lost ({type(e).__name__})"}})

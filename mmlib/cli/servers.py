@@ -45,7 +45,7 @@ def activate(profile: str | None, model: str | None = None, force: bool = False,
     what = (profile or "default") + (f" ({model})" if model else "")
     with console.status(f"{verb} {what}: the first start of a model can take minutes"):
         result = client.post("/up", {"profile": profile, "model": model}, timeout=None)
-    result["proxy"] = proxy = client.get("/ping")["proxy"]
+    proxy = result["proxy"]
     for s in result["servers"]:
         click.echo(f"{s['profile']}: {s['state']}, model '{s['served_model_name']}' at {proxy}/v1 "
                    f"(server {s['url']}, pid {s['pid']}); ready in {result['switch_s']:.2f} s", err=quiet)
