@@ -56,7 +56,7 @@ class LiveMM:
 
     def status(self) -> dict:
         """Straight from the control socket: polling through a CLI subprocess would blur timings."""
-        from mmlib.client import Client
+        from mmlib.serve.client import Client
 
         sock = Path(self.env["MM_HOME"]) / "state" / "mm.sock"
         return Client(sock=sock, api_key=self.env.get("MM_API_KEY")).get("/status")

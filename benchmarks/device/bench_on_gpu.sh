@@ -82,7 +82,7 @@ timeout 420 $py -m mmlib bench "$profile" --quick --force ${MM_BENCH_ARGS:-}
 
 result="$(ls "$MM_RESULTS_DIR/$profile"/*-bench.json | tail -n 1)"
 read -r url served tokenizer < <($py -c 'import json, sys
-from mmlib.bench import tokenizer_path
+from mmlib.measure.bench import tokenizer_path
 s = json.load(open(sys.argv[1]))["server"]
 print(s["url"], s["served_model_name"], tokenizer_path(s["model"]))' "$result")
 cp "$result" "$out/mm-$profile-bench.json"

@@ -122,7 +122,7 @@ say "the shipped perf profile against vLLM 0.26's parser"
 $py -m mmlib profiles show perf | tail -1
 $py - <<'PY'
 import shlex, subprocess, sys
-from mmlib.vllm_args import parse_with_vllm
+from mmlib.profiles.vllm_args import parse_with_vllm
 line = subprocess.run([sys.executable, "-m", "mmlib", "profiles", "show", "perf"], capture_output=True,
                       text=True, check=True).stdout.strip().splitlines()[-1]
 words = shlex.split(line)

@@ -12,7 +12,6 @@ import click
 
 from mmlib.errors import MMError
 
-
 # command -> "module:function" under mmlib.cli. Loaded on use (click's lazy-group pattern), so
 # `mm status` pays for no import that only `mm bench` needs.
 COMMANDS = {

@@ -6,16 +6,16 @@ from typing import Any
 
 import click
 
-from mmlib.bench import CPU_QUICK_LENGTH_DIVISOR as CPU_DIVISOR
-from mmlib.bench import CPU_QUICK_MAX_PROMPTS as CPU_PROMPTS
-from mmlib.bench import FULL, QUICK, SCENARIOS
 from mmlib.errors import MMError
+from mmlib.measure.scenarios import CPU_QUICK_LENGTH_DIVISOR as CPU_DIVISOR
+from mmlib.measure.scenarios import CPU_QUICK_MAX_PROMPTS as CPU_PROMPTS
+from mmlib.measure.scenarios import FULL, QUICK, SCENARIOS, plan
 
 
 def resolve_profile(name: str | None, verb: str) -> Any:
     """The profile to measure (default: the configured default); one server, not a stack."""
-    from mmlib.config import load_config
-    from mmlib.profiles import load_profile
+    from mmlib.profiles.config import load_config
+    from mmlib.profiles.profile import load_profile
 
     profile = load_profile(name or load_config().default_profile)
     if profile.is_stack:
@@ -40,8 +40,14 @@ class RichUI:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True))
@@ -74,13 +80,13 @@ def interrupted(file: Any) -> None:
 
 
 def mib(value: Any) -> str:
-    from mmlib.results import fmt
+    from mmlib.measure.results import fmt
 
     return fmt(value, 0) + (" MiB" if isinstance(value, (int, float)) else "")
 
 
 def print_memory(doc: dict[str, Any]) -> None:
-    from mmlib.memory import NO_GPU
+    from mmlib.system.usage import NO_GPU
 
     m = doc.get("memory", {})
     peak = m.get("peak", {})
@@ -106,7 +112,7 @@ def print_bench(doc: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mmlib.results import fmt
+    from mmlib.measure.results import fmt
 
     table = Table(title=f"{doc['profile']}: vLLM bench, {doc['mode']} (GPU: {doc['gpu']})", title_justify="left",
                   caption="load: c=concurrent or req/s, in/out tokens; TTFT/TPOT means in ms; tok/s: output, "
@@ -148,15 +154,15 @@ def bench(profile: str | None, mode: str, scenarios: tuple[str, ...], prompts: i
     throughput, failed requests, and GPU and RAM memory while it runs.
 
     Results go to benchmark_results/<profile>/ and benchmark_results/summary.md (with plots)."""
-    from mmlib import bench as lib
-    from mmlib.results import ResultFile
-    from mmlib.vllm_cmd import installed_vllm
+    from mmlib.measure import bench as lib
+    from mmlib.measure.results import ResultFile
+    from mmlib.profiles.vllm_cmd import installed_vllm
 
     p = resolve_profile(profile, "bench")
     install = installed_vllm()
     if install is None:
         raise MMError("vLLM is not installed in mm's environment (fix: run ./mm once to set it up)")
-    plans = lib.plan(list(scenarios), mode, install.is_cpu, prompts, input_len, output_len)
+    plans = plan(list(scenarios), mode, install.is_cpu, prompts, input_len, output_len)
     server = serve(p, force)
     file = ResultFile(p.name, "bench")
     try:
@@ -177,7 +183,7 @@ def compare(a: str, b: str) -> None:
     from rich.table import Table
 
     from mmlib import paths
-    from mmlib.results import compare_rows, fmt, load_results
+    from mmlib.measure.results import compare_rows, fmt, load_results
 
     rows = compare_rows(load_results(), a, b)
     table = Table(title=f"{a} vs {b} (newest results in {paths.results_dir()})", title_justify="left")

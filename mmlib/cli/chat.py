@@ -8,7 +8,7 @@ import click
 
 from mmlib.cli.servers import activate
 from mmlib.errors import MMError
-from mmlib.profiles import list_profile_names, load_all
+from mmlib.profiles.profile import list_profile_names, load_all
 
 
 def resolve_target(target: str | None) -> tuple[str | None, str | None]:

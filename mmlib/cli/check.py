@@ -6,7 +6,6 @@ import sys
 
 import click
 
-
 STYLE = {"error": "red", "fail": "red", "warn": "yellow", "info": "cyan", "ok": "green"}
 
 
@@ -17,7 +16,7 @@ def _terminal() -> bool:
 def _size(text: str | None) -> int | None:
     if text is None:
         return None
-    from mmlib.fit import parse_size
+    from mmlib.guard.fit import parse_size
 
     try:
         return parse_size(text)
@@ -36,10 +35,12 @@ def check(profile: str | None, gpu_memory: str | None, as_json: bool, quiet: boo
 
     Unknown or removed vLLM arguments (asked of vLLM's own parser), known bad combinations, and
     whether the model fits its share of GPU memory. Exits 1 when a profile would not start."""
-    from mmlib import checks
+    from mmlib.guard import checks
 
     size = _size(gpu_memory)
-    found = checks.check([profile] if profile else None, gpu_memory=size,
+    from mmlib.cli.servers import own_ports
+
+    found = checks.check([profile] if profile else None, gpu_memory=size, own_ports=own_ports(),
                          announce=lambda text: click.echo(f"mm: {text}", err=True))
     if quiet:
         found = [f for f in found if f.severity != "info"]
@@ -81,9 +82,10 @@ def _short(path: str) -> str:
 def doctor(as_json: bool) -> None:
     """Check this machine: GPU, driver and CUDA, who holds GPU memory, vLLM, torch, FlashInfer,
     Python, disk for models, and the daemon. Exits 1 when something would stop mm from serving."""
-    from mmlib import doctor as doctor_mod
+    from mmlib.guard import doctor as doctor_mod
+    from mmlib.serve.client import Client, socket_path
 
-    lines = doctor_mod.run()
+    lines = doctor_mod.run(daemon_alive=Client(timeout=2.0).alive, daemon_socket=str(socket_path()))
     if as_json:
         click.echo(json.dumps([line.__dict__ for line in lines], indent=2))
     elif _terminal():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from mmlib.client import Client
+from mmlib.serve.client import Client
 
 
 @click.group("daemon", invoke_without_command=True)
@@ -16,7 +16,7 @@ def daemon(ctx: click.Context, host: str | None, port: int | None, api_key: str 
     if ctx.invoked_subcommand is None:
         import os
 
-        from mmlib import daemon as daemon_mod
+        from mmlib.serve import daemon as daemon_mod
 
         for var, value in (("MM_PROXY_HOST", host), ("MM_PROXY_PORT", port), ("MM_API_KEY", api_key)):
             if value is not None:

@@ -5,9 +5,9 @@ from typing import Any
 
 import click
 
-from mmlib.bench import FULL, QUICK
 from mmlib.cli.bench import RichUI, interrupted, print_memory, resolve_profile, serve
-from mmlib.evals import DEFAULT_TASKS, LOCAL_TASK, QUICK_LIMIT
+from mmlib.measure.evals import DEFAULT_TASKS, LOCAL_TASK, QUICK_LIMIT
+from mmlib.measure.scenarios import FULL, QUICK
 
 
 def split_tasks(values: tuple[str, ...]) -> list[str]:
@@ -19,7 +19,7 @@ def print_eval(doc: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mmlib.results import fmt, primary_metric
+    from mmlib.measure.results import fmt, primary_metric
 
     table = Table(title=f"{doc['profile']}: lm-eval ({doc['mode']}, limit {doc.get('limit') or 'none'}, "
                         f"GPU: {doc['gpu']})", title_justify="left")
@@ -52,8 +52,8 @@ def eval_cmd(profile: str | None, mode: str, tasks: tuple[str, ...], limit: int 
     Results go to benchmark_results/<profile>/ and benchmark_results/summary.md."""
     from rich.console import Console
 
-    from mmlib import evals
-    from mmlib.results import ResultFile
+    from mmlib.measure import evals
+    from mmlib.measure.results import ResultFile
 
     p = resolve_profile(profile, "eval")
     names = split_tasks(tasks)

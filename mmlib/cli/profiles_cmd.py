@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import click
-import tomli_w
 
-from mmlib.profiles import Profile, load_all, load_profile
+from mmlib.profiles.profile import load_all, load_profile, to_toml
 
 
 @click.group("profiles", invoke_without_command=True)
@@ -30,27 +29,15 @@ def profiles(ctx: click.Context) -> None:
         console.print(f"[red]broken[/]: {e}", markup=True, highlight=False)
 
 
-def as_toml(p: Profile) -> str:
-    doc = {k: v for k, v in {
-        "description": p.description, "model": p.model, "served_model_name": p.served_model_name,
-        "aliases": list(p.aliases), "host": p.host, "port": p.port, "startup_timeout": p.startup_timeout,
-        "restart": p.restart, "max_restarts": p.max_restarts, "idle_sleep": p.idle_sleep,
-        "idle_stop": p.idle_stop, "stack": list(p.stack), "share_gpu": p.share_gpu,
-    }.items() if v not in (None, [], "")}
-    doc["sleep"] = {"enabled": p.sleep.enabled, "level": p.sleep.level}
-    doc["engine"], doc["env"] = dict(p.engine), dict(p.env)
-    return tomli_w.dumps(doc)
-
-
 @profiles.command("show")
 @click.argument("name")
 def show(name: str) -> None:
     """Print NAME merged with what it extends, and the vLLM command line mm would run."""
-    from mmlib.vllm_cmd import server_argv, server_env, shell_line
+    from mmlib.profiles.vllm_cmd import server_argv, server_env, shell_line
 
     p = load_profile(name)
     click.echo(f"# {p.name}, from {p.source}")
-    click.echo(as_toml(p))
+    click.echo(to_toml(p))
     if p.is_stack:
         click.echo(f"# a stack: `mm profiles show` each of {', '.join(p.stack)} for their command lines")
         return

@@ -8,8 +8,8 @@ import time
 
 import click
 
-from mmlib.client import Client
 from mmlib.errors import MMError
+from mmlib.serve.client import Client
 
 
 def human_duration(seconds: float | None) -> str:
@@ -25,13 +25,24 @@ def human_duration(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def own_ports() -> frozenset[int]:
+    """Ports of the servers mm runs now (a running profile's own port is not "in use")."""
+    client = Client(timeout=2.0)
+    try:
+        if client.alive():
+            return frozenset(s["port"] for s in client.get("/status").get("servers", []) if s.get("port"))
+    except MMError:
+        pass
+    return frozenset()
+
+
 def preflight(profile: str, force: bool) -> None:
     """Guard rails before anything starts (`--force` skips them)."""
     if force:
         return
-    from mmlib import checks
+    from mmlib.guard import checks
 
-    checks.preflight(profile)
+    checks.preflight(profile, own_ports())
 
 
 def activate(profile: str | None, model: str | None = None, force: bool = False, verb: str = "starting",
@@ -179,7 +190,7 @@ def status(as_json: bool) -> None:
 def logs(profile: str, follow: bool, lines: int) -> None:
     """Print PROFILE's server log (`daemon` for the daemon's own)."""
     from mmlib import paths
-    from mmlib.profiles import NAME_RE
+    from mmlib.profiles.profile import NAME_RE
 
     if not NAME_RE.match(profile):
         raise MMError(f"'{profile}' is not a profile name")

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mmlib.errors import ProfileError
-from mmlib.profiles import SCALAR_KEYS, load_profile
+from mmlib.profiles.profile import SCALAR_KEYS, load_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,10 +7,11 @@ from types import MappingProxyType
 
 import pytest
 
-from mmlib import checks, vllm_args
-from mmlib.profiles import Profile, list_profile_names, load_profile
-from mmlib.rules import ERROR
-from mmlib.vllm_cmd import engine_args, installed_vllm, server_argv
+from mmlib.guard import checks
+from mmlib.guard.rules import ERROR
+from mmlib.profiles import vllm_args
+from mmlib.profiles.profile import Profile, list_profile_names, load_profile
+from mmlib.profiles.vllm_cmd import engine_args, installed_vllm, server_argv
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(installed_vllm() is None, reason="vLLM is not installed")]
 

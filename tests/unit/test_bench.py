@@ -9,11 +9,13 @@ import time
 import psutil
 import pytest
 
-from mmlib import bench, paths
-from mmlib.bench import SCENARIOS, Plan, Target, bench_argv, plan, read_vllm_result
+from mmlib import paths
 from mmlib.errors import MMError
-from mmlib.profiles import load_profile
-
+from mmlib.measure import bench, helper, scenarios
+from mmlib.measure.bench import bench_argv, read_vllm_result
+from mmlib.measure.helper import Target
+from mmlib.measure.scenarios import SCENARIOS, Plan, plan
+from mmlib.profiles.profile import load_profile
 from tests.unit.test_results import FakeSampler
 
 
@@ -39,8 +41,8 @@ def test_plan_quick_and_full():
 
 def test_plan_scales_quick_down_on_a_cpu_build_only():
     heavy = plan(["heavy"], "quick", cpu=True)[0]
-    assert heavy.scaled_for_cpu and heavy.input_len == 512 // bench.CPU_QUICK_LENGTH_DIVISOR
-    assert heavy.prompts == bench.CPU_QUICK_MAX_PROMPTS and heavy.max_concurrency == 100
+    assert heavy.scaled_for_cpu and heavy.input_len == 512 // scenarios.CPU_QUICK_LENGTH_DIVISOR
+    assert heavy.prompts == scenarios.CPU_QUICK_MAX_PROMPTS and heavy.max_concurrency == 100
     full = plan(["heavy"], "full", cpu=True)[0]
     assert not full.scaled_for_cpu and full.input_len == 512
 
@@ -98,7 +100,7 @@ def test_read_vllm_result_missing(tmp_path):
 def test_run_helper_reports_the_last_line(tmp_path):
     log = tmp_path / "log"
     with pytest.raises(MMError, match=r"the thing failed \(exit 3\).*: boom at the end"):
-        bench.run_helper([sys.executable, "-c", "import sys; print('starting'); print('boom at the end'); "
+        helper.run_helper([sys.executable, "-c", "import sys; print('starting'); print('boom at the end'); "
                           "sys.exit(3)"], {}, log, what="the thing")
     assert "starting" in log.read_text()
 
@@ -112,7 +114,7 @@ def test_run_helper_ticks_and_ctrl_c_ends_the_helper(tmp_path):
             raise KeyboardInterrupt
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(KeyboardInterrupt):
-        bench.run_helper([sys.executable, "-c", "import time; time.sleep(60)"], {}, tmp_path / "log", tick)
+        helper.run_helper([sys.executable, "-c", "import time; time.sleep(60)"], {}, tmp_path / "log", tick)
     assert len(ticks) == 2
     time.sleep(0.2)
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
@@ -126,21 +128,21 @@ def test_finished_requests_reads_vllm_counter(monkeypatch):
     text = ('# HELP vllm:request_success_total x\nvllm:request_success_total{finished_reason="length"} 12.0\n'
             'vllm:request_success_total{finished_reason="stop"} 3.0\nvllm:other 9\n')
     monkeypatch.setattr(httpx, "get", lambda *a, **k: httpx.Response(200, text=text))
-    assert bench.finished_requests("http://x") == 15.0
+    assert helper.finished_requests("http://x") == 15.0
     monkeypatch.setattr(httpx, "get", lambda *a, **k: httpx.Response(200, text="nothing here"))
-    assert bench.finished_requests("http://x") is None
+    assert helper.finished_requests("http://x") is None
 
     def down(*a, **k):
         raise httpx.ConnectError("refused")
     monkeypatch.setattr(httpx, "get", down)
-    assert bench.finished_requests("http://x") is None
+    assert helper.finished_requests("http://x") is None
 
 
 def test_tokenizer_path_of_a_relative_model(tmp_path, monkeypatch):
     monkeypatch.setattr(paths, "PROJECT_ROOT", tmp_path)
     (tmp_path / "models" / "m").mkdir(parents=True)
-    assert bench.tokenizer_path("models/m") == str(tmp_path / "models" / "m")
-    assert bench.tokenizer_path("Qwen/Qwen2.5-7B-Instruct-AWQ") == "Qwen/Qwen2.5-7B-Instruct-AWQ"
+    assert helper.tokenizer_path("models/m") == str(tmp_path / "models" / "m")
+    assert helper.tokenizer_path("Qwen/Qwen2.5-7B-Instruct-AWQ") == "Qwen/Qwen2.5-7B-Instruct-AWQ"
 
 
 SERVER = {"profile": "default", "url": "http://127.0.0.1:9", "pid": None, "served_model_name": "smollm2",
@@ -214,7 +216,7 @@ def test_a_failing_scenario_is_recorded(mm_env, tmp_path):
 
 
 def bench_result_file(root):
-    from mmlib.results import ResultFile
+    from mmlib.measure.results import ResultFile
 
     return ResultFile("default", "bench", root=root)
 

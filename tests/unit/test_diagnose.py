@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmlib import diagnose
+from mmlib.guard import diagnose
 
 # One real-looking line per known failure (the FP8 one as vLLM 0.26 printed it on an H100).
 SAMPLES = {

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from mmlib import doctor, gpu
 from mmlib.cli import main
-from mmlib.gpu import GIB, GpuReport
+from mmlib.guard import doctor
+from mmlib.system import nvml as gpu
+from mmlib.system.nvml import GIB, GpuReport
 
 MIB = 1 << 20
 

@@ -7,11 +7,10 @@ import types
 
 import pytest
 
-from mmlib import eval_runner, evals
-from mmlib.bench import Target
 from mmlib.errors import MMError
-from mmlib.profiles import load_profile
-
+from mmlib.measure import eval_runner, evals
+from mmlib.measure.helper import Target
+from mmlib.profiles.profile import load_profile
 from tests.unit.test_results import FakeSampler
 
 yaml = pytest.importorskip("yaml")
@@ -141,7 +140,7 @@ def test_run_with_a_fake_lm_eval(mm_env, tmp_path):
         return {"primary": {"metric": "exact_match,none", "value": 0.25, "stderr": 0.1}, "samples": limit}
     server = {"profile": "default", "url": "http://127.0.0.1:9", "pid": None, "served_model_name": "smollm2",
               "model": "embedded:SmolLM2-135M-Instruct"}
-    from mmlib.results import ResultFile
+    from mmlib.measure.results import ResultFile
 
     file = ResultFile("default", "eval", root=tmp_path)
     with pytest.raises(KeyboardInterrupt):

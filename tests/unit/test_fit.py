@@ -6,8 +6,9 @@ import struct
 
 import pytest
 
-from mmlib import fit
-from mmlib.fit import GIB, Shape, estimate, parse_size
+from mmlib.guard import fit, modelinfo
+from mmlib.guard.fit import GIB, estimate, parse_size
+from mmlib.guard.modelinfo import Shape
 
 # The random-weight models of /work/shared/gpu/models (config.json only; served with
 # --load-format dummy), copied here so the tests need nothing outside the repository.
@@ -135,7 +136,7 @@ def test_parse_size_rejects_nonsense():
 def write_safetensors(path, tensors: dict[str, tuple[str, list[int]]]) -> None:
     header, offset = {}, 0
     for name, (dtype, shape) in tensors.items():
-        n = fit.ST_BYTES[dtype]
+        n = modelinfo.ST_BYTES[dtype]
         for d in shape:
             n *= d
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + int(n)]}
@@ -152,20 +153,20 @@ def test_weights_from_safetensors_headers(tmp_path):
     write_safetensors(tmp_path / "model-00002-of-00002.safetensors", {"q": ("I32", [256, 128])})
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "q": "model-00002-of-00002.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    files = fit.safetensors_files(tmp_path)
-    assert fit.safetensors_bytes(files) == 1024 * 1024 * 2 + 1024 * 2 + 256 * 128 * 4
+    files = modelinfo.safetensors_files(tmp_path)
+    assert modelinfo.safetensors_bytes(files) == 1024 * 1024 * 2 + 1024 * 2 + 256 * 128 * 4
     est = estimate({}, DUMMY_15B, H100_TOTAL, folder=tmp_path)
     assert est.weights_from == "safetensors headers"
-    assert est.weights == fit.safetensors_bytes(files)
+    assert est.weights == modelinfo.safetensors_bytes(files)
     dummy = estimate({"load_format": "dummy"}, DUMMY_15B, H100_TOTAL, folder=tmp_path)
     assert dummy.weights_from == "config.json shapes"  # random weights of the config's size
     (tmp_path / "model-00002-of-00002.safetensors").unlink()  # an interrupted download
-    assert fit.safetensors_files(tmp_path) is None
+    assert modelinfo.safetensors_files(tmp_path) is None
 
 
 def test_model_dir_finds_local_folders_and_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert fit.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") is None
+    assert modelinfo.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") is None
     repo = tmp_path / "hub" / "models--Qwen--Qwen2.5-7B-Instruct-AWQ"
     old, new = repo / "snapshots" / "aaa", repo / "snapshots" / "bbb"
     for snap in (old, new):
@@ -173,14 +174,14 @@ def test_model_dir_finds_local_folders_and_the_hub_cache(tmp_path, monkeypatch):
         (snap / "config.json").write_text(json.dumps(DUMMY_7B_AWQ))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("aaa\n")
-    assert fit.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") == old
+    assert modelinfo.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") == old
     (repo / "refs" / "main").unlink()
-    assert fit.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") in (old, new)
+    assert modelinfo.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") in (old, new)
     local = tmp_path / "mymodel"
     local.mkdir()
-    assert fit.model_dir(str(local)) is None  # no config.json
+    assert modelinfo.model_dir(str(local)) is None  # no config.json
     (local / "config.json").write_text("{}")
-    assert fit.model_dir(str(local)) == local
+    assert modelinfo.model_dir(str(local)) == local
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert fit.hf_hub_cache() == tmp_path / "hf" / "hub"
+    assert modelinfo.hf_hub_cache() == tmp_path / "hf" / "hub"

@@ -8,8 +8,10 @@ import types
 
 import pytest
 
-from mmlib import memory
-from mmlib.memory import NO_GPU, NOT_VISIBLE, GpuProbe, MemorySampler, server_memory
+from mmlib.measure import memory
+from mmlib.measure.memory import MemorySampler
+from mmlib.system.nvml import NOT_VISIBLE, Nvml, gpu_name
+from mmlib.system.usage import NO_GPU, tree_memory
 
 MIB = 1024 * 1024
 
@@ -31,70 +33,71 @@ def fake_pynvml(devices: list[dict], fail_init: bool = False) -> types.ModuleTyp
     return m
 
 
-def probe_with(monkeypatch, devices, fail_init=False) -> GpuProbe:
-    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(devices, fail_init))
-    return GpuProbe()
+def probe_with(monkeypatch, devices, fail_init=False) -> Nvml:
+    return Nvml(fake_pynvml(devices, fail_init))
 
 
 class FakeProbe:
+    """An Nvml stand-in whose figures are set in MiB."""
+
     def __init__(self, available=True, device=(1000.0, 8000.0), server=500.0):
         self.available, self.device, self.server = available, device, server
 
     def names(self):
         return ["Fake GPU"] if self.available else []
 
-    def device_mib(self):
-        return self.device if self.available else None
+    def device_bytes(self):
+        return tuple(int(v * MIB) for v in self.device) if self.available else None
 
-    def processes_mib(self, pids):
-        return self.server if self.available else None
+    def processes_bytes(self, pids):
+        return int(self.server * MIB) if self.available else None
 
 
 def test_probe_attributes_memory_to_the_server_processes(monkeypatch):
     probe = probe_with(monkeypatch, [{"name": "NVIDIA H100", "used": 9000, "total": 81559,
                                       "procs": [(11, 6000), (12, 2000), (99, 1000)]}])
     assert probe.available and probe.names() == ["NVIDIA H100"]
-    assert probe.device_mib() == (9000, 81559)
-    assert probe.processes_mib({11, 12}) == 8000
-    assert memory.gpu_name(probe) == "NVIDIA H100"
+    assert probe.device_bytes() == (9000 * MIB, 81559 * MIB)
+    assert probe.processes_bytes({11, 12}) == 8000 * MIB
+    assert gpu_name(probe) == "NVIDIA H100"
 
 
 def test_probe_sums_devices_and_names_them(monkeypatch):
     dev = {"name": "NVIDIA H200", "used": 100, "total": 1000, "procs": [(5, 60)]}
     probe = probe_with(monkeypatch, [dev, dict(dev, procs=[(6, 40)])])
-    assert probe.device_mib() == (200, 2000)
-    assert probe.processes_mib({5, 6}) == 100
-    assert memory.gpu_name(probe) == "2x NVIDIA H200"
+    assert probe.device_bytes() == (200 * MIB, 2000 * MIB)
+    assert probe.processes_bytes({5, 6}) == 100 * MIB
+    assert gpu_name(probe) == "2x NVIDIA H200"
 
 
 def test_probe_says_not_visible_rather_than_zero(monkeypatch):
     # Processes on the card but none of ours: another PID namespace, so the figure is unknown.
     probe = probe_with(monkeypatch, [{"name": "g", "used": 5000, "total": 8000, "procs": [(4242, 4000)]}])
-    assert probe.processes_mib({1, 2}) == NOT_VISIBLE
+    assert probe.processes_bytes({1, 2}) == NOT_VISIBLE
     probe = probe_with(monkeypatch, [{"name": "g", "used": 5000, "total": 8000, "procs": [(1, None)]}])
-    assert probe.processes_mib({1}) == NOT_VISIBLE
+    assert probe.processes_bytes({1}) == NOT_VISIBLE
 
 
 def test_no_gpu_without_nvml(monkeypatch):
     probe = probe_with(monkeypatch, [], fail_init=True)
-    assert not probe.available and probe.device_mib() is None and probe.processes_mib({1}) is None
-    assert memory.gpu_name(probe) == "none"
+    assert not probe.available and probe.device_bytes() is None and probe.processes_bytes({1}) is None
+    assert gpu_name(probe) == "none"
 
 
-def test_server_memory_reads_this_process_tree():
-    out = server_memory(os.getpid(), probe=FakeProbe(available=False))
+def test_tree_memory_reads_this_process_tree():
+    out = tree_memory(os.getpid(), nv=FakeProbe(available=False))
     assert out["gpu_mib"] is None and out["gpu"] == NO_GPU
     assert out["rss_mib"] > 1
-    with_gpu = server_memory(os.getpid(), probe=FakeProbe(server=1234.5))
+    with_gpu = tree_memory(os.getpid(), nv=FakeProbe(server=1234.5))
     assert with_gpu == {"gpu_mib": 1234.5, "rss_mib": pytest.approx(out["rss_mib"], rel=0.5), "gpu": None}
-    assert server_memory(None)["rss_mib"] is None
+    assert tree_memory(None)["rss_mib"] is None
 
 
-def test_server_memory_is_cheap():
-    server_memory(os.getpid())  # the first call initialises NVML (or finds none)
+def test_tree_memory_is_cheap():
+    tree_memory(os.getpid())  # the first call initialises NVML (or finds none)
     t0 = time.perf_counter()
     for _ in range(10):
-        server_memory(os.getpid())
+        tree_memory(os.getpid())
     assert (time.perf_counter() - t0) / 10 < 0.05
 
 

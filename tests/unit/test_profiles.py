@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mmlib.errors import ProfileError
-from mmlib.profiles import list_profile_names, load_profile, merge
+from mmlib.profiles.profile import list_profile_names, load_profile, merge
 
 
 def write(mm_env, name: str, text: str) -> Path:

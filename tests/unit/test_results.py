@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from mmlib import results
 from mmlib.errors import MMError
-from mmlib.results import Recorder, ResultFile, compare_rows, load_results, summary_markdown
+from mmlib.measure import results
+from mmlib.measure.results import (
+    Recorder,
+    ResultFile,
+    compare_rows,
+    load_results,
+    summary_markdown,
+)
 
 
 class FakeSampler:

@@ -1,4 +1,4 @@
-"""Every rule in mmlib.rules.RULES: a profile and machine that trigger it, and one that does not."""
+"""Every rule in mmlib.guard.rules.RULES: a profile and machine that trigger it, and one that does not."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,10 +6,12 @@ from types import MappingProxyType
 
 import pytest
 
-from mmlib import rules
-from mmlib.gpu import GIB, GpuInfo
-from mmlib.profiles import Profile, SleepSettings, load_profile
-from mmlib.rules import ERROR, INFO, WARN, Facts, engine_int, model_max_len
+from mmlib.guard import rules
+from mmlib.guard.modelinfo import model_max_len
+from mmlib.guard.rules import ERROR, INFO, WARN, Facts
+from mmlib.profiles.profile import Profile, SleepSettings, load_profile
+from mmlib.profiles.vllm_cmd import engine_int
+from mmlib.system.nvml import GIB, GpuInfo
 
 H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 80 * GIB, 79 * GIB, (9, 0))
 RTX3060 = GpuInfo(0, "NVIDIA GeForce RTX 3060", 12 * GIB, 11 * GIB, (8, 6))

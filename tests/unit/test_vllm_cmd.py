@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 
-from mmlib import vllm_cmd
-from mmlib.profiles import load_profile
-from mmlib.vllm_cmd import VllmInstall, engine_args, server_argv, server_env
+from mmlib.profiles import vllm_cmd
+from mmlib.profiles.profile import load_profile
+from mmlib.profiles.vllm_cmd import VllmInstall, engine_args, server_argv, server_env
 
 
 def test_engine_args_spelling():

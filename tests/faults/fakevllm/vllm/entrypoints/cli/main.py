@@ -45,11 +45,11 @@ def main() -> None:
     engine.start()
     print(f"fake vllm: engine pid {engine.pid}", flush=True)
 
+    import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
-    import uvicorn
 
     names = args.served_model_name or [args.model]
     tokens = int(os.environ.get("FAKE_TOKENS", "8"))

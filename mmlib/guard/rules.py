@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mmlib.gpu import GpuInfo
-from mmlib.profiles import Profile
+from mmlib.guard.modelinfo import model_max_len
+from mmlib.profiles.profile import Profile
+from mmlib.profiles.vllm_cmd import engine_int
+from mmlib.system.nvml import GpuInfo
 
 ERROR, WARN, INFO = "error", "warn", "info"
 SEVERITIES = (ERROR, WARN, INFO)
@@ -115,35 +117,6 @@ def uses_fa3(p: Profile, facts: Facts) -> bool:
     return bool(facts.gpu and facts.gpu.is_hopper) and backend in ("auto", "", "flash_attn")
 
 
-def model_max_len(cfg: Mapping[str, Any] | None) -> int | None:
-    """The longest context the model's config allows, as vLLM derives it; None where unsure (RoPE
-    scaling stretches it in ways not worth copying here)."""
-    if not cfg:
-        return None
-    cfg = {**cfg, **(cfg.get("text_config") or {})}
-    for rope in (cfg.get("rope_scaling"), cfg.get("rope_parameters")):
-        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
-            return None
-    keys = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
-            "max_seq_length", "seq_len")
-    found = [int(cfg[k]) for k in keys if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)]
-    return min(found) if found else None
-
-
-def engine_int(value: Any) -> int | None:
-    """An [engine] count as vLLM reads it: 16384, "16k", "1m"."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    text = str(value).strip().lower()
-    units = {"k": 1000, "m": 1000 ** 2, "g": 1000 ** 3}
-    try:
-        return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
-    except (ValueError, IndexError):
-        return None
-
-
 def _too_long(p: Profile, facts: Facts) -> bool:
     limit, wanted = model_max_len(facts.model_config), engine_int(_get(p, "max_model_len"))
     allowed = (facts.model_config or {}).get("model_max_length")
@@ -164,7 +137,7 @@ WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 def local_model(p: Profile) -> Path | None:
     """The folder of a model given as a path (the embedded one once converted); None for hub ids."""
-    from mmlib.vllm_cmd import resolve_model
+    from mmlib.profiles.vllm_cmd import resolve_model
 
     if not p.model or not (p.model.startswith(("/", ".", "~")) or p.model.startswith("embedded:")):
         return None

@@ -8,11 +8,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
+
+import tomllib
 
 from mmlib import paths
 from mmlib.errors import ProfileError
@@ -285,3 +286,22 @@ def validate(name: str, data: Mapping[str, Any], file: str) -> Profile:
         restart=restart, max_restarts=max_restarts,
         api_key=data.get("api_key"), stack=stack, share_gpu=data.get("share_gpu", False),
     )
+
+
+def to_dict(p: Profile) -> dict[str, Any]:
+    """The profile as merged (extends applied): what `mm profiles show` prints and results record."""
+    doc = {k: v for k, v in {
+        "description": p.description, "model": p.model, "served_model_name": p.served_model_name,
+        "aliases": list(p.aliases), "host": p.host, "port": p.port, "startup_timeout": p.startup_timeout,
+        "restart": p.restart, "max_restarts": p.max_restarts, "idle_sleep": p.idle_sleep,
+        "idle_stop": p.idle_stop, "stack": list(p.stack), "share_gpu": p.share_gpu,
+    }.items() if v not in (None, [], "")}
+    doc["sleep"] = {"enabled": p.sleep.enabled, "level": p.sleep.level}
+    doc["engine"], doc["env"] = dict(p.engine), dict(p.env)
+    return doc
+
+
+def to_toml(p: Profile) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(to_dict(p))

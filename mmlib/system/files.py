@@ -1,4 +1,5 @@
-"""Writing files so that a reader never sees half of one: a temp file beside it, fsync, rename."""
+"""Files: written so that a reader never sees half of one (a temp file beside it, fsync, rename),
+and the last lines of a log read without reading all of it."""
 from __future__ import annotations
 
 import os
@@ -20,3 +21,13 @@ def write_tmp(directory: Path, stem: str, text: str, mode: int = 0o644) -> Path:
 def replace_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(write_tmp(path.parent, path.name, text, mode), path)
+
+
+def tail_lines(path: Path | None, lines: int = 15, max_bytes: int = 64 * 1024) -> list[str]:
+    """The last non-blank lines of a file (from its last max_bytes); [] when it does not exist."""
+    if not path or not path.exists():
+        return []
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
+        text = f.read().decode(errors="replace")
+    return [line for line in text.splitlines() if line.strip()][-lines:]

@@ -16,7 +16,6 @@ import socket
 import time
 from pathlib import Path
 
-import psutil
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -24,13 +23,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from mmlib import paths
-from mmlib.config import Config, load_config
 from mmlib.errors import MMError
-from mmlib.profiles import Profile, load_all, load_profile
-from mmlib.proxy import ModelIndex, Proxy
-from mmlib.scheduler import Scheduler
-from mmlib.states import State
-from mmlib.supervisor import ManagedServer
+from mmlib.profiles.config import Config, load_config
+from mmlib.profiles.profile import Profile, load_all, load_profile
+from mmlib.serve.auth import bearer_ok
+from mmlib.serve.proxy import ModelIndex, Proxy
+from mmlib.serve.scheduler import Scheduler
+from mmlib.serve.states import State
+from mmlib.serve.supervisor import ManagedServer
+from mmlib.system import proctree
 
 log = logging.getLogger("mm.daemon")
 IDLE_CHECK_S = 1.0
@@ -73,7 +74,7 @@ class Daemon:
 
     # --- control API -------------------------------------------------------------------------------
     async def _args(self, request: Request) -> dict:
-        if self.config.api_key and request.headers.get("authorization") != f"Bearer {self.config.api_key}":
+        if not bearer_ok(request.headers.get("authorization"), self.config.api_key):
             raise PermissionError("missing or wrong API key")
         raw = await request.body()
         doc = json.loads(raw) if raw else {}
@@ -103,12 +104,14 @@ class Daemon:
         return await self._call(request, lambda a: self._status())
 
     async def _status(self) -> dict:
-        from mmlib.memory import server_memory  # pynvml is initialised once, on the first status
+        from mmlib.system.usage import (
+            tree_memory,  # pynvml is initialised once, on the first status
+        )
 
         servers = []
         for s in self.scheduler.servers.values():
             snap = s.snapshot()
-            snap["memory"] = await asyncio.to_thread(server_memory, s.pid)
+            snap["memory"] = await asyncio.to_thread(tree_memory, s.pid)
             servers.append(snap)
         return {"daemon": await self._ping(), "active": self.scheduler.active,
                 "last_switch_s": self.scheduler.last_switch_s, "servers": servers}
@@ -210,10 +213,8 @@ def stop_recorded(state_file: Path) -> None:
     """Kill the process group a state file names, if that process is still the one recorded."""
     try:
         record = json.loads(state_file.read_text())
-        proc = psutil.Process(record["pid"])
-        if record.get("create_time") is None or abs(proc.create_time() - record["create_time"]) < 1:
-            os.killpg(record["pid"], signal.SIGKILL)
-    except (OSError, ValueError, KeyError, psutil.Error):
+        proctree.kill_recorded(int(record["pid"]), record.get("create_time"))
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     state_file.unlink(missing_ok=True)
 

@@ -1,9 +1,9 @@
 """Which `vllm serve` arguments and environment variables the installed vLLM reads, asked of vLLM.
 
-mm keeps no list of vLLM flags (STYLE.md): `python -m mmlib.vllm_args` imports vLLM's own serve
+mm keeps no list of vLLM flags (STYLE.md): `python -m mmlib.profiles.vllm_args` imports vLLM's own serve
 parser in a helper process (seconds: it imports much of vLLM) and prints every option as JSON.
 `load_spec()` runs that once per installed vLLM build and keeps the answer in the user cache, so
-later checks read one small file; the CLI never imports vllm. `python -m mmlib.vllm_args --parse
+later checks read one small file; the CLI never imports vllm. `python -m mmlib.profiles.vllm_args --parse
 ARG...` asks the real parser whether it accepts an argv (tests and the device script use it).
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def load_spec(install: Any = None, python: str = sys.executable, refresh: bool =
     """The installed vLLM's serve arguments, from the cache or (once per build) the helper process.
 
     `announce(text)` is called before the slow path so a user knows why the first check waits."""
-    from mmlib import vllm_cmd
+    from mmlib.profiles import vllm_cmd
 
     install = install or vllm_cmd.installed_vllm()
     if install is None:
@@ -130,8 +130,8 @@ def load_spec(install: Any = None, python: str = sys.executable, refresh: bool =
 
 def helper_env() -> dict[str, str]:
     """The environment a server gets (VLLM_TARGET_DEVICE=cpu on the CPU build), quiet logging."""
-    from mmlib.profiles import Profile
-    from mmlib.vllm_cmd import server_env
+    from mmlib.profiles.profile import Profile
+    from mmlib.profiles.vllm_cmd import server_env
 
     env = server_env(Profile(name="vllm-args", source="mm"))
     env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -140,7 +140,7 @@ def helper_env() -> dict[str, str]:
 
 def run_helper(args: list[str], python: str = sys.executable, timeout: float = HELPER_TIMEOUT_S) -> dict[str, Any]:
     try:
-        proc = subprocess.run([python, "-m", "mmlib.vllm_args", *args], capture_output=True, text=True,
+        proc = subprocess.run([python, "-m", "mmlib.profiles.vllm_args", *args], capture_output=True, text=True,
                               env=helper_env(), timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
     except subprocess.TimeoutExpired:
         raise SpecUnavailable(f"vLLM's argument parser did not load within {timeout:.0f} s") from None

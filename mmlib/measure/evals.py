@@ -14,8 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mmlib import bench, paths
+from mmlib import paths
 from mmlib.errors import MMError
+from mmlib.measure import helper, memory, results
+from mmlib.measure.helper import Target
 
 DEFAULT_TASKS = ("gsm8k_cot", "ifeval", "gpqa_main_cot_zeroshot")
 QUICK_LIMIT = 30
@@ -57,7 +59,7 @@ def check_tasks(tasks: Sequence[str], python: str = sys.executable) -> dict[str,
     with tempfile.TemporaryDirectory(prefix="mm-eval-check-") as work:
         include = prepare_tasks(Path(work))
         try:
-            proc = subprocess.run([python, "-m", "mmlib.eval_runner", "check", "--include-path", str(include),
+            proc = subprocess.run([python, "-m", "mmlib.measure.eval_runner", "check", "--include-path", str(include),
                                    *tasks], capture_output=True, text=True, timeout=CHECK_TIMEOUT_S,
                                   cwd=paths.PROJECT_ROOT)
         except subprocess.TimeoutExpired:
@@ -75,7 +77,7 @@ def check_tasks(tasks: Sequence[str], python: str = sys.executable) -> dict[str,
     return doc
 
 
-def lm_eval_argv(task: str, target: bench.Target, include: Path, output: Path, limit: int | None,
+def lm_eval_argv(task: str, target: Target, include: Path, output: Path, limit: int | None,
                  concurrency: int, python: str = sys.executable) -> list[str]:
     model_args = (f"base_url={target.url}/v1/chat/completions,model={target.served_model_name},"
                   f"tokenizer_backend=None,num_concurrent={concurrency},max_retries=3,timeout=600")
@@ -120,18 +122,18 @@ def read_lm_eval_results(output: Path, task: str) -> dict[str, Any]:
             "lm_eval": {"version": raw.get("lm_eval_version"), "git_hash": raw.get("git_hash")}}
 
 
-def run_task(task: str, target: bench.Target, include: Path, output: Path, limit: int | None, concurrency: int,
+def run_task(task: str, target: Target, include: Path, output: Path, limit: int | None, concurrency: int,
              log: Path, on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
-    base = bench.finished_requests(target.url, target.api_key) if on_progress else None
+    base = helper.finished_requests(target.url, target.api_key) if on_progress else None
 
     def tick() -> None:
         if on_progress and base is not None:
-            now = bench.finished_requests(target.url, target.api_key)
+            now = helper.finished_requests(target.url, target.api_key)
             if now is not None:
                 on_progress(now - base)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    bench.run_helper(lm_eval_argv(task, target, include, output, limit, concurrency), env, log, tick,
+    helper.run_helper(lm_eval_argv(task, target, include, output, limit, concurrency), env, log, tick,
                      what=f"lm-eval ({task})")
     return read_lm_eval_results(output, task)
 
@@ -145,15 +147,13 @@ def run(profile: Any, server: dict[str, Any], tasks: Sequence[str], mode: str, l
         runner: Callable[..., dict[str, Any]] = run_task, sampler: Any = None,
         file: Any = None) -> tuple[Path, dict[str, Any]]:
     """Evaluate each task against the server, sampling memory; saved after each task (see bench.run)."""
-    from mmlib import memory, results
-
-    ui = ui or bench.NullUI()
-    target = bench.target_for(profile, server)
+    ui = ui or helper.NullUI()
+    target = helper.target_for(profile, server)
     sampler = sampler or memory.MemorySampler(target.pid).start()
     doc = results.base_doc("eval", profile, mode, server, memory.gpu_name(sampler.probe))
     doc.update(limit=limit, num_concurrent=concurrency, api="chat-completions")
     rec = results.Recorder(doc, "tasks", file or results.ResultFile(profile.name, "eval", root), sampler)
-    log = bench.log_path(profile.name, "eval")
+    log = helper.log_path(profile.name, "eval")
     with results.finishing(rec, root) as outcome, tempfile.TemporaryDirectory(prefix="mm-eval-") as work:
         include = prepare_tasks(Path(work))
         for task in dict.fromkeys(tasks):

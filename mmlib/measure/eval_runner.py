@@ -1,6 +1,6 @@
 """Helper process for `mm eval` (imports lm_eval, so the CLI never does).
 
-    python -m mmlib.eval_runner check [--include-path DIR] TASK...
+    python -m mmlib.measure.eval_runner check [--include-path DIR] TASK...
 
 prints one JSON object: for each name asked, whether lm-eval knows it, its leaf tasks and each
 leaf's output_type, plus close matches for unknown names. `mm eval` refuses the tasks that need
@@ -67,7 +67,7 @@ def check(names: list[str], include_path: str | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmlib.eval_runner")
+    parser = argparse.ArgumentParser(prog="python -m mmlib.measure.eval_runner")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="classify tasks by output type")
     c.add_argument("--include-path")

@@ -12,14 +12,21 @@ import sys
 from dataclasses import replace
 from typing import Any, Callable, Iterable
 
-from mmlib import fit as fitmod
-from mmlib import rules
 from mmlib.errors import MMError, ProfileError
-from mmlib.gpu import GpuReport
-from mmlib.profiles import Profile, list_profile_names, load_profile
-from mmlib.rules import ERROR, INFO, WARN, Facts, Finding
-from mmlib.vllm_args import ArgAction, ArgSpec, SpecUnavailable, load_spec
-from mmlib.vllm_cmd import RESERVED_ENGINE_KEYS, engine_args, flag, installed_vllm, resolve_model
+from mmlib.guard import fit as fitmod
+from mmlib.guard import modelinfo, rules
+from mmlib.guard.rules import ERROR, INFO, WARN, Facts, Finding
+from mmlib.profiles.profile import Profile, list_profile_names, load_profile
+from mmlib.profiles.vllm_args import ArgAction, ArgSpec, SpecUnavailable, load_spec
+from mmlib.profiles.vllm_cmd import (
+    RESERVED_ENGINE_KEYS,
+    engine_args,
+    engine_int,
+    flag,
+    installed_vllm,
+    resolve_model,
+)
+from mmlib.system.nvml import GpuReport
 
 # A fit estimate this close below max_model_len is a warning, not an error: the estimate is within
 # a few percent of what vLLM prints, not exact.
@@ -27,31 +34,21 @@ FIT_MARGIN = 0.95
 
 
 # --- the machine ---------------------------------------------------------------------------------
-def _mm_ports() -> set[int]:
-    """Ports of servers mm itself runs: `mm up` of a running profile must not trip on its own port."""
-    from mmlib.client import Client
+def port_checker(own_ports: frozenset[int] = frozenset()) -> Callable[[str, int], bool]:
+    """Whether a port is taken by something other than mm's own servers (`own_ports`, which the
+    caller asks the daemon for): `mm up` of a running profile must not trip on its own port."""
+    from mmlib.system.net import port_taken
 
-    try:
-        client = Client(timeout=2.0)
-        if not client.alive():
-            return set()
-        return {s["port"] for s in client.get("/status").get("servers", []) if s.get("port")}
-    except Exception:
-        return set()
+    return lambda host, port: port not in own_ports and port_taken(host, port)
 
 
-def port_in_use(host: str, port: int) -> bool:
-    from mmlib.supervisor import port_taken
+def machine_facts(report: GpuReport | None = None, environ: dict[str, str] | None = None,
+                  own_ports: frozenset[int] = frozenset()) -> tuple[Facts, GpuReport]:
+    from mmlib.system import nvml
 
-    return port_taken(host, port) and port not in _mm_ports()
-
-
-def machine_facts(report: GpuReport | None = None, environ: dict[str, str] | None = None) -> tuple[Facts, GpuReport]:
-    from mmlib import gpu
-
-    report = report or gpu.probe()
+    report = report or nvml.probe()
     install = installed_vllm()
-    facts = Facts(gpus=report.gpus, is_cpu=bool(install and install.is_cpu), port_in_use=port_in_use,
+    facts = Facts(gpus=report.gpus, is_cpu=bool(install and install.is_cpu), port_in_use=port_checker(own_ports),
                   environ=dict(os.environ if environ is None else environ))
     return facts, report
 
@@ -94,7 +91,7 @@ def _bad_value(key: str, value: Any, action: ArgAction) -> tuple[str, str] | Non
                 float(text)
             except ValueError:
                 return (f"{text!r} is not a number", f"set engine.{key} to a number")
-        if action.type == "human_readable_int" and rules.engine_int(item) is None:
+        if action.type == "human_readable_int" and engine_int(item) is None:
             return (f"{text!r} is not a count", f"set engine.{key} to a number such as 8192 or \"8k\"")
     return None
 
@@ -160,17 +157,17 @@ def check_env_names(p: Profile, spec: ArgSpec) -> list[Finding]:
 # --- memory fit -------------------------------------------------------------------------------------
 def model_files(p: Profile) -> tuple[Any, dict[str, Any] | None, str]:
     """(folder, config.json, why not) for the profile's model, from disk only: never downloads."""
-    from mmlib import embedded
+    from mmlib.profiles import embedded
 
     if not p.model:
         return None, None, "a stack has no model of its own"
     if embedded.is_embedded(p.model) and not embedded.is_ready():
         return None, None, "the embedded model is converted on its first start"
-    folder = fitmod.model_dir(resolve_model(p.model))
+    folder = modelinfo.model_dir(resolve_model(p.model))
     if folder is None:
         return None, None, (f"no config.json for {p.model} on this machine (mm reads the Hugging Face cache, "
                             "never downloads)")
-    cfg = fitmod.read_config(folder)
+    cfg = modelinfo.read_config(folder)
     return folder, cfg, "" if cfg else f"cannot read {folder / 'config.json'}"
 
 
@@ -287,11 +284,11 @@ def load_spec_quietly(announce: Callable[[str], None] | None = None) -> tuple[Ar
 
 def check(names: list[str] | None = None, gpu_memory: int | None = None, facts: Facts | None = None,
           spec: ArgSpec | None = None, report: GpuReport | None = None,
-          announce: Callable[[str], None] | None = None) -> list[Finding]:
+          announce: Callable[[str], None] | None = None, own_ports: frozenset[int] = frozenset()) -> list[Finding]:
     """Findings for the named profiles (all of them when None), errors first."""
     profiles, found = _expand(list_profile_names() if names is None else names)
     if facts is None:
-        facts, report = machine_facts(report)
+        facts, report = machine_facts(report, own_ports=own_ports)
     if spec is None and profiles:
         spec, problem = load_spec_quietly(announce)
         found += [problem] if problem else []
@@ -301,12 +298,12 @@ def check(names: list[str] | None = None, gpu_memory: int | None = None, facts: 
     return sorted(found, key=lambda f: order.get(f.severity, 3))
 
 
-def preflight(profile_name: str) -> None:
+def preflight(profile_name: str, own_ports: frozenset[int] = frozenset()) -> None:
     """Raise MMError naming the file, key and fix when the profile cannot work; print warnings."""
     def announce(text: str) -> None:
         print(f"mm: {text}", file=sys.stderr, flush=True)
 
-    found = check([profile_name], announce=announce)
+    found = check([profile_name], announce=announce, own_ports=own_ports)
     for f in found:
         if f.severity == WARN:
             print(f"mm: warning: {f.line()}", file=sys.stderr)

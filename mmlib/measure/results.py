@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmlib import paths
-from mmlib.files import replace_atomic, write_tmp
 from mmlib.errors import MMError
-from mmlib.memory import NO_GPU
+from mmlib.measure.memory import NO_GPU
+from mmlib.system.files import replace_atomic, write_tmp
 
 SCHEMA = 1
 SUMMARY = "summary.md"
@@ -72,15 +72,13 @@ class ResultFile:
 
 def profile_record(profile: Any) -> dict[str, Any]:
     """The profile as merged (extends applied), as `mm profiles show` prints it."""
-    import tomllib
+    from mmlib.profiles.profile import to_dict
 
-    from mmlib.cli.profiles_cmd import as_toml
-
-    return {"name": profile.name, "source": profile.source, **tomllib.loads(as_toml(profile))}
+    return {"name": profile.name, "source": profile.source, **to_dict(profile)}
 
 
 def base_doc(kind: str, profile: Any, mode: str, server: dict[str, Any], gpu: str) -> dict[str, Any]:
-    from mmlib.vllm_cmd import installed_vllm
+    from mmlib.profiles.vllm_cmd import installed_vllm
 
     install = installed_vllm()
     return {
@@ -215,14 +213,14 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _scenario_names(results: list[dict]) -> list[str]:
-    from mmlib.bench import SCENARIOS
+    from mmlib.measure.scenarios import SCENARIOS
 
     seen = {n for d in results if d["kind"] == "bench" for n in d.get("scenarios", {})}
     return [n for n in SCENARIOS if n in seen] + sorted(seen - set(SCENARIOS))
 
 
 def summary_markdown(results: list[dict], plots: list[str] | None = None, note: str = "") -> str:
-    from mmlib.bench import SCENARIOS
+    from mmlib.measure.scenarios import SCENARIOS
 
     profiles = profiles_in(results)
     lines = ["# mm benchmark results", "",

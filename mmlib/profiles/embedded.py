@@ -2,7 +2,7 @@
 
 It is turned once into bf16 safetensors in the user cache, so `mm` serves a real model offline on
 any machine. The conversion needs transformers, so it runs in a helper process (python -m
-mmlib.embedded_convert), never in the CLI's.
+mmlib.profiles.embedded_convert), never in the CLI's.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def ensure_converted(log: Path | None = None, python: str = sys.executable) -> P
         return model_dir()
     out = open(log, "ab") if log else None
     try:
-        proc = subprocess.run([python, "-m", "mmlib.embedded_convert", str(model_dir())],
+        proc = subprocess.run([python, "-m", "mmlib.profiles.embedded_convert", str(model_dir())],
                               stdout=out or subprocess.PIPE, stderr=subprocess.STDOUT)
     finally:
         if out:

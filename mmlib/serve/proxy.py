@@ -21,9 +21,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mmlib.errors import MMError
-from mmlib.profiles import Profile
-from mmlib.scheduler import Scheduler
-from mmlib.states import State
+from mmlib.profiles.profile import Profile
+from mmlib.serve.auth import bearer_ok
+from mmlib.serve.scheduler import Scheduler
+from mmlib.serve.states import State
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
               "content-length", "host", "proxy-authorization", "proxy-authenticate"}
@@ -105,7 +106,7 @@ class Proxy:
             await self._session.close()
 
     def authorized(self, request: Request) -> bool:
-        return not self.api_key or request.headers.get("authorization") == f"Bearer {self.api_key}"
+        return bearer_ok(request.headers.get("authorization"), self.api_key)
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -143,7 +144,7 @@ class Proxy:
 
     async def forward(self, scope, receive, send) -> None:
         headers = Headers(scope=scope)
-        if self.api_key and headers.get("authorization") != f"Bearer {self.api_key}":
+        if not bearer_ok(headers.get("authorization"), self.api_key):
             return await error(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                                "authentication_error")(scope, receive, send)
         body = await read_body(receive)

@@ -12,8 +12,8 @@ from functools import lru_cache
 from importlib import metadata
 from typing import Any, Mapping
 
-from mmlib import embedded
-from mmlib.profiles import Profile
+from mmlib.profiles import embedded
+from mmlib.profiles.profile import Profile
 
 # mm sets these itself; an [engine] table that sets them would fight the supervisor.
 RESERVED_ENGINE_KEYS = ("host", "port", "model", "served_model_name")
@@ -63,6 +63,20 @@ def engine_args(engine: Mapping[str, Any]) -> list[str]:
         else:
             argv += [flag(key), str(value)]
     return argv
+
+
+def engine_int(value: Any) -> int | None:
+    """An [engine] count as vLLM reads it: 16384, "16k", "1m"."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower()
+    units = {"k": 1000, "m": 1000 ** 2, "g": 1000 ** 3}
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+    except (ValueError, IndexError):
+        return None
 
 
 def resolve_model(model: str) -> str:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mmlib.errors import MMError
-from mmlib.profiles import Profile, load_profile
-from mmlib.states import LIVE, State
-from mmlib.supervisor import ManagedServer
+from mmlib.profiles.profile import Profile, load_profile
+from mmlib.serve.states import LIVE, State
+from mmlib.serve.supervisor import ManagedServer
 
 # Shares of one GPU's memory (vLLM's gpu_memory_utilization) that may be awake at once.
 GPU_SHARE_LIMIT = 1.0

@@ -1,0 +1,124 @@
+"""What a bench or eval run drives: the server it measures (Target) and the helper process that
+measures it (vLLM's bench, lm-eval), run in its own session so Ctrl-C ends it cleanly, with progress
+read from the server's own request counter."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mmlib import paths
+from mmlib.errors import MMError
+
+TICK_S = 0.5
+
+
+@dataclass(frozen=True)
+class Target:
+    """The server to measure: reached directly, not through mm's proxy."""
+    url: str
+    served_model_name: str
+    tokenizer: str
+    env: dict[str, str]
+    pid: int | None = None
+    api_key: str | None = None
+
+
+def tokenizer_path(model: str) -> str:
+    """The local folder (or hub id) whose tokenizer the server loaded."""
+    from mmlib.profiles.vllm_cmd import resolve_model
+
+    path = resolve_model(model)
+    if not os.path.isabs(path) and (paths.PROJECT_ROOT / path).exists():
+        return str(paths.PROJECT_ROOT / path)  # the daemon starts servers in the project root
+    return path
+
+
+def target_for(profile: Any, server: dict[str, Any]) -> Target:
+    from mmlib.profiles.vllm_cmd import server_env
+
+    if not server.get("url"):
+        raise MMError(f"{profile.name}: the server has no URL (state {server.get('state')}); see `mm status`")
+    return Target(url=server["url"], served_model_name=server["served_model_name"],
+                  tokenizer=tokenizer_path(server.get("model") or profile.model), env=server_env(profile),
+                  pid=server.get("pid"), api_key=profile.api_key)
+
+
+def run_helper(argv: list[str], env: dict[str, str], log: Path, on_tick: Callable[[], None] | None = None,
+               what: str = "the helper") -> None:
+    """Run argv to completion, its output appended to log, ticking on_tick every TICK_S.
+
+    Its own session: a terminal's Ctrl-C reaches mm alone, which then ends the helper's whole
+    group and re-raises, so the caller can keep what finished."""
+    with open(log, "ab") as out:
+        out.write(f"\n# mm: {' '.join(argv)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        while proc.poll() is None:
+            if on_tick:
+                on_tick()
+            try:
+                proc.wait(TICK_S)
+            except subprocess.TimeoutExpired:
+                pass
+    except BaseException:
+        _end_group(proc)
+        raise
+    if proc.returncode != 0:
+        from mmlib.system.files import tail_lines
+
+        tail = [line for line in tail_lines(log, 40) if not line.startswith((" - leaked", "nanobind"))][-3:]
+        raise MMError(f"{what} failed (exit {proc.returncode}); see {log}" + (f": {tail[-1]}" if tail else ""))
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGINT, 5.0), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def finished_requests(url: str, api_key: str | None = None) -> float | None:
+    """Requests the server has finished so far (vLLM's Prometheus counter), for progress bars."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(f"{url}/metrics", headers=headers, timeout=1.0)
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    total, seen = 0.0, False
+    for line in r.text.splitlines():
+        if line.startswith("vllm:request_success_total"):
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+                seen = True
+            except (IndexError, ValueError):
+                continue
+    return total if seen else None
+
+
+def log_path(profile: str, kind: str) -> Path:
+    return paths.logs_dir() / f"{kind}-{profile}.log"
+
+
+class NullUI:
+    """What a run reports as it goes; the CLI's rich progress bars implement the same three calls."""
+
+    def begin(self, name: str, total: int | None) -> None: ...
+    def advance(self, done: float) -> None: ...
+    def end(self, name: str, entry: dict[str, Any]) -> None: ...

@@ -1,0 +1,211 @@
+"""The one NVML wrapper (pynvml, from nvidia-ml-py): which NVIDIA GPUs this machine has (name,
+compute capability, total and free memory, who holds it) and how much memory given processes hold.
+
+No CUDA, no torch: it answers in milliseconds, and without a driver it says why instead of raising.
+The NVML module is injectable (`Nvml(module)`, `probe(module)`) so tests hand in a fake one (a
+Hopper card, a full card, two devices) instead of needing a GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+GIB = 1 << 30
+MIB = 1 << 20
+# The device shows compute processes but none of the asked ones: another PID namespace (a container),
+# or NVML_VALUE_NOT_AVAILABLE (some hypervisors). Never reported as zero.
+NOT_VISIBLE = "not visible"
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    name: str
+    used: int | None  # bytes; None where NVML cannot tell (some containers and hypervisors)
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    total: int  # bytes
+    free: int
+    compute_capability: tuple[int, int] | None = None
+    processes: tuple[GpuProcess, ...] = ()
+
+    @property
+    def used(self) -> int:
+        return self.total - self.free
+
+    @property
+    def is_hopper(self) -> bool:
+        """sm_90 (H100, H200, GH200): where vLLM's FlashAttention 3 runs."""
+        return bool(self.compute_capability and self.compute_capability[0] == 9)
+
+
+@dataclass(frozen=True)
+class GpuReport:
+    gpus: tuple[GpuInfo, ...] | None  # None: no NVIDIA GPU answered (see error)
+    driver: str | None = None
+    cuda: str | None = None  # the newest CUDA the driver supports, e.g. "13.0"
+    error: str | None = None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _process_name(pid: int) -> str:
+    try:
+        import psutil
+
+        return psutil.Process(pid).name()
+    except Exception:  # gone, or in another PID namespace
+        return "?"
+
+
+class Nvml:
+    """One NVML session. `available` is False without a library, a driver or a device (`error` says
+    which). Long-lived users (the daemon, the 4 Hz sampler) keep one through `session()`."""
+
+    def __init__(self, module: Any = None) -> None:
+        self.available, self.error = False, None
+        self._nv: Any = None
+        self._handles: list[Any] = []
+        if module is None:
+            try:
+                import pynvml as module  # nvidia-ml-py
+            except ImportError:
+                self.error = "pynvml (nvidia-ml-py) is not installed"
+                return
+        try:
+            module.nvmlInit()
+        except Exception as e:  # no library, no driver, driver/library mismatch
+            self.error = f"NVML: {_text(e) or type(e).__name__}"
+            return
+        self._nv = module
+        try:
+            self._handles = [module.nvmlDeviceGetHandleByIndex(i) for i in range(module.nvmlDeviceGetCount())]
+        except Exception as e:
+            self.error = f"NVML: {_text(e) or type(e).__name__}"
+            return
+        self.available = bool(self._handles)
+        if not self._handles:
+            self.error = "the NVIDIA driver answers but sees no GPU"
+
+    def close(self) -> None:
+        if self._nv is not None:
+            try:
+                self._nv.nvmlShutdown()
+            except Exception:
+                pass
+            self._nv, self._handles, self.available = None, [], False
+
+    # --- devices -------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return [_text(self._nv.nvmlDeviceGetName(h)) for h in self._handles]
+
+    def _processes(self, handle: Any) -> tuple[GpuProcess, ...]:
+        found: dict[int, GpuProcess] = {}
+        for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+            try:
+                procs = getattr(self._nv, getter)(handle)
+            except Exception:
+                continue
+            for p in procs:
+                used = getattr(p, "usedGpuMemory", None)
+                found.setdefault(p.pid, GpuProcess(p.pid, _process_name(p.pid), used if isinstance(used, int) else None))
+        return tuple(found.values())
+
+    def device(self, index: int, with_processes: bool = True) -> GpuInfo:
+        h = self._handles[index]
+        mem = self._nv.nvmlDeviceGetMemoryInfo(h)
+        try:
+            cc: tuple[int, int] | None = tuple(self._nv.nvmlDeviceGetCudaComputeCapability(h))  # type: ignore[assignment]
+        except Exception:
+            cc = None
+        return GpuInfo(index=index, name=_text(self._nv.nvmlDeviceGetName(h)), total=int(mem.total),
+                       free=int(mem.free), compute_capability=cc,
+                       processes=self._processes(h) if with_processes else ())
+
+    def report(self, with_processes: bool = True) -> GpuReport:
+        if self._nv is None:
+            return GpuReport(None, error=self.error)
+        driver = cuda = None
+        try:
+            driver = _text(self._nv.nvmlSystemGetDriverVersion())
+            v = int(self._nv.nvmlSystemGetCudaDriverVersion_v2())
+            cuda = f"{v // 1000}.{v % 1000 // 10}"
+        except Exception:
+            pass
+        if not self._handles:
+            return GpuReport(None, driver, cuda, error=self.error)
+        try:
+            gpus = tuple(self.device(i, with_processes) for i in range(len(self._handles)))
+        except Exception as e:
+            return GpuReport(None, error=f"NVML: {_text(e) or type(e).__name__}")
+        return GpuReport(gpus, driver, cuda)
+
+    def device_bytes(self) -> tuple[int, int] | None:
+        """(used, total) over all devices."""
+        if not self.available:
+            return None
+        used = total = 0
+        for h in self._handles:
+            info = self._nv.nvmlDeviceGetMemoryInfo(h)
+            used, total = used + int(info.used), total + int(info.total)
+        return used, total
+
+    def processes_bytes(self, pids: set[int]) -> int | str | None:
+        """GPU memory held by these processes; NOT_VISIBLE when NVML cannot attribute it to them;
+        None without a GPU."""
+        if not self.available:
+            return None
+        mine, others, unknown = 0, 0, False
+        for h in self._handles:
+            try:
+                procs = self._nv.nvmlDeviceGetComputeRunningProcesses(h)
+            except Exception:
+                return NOT_VISIBLE
+            for p in procs:
+                if p.pid in pids:
+                    if not isinstance(getattr(p, "usedGpuMemory", None), int):
+                        unknown = True
+                    else:
+                        mine += p.usedGpuMemory
+                else:
+                    others += 1
+        if unknown or (mine == 0 and others and pids):
+            return NOT_VISIBLE
+        return mine
+
+
+@lru_cache(maxsize=1)
+def session() -> Nvml:
+    """The process's long-lived NVML session (initialised once, on first use)."""
+    return Nvml()
+
+
+def probe(module: Any = None, with_processes: bool = True) -> GpuReport:
+    """Every GPU NVML sees, once; GpuReport(gpus=None, error=why) where none answers."""
+    nv = Nvml(module)
+    try:
+        return nv.report(with_processes)
+    finally:
+        nv.close()
+
+
+def gpu_info(module: Any = None) -> list[GpuInfo] | None:
+    """The GPUs (without their processes), or None where no NVIDIA GPU answers."""
+    report = probe(module, with_processes=False)
+    return list(report.gpus) if report.gpus is not None else None
+
+
+def gpu_name(nv: Nvml | None = None) -> str:
+    """"NVIDIA H100 80GB HBM3", "2x NVIDIA H200", or "none"."""
+    nv = nv or session()
+    names = nv.names() if nv.available else []
+    if len(names) <= 1:
+        return names[0] if names else "none"
+    return f"{len(names)}x {names[0]}" if len(set(names)) == 1 else ", ".join(names)

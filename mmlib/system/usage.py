@@ -1,0 +1,26 @@
+"""What one process tree holds now: GPU memory through NVML, RAM through psutil (for `mm status`,
+the scheduler's footprints and the bench/eval sampler)."""
+from __future__ import annotations
+
+from typing import Any
+
+from mmlib.system import proctree
+from mmlib.system.nvml import MIB, Nvml, session
+
+NO_GPU = "no GPU"
+
+
+def tree_memory(pid: int | None, nv: Nvml | None = None) -> dict[str, Any]:
+    """{"gpu_mib": MiB | None, "rss_mib": MiB | None, "gpu": note | None} for pid's whole tree.
+
+    gpu_mib is None without a GPU ("gpu": "no GPU") or where NVML cannot attribute memory to the
+    tree's processes ("gpu": "not visible")."""
+    if not pid:
+        return {"gpu_mib": None, "rss_mib": None, "gpu": None}
+    procs = proctree.family(pid)
+    nv = nv or session()
+    gpu = nv.processes_bytes({p.pid for p in procs}) if nv.available and procs else None
+    note = NO_GPU if not nv.available else (gpu if isinstance(gpu, str) else None)
+    rss = proctree.rss_bytes(procs)
+    return {"gpu_mib": None if gpu is None or isinstance(gpu, str) else round(gpu / MIB, 1),
+            "rss_mib": None if rss is None else round(rss / MIB, 1), "gpu": note}
