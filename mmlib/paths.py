@@ -52,3 +52,23 @@ def logs_dir() -> Path:
 
 def results_dir() -> Path:
     return Path(os.environ.get("MM_RESULTS_DIR", PROJECT_ROOT / "benchmark_results"))
+
+
+# A unix socket's path must fit in 108 bytes; state folders under deep homes (or test temp dirs)
+# do not, so sockets get a short private folder of their own.
+SOCKET_PATH_MAX = 100
+
+
+def sockets_dir() -> Path:
+    """Where servers' unix sockets live: MM_RUNTIME_DIR, else $XDG_RUNTIME_DIR/mm, else the state
+    folder's sock/; created 0700 so only this user can reach the servers."""
+    base = os.environ.get("MM_RUNTIME_DIR")
+    if base:
+        d = Path(base)
+    elif os.environ.get("XDG_RUNTIME_DIR") and Path(os.environ["XDG_RUNTIME_DIR"]).is_dir():
+        d = Path(os.environ["XDG_RUNTIME_DIR"]) / "mm"
+    else:
+        d = state_dir() / "sock"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(d, 0o700)
+    return d

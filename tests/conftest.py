@@ -16,6 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_CACHE = Path(os.environ.get("MM_TEST_CACHE", Path.home() / ".cache" / "mm-tests"))
 
 
+def runtime_dir() -> str:
+    """A short private folder for servers' unix sockets (a socket path must fit in 108 bytes,
+    which pytest's temp paths do not)."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="mm-", dir="/tmp")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -25,7 +33,7 @@ def free_port() -> int:
 @pytest.fixture
 def mm_env(tmp_path, monkeypatch):
     """An isolated mm: its own home and proxy port, the shared model cache."""
-    env = {"MM_HOME": str(tmp_path / "home"), "MM_CACHE_DIR": str(SHARED_CACHE),
+    env = {"MM_HOME": str(tmp_path / "home"), "MM_CACHE_DIR": str(SHARED_CACHE), "MM_RUNTIME_DIR": runtime_dir(),
            "MM_PROXY_PORT": str(free_port()), "MM_RESULTS_DIR": str(tmp_path / "results")}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -42,6 +50,14 @@ def run_mm(*args: str, env: dict | None = None, timeout: float = 900, check: boo
         raise AssertionError(f"mm {' '.join(args)} exited {proc.returncode}\nstdout: {proc.stdout}\n"
                              f"stderr: {proc.stderr}")
     return proc
+
+
+def direct_client(server: dict, timeout: float = 300) -> httpx.Client:
+    """A client straight to a server (not through mm's proxy), over its unix socket where it has one."""
+    if server.get("uds"):
+        return httpx.Client(transport=httpx.HTTPTransport(uds=server["uds"]), base_url="http://mm-upstream",
+                            timeout=timeout)
+    return httpx.Client(base_url=server["url"], timeout=timeout)
 
 
 class LiveMM:
@@ -61,6 +77,9 @@ class LiveMM:
         sock = Path(self.env["MM_HOME"]) / "state" / "mm.sock"
         return Client(sock=sock, api_key=self.env.get("MM_API_KEY")).get("/status")
 
+    def direct(self, profile: str) -> httpx.Client:
+        return direct_client({s["profile"]: s for s in self.status()["servers"]}[profile])
+
     def chat(self, content: str, model: str = "smollm2", max_tokens: int = 16, **extra) -> dict:
         r = httpx.post(f"{self.proxy}/v1/chat/completions", timeout=300, json={
             "model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
@@ -73,7 +92,7 @@ class LiveMM:
 def live_mm(tmp_path_factory):
     """Module-scoped: one vLLM start (~45 s on CPU) serves every test of a module."""
     home = tmp_path_factory.mktemp("mm")
-    env = {"MM_HOME": str(home / "home"), "MM_CACHE_DIR": str(SHARED_CACHE),
+    env = {"MM_HOME": str(home / "home"), "MM_CACHE_DIR": str(SHARED_CACHE), "MM_RUNTIME_DIR": runtime_dir(),
            "MM_PROXY_PORT": str(free_port()), "MM_RESULTS_DIR": str(home / "results")}
     live = LiveMM(env)
     live.mm("up", "default")

@@ -25,13 +25,16 @@ def resolve_profile(name: str | None, verb: str) -> Any:
 
 
 def serve(profile: Any, force: bool) -> dict[str, Any]:
-    """Make the profile's server answer (through the daemon) and return its snapshot."""
+    """Make the profile's server answer (through the daemon); its snapshot, with mm's endpoint to
+    measure it through."""
     from mmlib.cli.servers import activate
+
+    from mmlib.profiles.config import client_api_key
 
     result = activate(profile.name, force=force, quiet=True)
     for s in result["servers"]:
         if s["profile"] == profile.name:
-            return s
+            return {**s, "endpoint": result["proxy"], "api_key": client_api_key()}
     raise MMError(f"the daemon started {profile.name} but did not report its server; see `mm status`")
 
 

@@ -8,6 +8,7 @@ import click
 
 from mmlib.cli.servers import activate
 from mmlib.errors import MMError
+from mmlib.profiles.config import client_api_key
 from mmlib.profiles.profile import list_profile_names, load_all
 
 
@@ -66,13 +67,13 @@ def chat(target: str | None, prompt: str | None, system: str, max_tokens: int, t
     """Chat with TARGET (a profile, a model name mm knows, or a hub id; default: the default profile).
 
     The same model is at mm's endpoint for any OpenAI client while you chat."""
-    import os
 
     profile, model = resolve_target(target)
     result = activate(profile, model, force=force, quiet=True)
     served = result["servers"][-1]["served_model_name"]
     url = result["proxy"]
-    headers = {"authorization": f"Bearer {os.environ['MM_API_KEY']}"} if os.environ.get("MM_API_KEY") else {}
+    key = client_api_key()
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     messages = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         messages.append({"role": "user", "content": prompt})

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from mmlib import paths
+from mmlib.errors import MMError
 from mmlib.serve.client import Client
 
 
@@ -31,6 +33,26 @@ def daemon_stop() -> None:
     if not client.alive():
         click.echo("mm daemon is not running")
         return
-    client.post("/shutdown")
-    click.echo("mm daemon stopping (servers are stopped first)")
+    pid = client.post("/shutdown")["pid"]
+    click.echo("mm daemon stopping: its servers first ...", err=True)
+    if not wait_gone(pid, DAEMON_STOP_TIMEOUT_S):
+        raise MMError(f"the mm daemon (pid {pid}) is still stopping after {DAEMON_STOP_TIMEOUT_S:.0f} s; "
+                      f"see {paths.logs_dir() / 'daemon.log'}")
+    click.echo("mm daemon stopped")
+
+
+DAEMON_STOP_TIMEOUT_S = 120.0  # servers get 15 s of SIGTERM grace each, in parallel
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Until the process has exited: its servers are gone and nothing more can be accepted."""
+    import psutil
+
+    try:
+        psutil.Process(pid).wait(timeout)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        return False
+    return True
 

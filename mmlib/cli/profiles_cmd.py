@@ -33,7 +33,8 @@ def profiles(ctx: click.Context) -> None:
 @click.argument("name")
 def show(name: str) -> None:
     """Print NAME merged with what it extends, and the vLLM command line mm would run."""
-    from mmlib.profiles.vllm_cmd import server_argv, server_env, shell_line
+    from mmlib import paths
+    from mmlib.profiles.vllm_cmd import masked_env, server_argv, server_env, shell_line, wants_tcp
 
     p = load_profile(name)
     click.echo(f"# {p.name}, from {p.source}")
@@ -41,8 +42,11 @@ def show(name: str) -> None:
     if p.is_stack:
         click.echo(f"# a stack: `mm profiles show` each of {', '.join(p.stack)} for their command lines")
         return
-    argv = server_argv(p, p.port or 0, python="python")
-    env = server_env(p, base={})
-    click.echo("# vLLM command line (port 0 = a free port picked at start):")
+    tcp = wants_tcp(p)
+    argv = server_argv(p, (p.port or 0) if tcp else str(paths.sockets_dir() / f"{p.name}.sock"), python="python")
+    env = masked_env(server_env(p, base={}))
+    click.echo("# vLLM command line (port 0 = a free port picked at start):" if tcp else
+               "# vLLM command line (on a unix socket only this user reaches; a free port where the "
+               "installed vLLM lacks --uds):")
     click.echo(" ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + shell_line(argv))
 

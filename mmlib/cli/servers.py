@@ -36,13 +36,13 @@ def own_ports() -> frozenset[int]:
     return frozenset()
 
 
-def preflight(profile: str, force: bool) -> None:
-    """Guard rails before anything starts (`--force` skips them)."""
+def preflight(profile: str, force: bool, model: str | None = None) -> None:
+    """Guard rails before anything starts (`--force` skips them), on the model that will be served."""
     if force:
         return
     from mmlib.guard import checks
 
-    checks.preflight(profile, own_ports())
+    checks.preflight(profile, own_ports(), model=model)
 
 
 def activate(profile: str | None, model: str | None = None, force: bool = False, verb: str = "starting",
@@ -50,7 +50,9 @@ def activate(profile: str | None, model: str | None = None, force: bool = False,
     """Ask the daemon to make a profile answer, with a spinner while it loads."""
     from rich.console import Console
 
-    preflight(profile or "default", force)
+    from mmlib.profiles.config import load_config
+
+    preflight(profile or load_config().default_profile, force, model)
     client = Client().ensure_daemon()
     console = Console(stderr=True)
     what = (profile or "default") + (f" ({model})" if model else "")
@@ -130,13 +132,15 @@ def stop(profile: str | None, all_: bool) -> None:
         raise MMError("say which: `mm stop PROFILE` or `mm stop --all`")
     client = Client()
     if not client.alive():
-        click.echo("nothing is running")
-        return
+        if not leftover_servers():
+            click.echo("nothing is running")
+            return
+        client.ensure_daemon()  # it adopts what the last daemon left, so that it can stop them
     result = client.post("/stop", {"profile": profile, "all": all_}, timeout=None)
     click.echo(f"stopped: {', '.join(result['stopped']) or 'nothing'}")
 
 
-STATE_STYLE = {"awake": "green", "asleep": "cyan", "starting": "yellow", "waking": "yellow",
+STATE_STYLE = {"awake": "green", "asleep": "cyan", "starting": "yellow", "waking": "yellow", "falling asleep": "yellow",
                "stopping": "yellow", "failed": "red", "stopped": "dim"}
 
 
@@ -152,8 +156,14 @@ def status(as_json: bool) -> None:
     """Show every server: profile, model, state, URL, pid, uptime, switch mode and time."""
     client = Client()
     if not client.alive():
+        left = leftover_servers()
         if as_json:
-            click.echo(json.dumps({"daemon": None, "servers": []}))
+            click.echo(json.dumps({"daemon": None, "servers": [], "left_running": left}))
+        elif left:
+            click.echo(f"mm daemon is not running, but {len(left)} server(s) it started still run:")
+            for r in left:
+                click.echo(f"  {r['profile']}: pid {r['pid']}, {r.get('uds') and 'unix:' + r['uds'] or r.get('port')}")
+            click.echo("the next mm command starts a daemon that adopts them (`mm stop --all` stops them)")
         else:
             click.echo("mm daemon is not running; no servers (any mm command that needs one starts it)")
         return
@@ -165,22 +175,35 @@ def status(as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(title=f"mm: proxy {doc['daemon']['proxy']}/v1", title_justify="left")
-    for col in ("profile", "model", "state", "URL", "pid", "uptime", "GPU", "RAM", "switch", "last switch"):
+    for col in ("profile", "model", "state", "URL", "pid", "uptime", "GPU", "RAM", "queue", "switch", "last switch"):
         table.add_column(col)
     for s in doc["servers"]:
         state = f"[{STATE_STYLE.get(s['state'], '')}]{s['state']}[/]"
         last = f"{s['last_switch_s']:.2f}s" if s.get("last_switch_s") is not None else "-"
         table.add_row(s["profile"], s["served_model_name"], state, s["url"] or "-", str(s["pid"] or "-"),
-                      human_duration(s["uptime_s"]), *memory_cells(s.get("memory") or {}), s["switch"], last)
+                      human_duration(s["uptime_s"]), *memory_cells(s.get("memory") or {}),
+                      f"{s.get('in_flight', 0)} / {s.get('waiting', 0)}", s["switch"], last)
     console = Console()
     if not console.is_terminal:  # piped: don't squeeze the table into 80 columns
         console = Console(width=200)
     console.print(table)
+    card = doc.get("card") or {}
+    room = f"; card: {card['free'] / 2**30:.1f} GiB free of {card['capacity'] / 2**30:.1f} GiB" + \
+        (" (budget)" if card.get("budget") else "") if card.get("capacity") else ""
+    console.print(f"queue: in flight / waiting; switches in the last minute: {doc.get('switches_per_min', 0)}{room}",
+                  highlight=False)
     for s in doc["servers"]:
         if s["state"] == "failed" and s.get("error"):
             console.print(f"[red]{s['profile']}[/]: {s['error']} (log: {s['log']})")
             for line in s.get("error_log", [])[-5:]:
                 console.print(f"  | {line}", markup=False, highlight=False)
+
+
+def leftover_servers() -> list[dict]:
+    """Servers a daemon that is gone (killed, say) left running, from their records."""
+    from mmlib.serve import records
+
+    return [r for _, r in records.read_all() if r is not None and records.still_running(r)]
 
 
 @click.command("logs")

@@ -284,9 +284,15 @@ def load_spec_quietly(announce: Callable[[str], None] | None = None) -> tuple[Ar
 
 def check(names: list[str] | None = None, gpu_memory: int | None = None, facts: Facts | None = None,
           spec: ArgSpec | None = None, report: GpuReport | None = None,
-          announce: Callable[[str], None] | None = None, own_ports: frozenset[int] = frozenset()) -> list[Finding]:
-    """Findings for the named profiles (all of them when None), errors first."""
+          announce: Callable[[str], None] | None = None, own_ports: frozenset[int] = frozenset(),
+          model: str | None = None) -> list[Finding]:
+    """Findings for the named profiles (all of them when None), errors first; `model` replaces a
+    single profile's model."""
     profiles, found = _expand(list_profile_names() if names is None else names)
+    if model:
+        if any(p.is_stack for p in profiles) or len(profiles) != 1:
+            raise MMError("a model can only replace a single server's model, not a stack's")
+        profiles = [profiles[0].with_model(model)]
     if facts is None:
         facts, report = machine_facts(report, own_ports=own_ports)
     if spec is None and profiles:
@@ -298,12 +304,13 @@ def check(names: list[str] | None = None, gpu_memory: int | None = None, facts: 
     return sorted(found, key=lambda f: order.get(f.severity, 3))
 
 
-def preflight(profile_name: str, own_ports: frozenset[int] = frozenset()) -> None:
-    """Raise MMError naming the file, key and fix when the profile cannot work; print warnings."""
+def preflight(profile_name: str, own_ports: frozenset[int] = frozenset(), model: str | None = None) -> None:
+    """Raise MMError naming the file, key and fix when the profile cannot work; print warnings.
+    `model` replaces the profile's (`mm up X --model Y` checks Y, not X's model)."""
     def announce(text: str) -> None:
         print(f"mm: {text}", file=sys.stderr, flush=True)
 
-    found = check([profile_name], announce=announce, own_ports=own_ports)
+    found = check([profile_name], announce=announce, own_ports=own_ports, model=model)
     for f in found:
         if f.severity == WARN:
             print(f"mm: warning: {f.line()}", file=sys.stderr)

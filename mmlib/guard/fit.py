@@ -10,7 +10,6 @@ and from the tokens, how many requests of max_model_len fit at once. Checked aga
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -45,16 +44,6 @@ ACTIVATION_FIXED = int(0.1027 * GIB)
 NON_TORCH = int(0.22 * GIB)
 CUDA_GRAPHS = int(0.06 * GIB)
 KV_BLOCK = 16  # vLLM allocates KV in blocks of 16 tokens
-
-
-def parse_size(text: str) -> int:
-    """"12GiB", "12G", "12GB", "11000MiB", "12" (GiB) -> bytes. Binary throughout: a "12 GB" card
-    has 12 GiB, as card makers mean it."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:([KMGT])i?B?)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"not a memory size: {text!r} (write it like 12GiB or 11000MiB)")
-    power = "KMGT".index(m.group(2).upper()) + 1 if m.group(2) else 3
-    return int(float(m.group(1)) * (1 << (10 * power)))
 
 
 def gib(n: float) -> str:

@@ -78,11 +78,11 @@ def run_scenario(p: Plan, target: Target, workdir: Path, log: Path,
                  on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
     """Run one scenario; on_progress gets the requests finished so far (warm-ups included)."""
     filename = f"{p.scenario}.json"
-    base = finished_requests(target.url, target.api_key) if on_progress else None
+    base = finished_requests(target.url, target.api_key, target.served_model_name) if on_progress else None
 
     def tick() -> None:
         if on_progress and base is not None:
-            now = finished_requests(target.url, target.api_key)
+            now = finished_requests(target.url, target.api_key, target.served_model_name)
             if now is not None:
                 on_progress(now - base)
 

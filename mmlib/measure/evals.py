@@ -124,11 +124,11 @@ def read_lm_eval_results(output: Path, task: str) -> dict[str, Any]:
 
 def run_task(task: str, target: Target, include: Path, output: Path, limit: int | None, concurrency: int,
              log: Path, on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
-    base = helper.finished_requests(target.url, target.api_key) if on_progress else None
+    base = helper.finished_requests(target.url, target.api_key, target.served_model_name) if on_progress else None
 
     def tick() -> None:
         if on_progress and base is not None:
-            now = helper.finished_requests(target.url, target.api_key)
+            now = helper.finished_requests(target.url, target.api_key, target.served_model_name)
             if now is not None:
                 on_progress(now - base)
 

@@ -18,7 +18,8 @@ TICK_S = 0.5
 
 @dataclass(frozen=True)
 class Target:
-    """The server to measure: reached directly, not through mm's proxy."""
+    """The server to measure, reached through mm's endpoint: its requests count on the server like
+    any client's, so idle sleep and switches wait for a bench or an eval instead of cutting it off."""
     url: str
     served_model_name: str
     tokenizer: str
@@ -38,13 +39,16 @@ def tokenizer_path(model: str) -> str:
 
 
 def target_for(profile: Any, server: dict[str, Any]) -> Target:
+    """`server` is the daemon's snapshot of it plus "endpoint" (mm's OpenAI endpoint) and
+    "api_key" (the endpoint's key, if one is set)."""
     from mmlib.profiles.vllm_cmd import server_env
 
-    if not server.get("url"):
-        raise MMError(f"{profile.name}: the server has no URL (state {server.get('state')}); see `mm status`")
-    return Target(url=server["url"], served_model_name=server["served_model_name"],
+    if not server.get("endpoint"):
+        raise MMError(f"{profile.name}: no endpoint to measure it through (state {server.get('state')}); "
+                      f"see `mm status`")
+    return Target(url=server["endpoint"], served_model_name=server["served_model_name"],
                   tokenizer=tokenizer_path(server.get("model") or profile.model), env=server_env(profile),
-                  pid=server.get("pid"), api_key=profile.api_key)
+                  pid=server.get("pid"), api_key=server.get("api_key"))
 
 
 def run_helper(argv: list[str], env: dict[str, str], log: Path, on_tick: Callable[[], None] | None = None,
@@ -90,8 +94,9 @@ def _end_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def finished_requests(url: str, api_key: str | None = None) -> float | None:
-    """Requests the server has finished so far (vLLM's Prometheus counter), for progress bars."""
+def finished_requests(url: str, api_key: str | None = None, model: str | None = None) -> float | None:
+    """Requests finished so far (vLLM's Prometheus counter), for progress bars; with `model`, only
+    the lines labelled with that model (mm's endpoint re-exports every server's counters)."""
     import httpx
 
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -103,7 +108,8 @@ def finished_requests(url: str, api_key: str | None = None) -> float | None:
         return None
     total, seen = 0.0, False
     for line in r.text.splitlines():
-        if line.startswith("vllm:request_success_total"):
+        if line.startswith("vllm:request_success_total") and (
+                model is None or f'model_name="{model}"' in line or f'model="{model}"' in line):
             try:
                 total += float(line.rsplit(" ", 1)[1])
                 seen = True

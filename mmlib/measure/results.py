@@ -85,7 +85,7 @@ def base_doc(kind: str, profile: Any, mode: str, server: dict[str, Any], gpu: st
         "schema": SCHEMA, "kind": kind, "profile": profile.name, "mode": mode, "complete": False,
         "started_at": iso(), "finished_at": None,
         "vllm": {"distribution": install.distribution, "version": install.version} if install else None,
-        "gpu": gpu, "server": {k: server.get(k) for k in ("url", "pid", "served_model_name", "model")},
+        "gpu": gpu, "server": {k: server.get(k) for k in ("url", "endpoint", "pid", "served_model_name", "model")},
         "profile_config": profile_record(profile),
     }
 

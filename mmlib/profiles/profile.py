@@ -20,6 +20,7 @@ from mmlib.errors import ProfileError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_EXTENDS_DEPTH = 8
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 RESTART_POLICIES = ("no", "on-failure")
 
 
@@ -90,6 +91,11 @@ SCALAR_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 TABLE_KEYS = ("engine", "env", "sleep")
 SLEEP_KEYS = {"enabled": (bool,), "level": (int,)}
+
+
+def is_secret(name: str) -> bool:
+    """A variable that holds a secret by its name (HF_TOKEN, OPENAI_API_KEY, ...)."""
+    return any(word in name.upper() for word in SECRET_WORDS)
 
 
 def default_served_name(model: str) -> str:
@@ -297,7 +303,11 @@ def to_dict(p: Profile) -> dict[str, Any]:
         "idle_stop": p.idle_stop, "stack": list(p.stack), "share_gpu": p.share_gpu,
     }.items() if v not in (None, [], "")}
     doc["sleep"] = {"enabled": p.sleep.enabled, "level": p.sleep.level}
-    doc["engine"], doc["env"] = dict(p.engine), dict(p.env)
+    doc["engine"] = dict(p.engine)
+    # Secrets are never printed or recorded in results: api keys and secret-looking variables.
+    doc["env"] = {k: ("***" if is_secret(k) and v else v) for k, v in p.env.items()}
+    if p.api_key:
+        doc["api_key"] = "***"
     return doc
 
 

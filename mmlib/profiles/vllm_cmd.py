@@ -13,7 +13,7 @@ from importlib import metadata
 from typing import Any, Mapping
 
 from mmlib.profiles import embedded
-from mmlib.profiles.profile import Profile
+from mmlib.profiles.profile import Profile, is_secret
 
 # mm sets these itself; an [engine] table that sets them would fight the supervisor.
 RESERVED_ENGINE_KEYS = ("host", "port", "model", "served_model_name")
@@ -91,15 +91,20 @@ def sleep_available(profile: Profile, install: VllmInstall | None = None) -> boo
     return profile.sleep.enabled and not (install is None or install.is_cpu)
 
 
-def server_argv(profile: Profile, port: int, python: str = sys.executable) -> list[str]:
+def wants_tcp(profile: Profile) -> bool:
+    """A profile that names a port or another host asks to be reachable over TCP; otherwise mm's
+    servers listen on a unix socket in a 0700 folder, where only this user reaches them."""
+    return profile.port is not None or profile.host != "127.0.0.1"
+
+
+def server_argv(profile: Profile, listen: int | str, python: str = sys.executable) -> list[str]:
+    """`listen` is a TCP port, or the path of a unix socket (vLLM's --uds)."""
     assert profile.model, "stack profiles have no server of their own"
-    argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", resolve_model(profile.model),
-            "--host", profile.host, "--port", str(port),
+    where = ["--uds", listen] if isinstance(listen, str) else ["--host", profile.host, "--port", str(listen)]
+    argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", resolve_model(profile.model), *where,
             "--served-model-name", *profile.names]
     if sleep_available(profile):
         argv.append("--enable-sleep-mode")
-    if profile.api_key:
-        argv += ["--api-key", profile.api_key]
     return argv + engine_args(profile.engine)
 
 
@@ -113,7 +118,14 @@ def server_env(profile: Profile, base: Mapping[str, str] | None = None) -> dict[
     if sleep_available(profile, install):
         env["VLLM_SERVER_DEV_MODE"] = "1"  # exposes /sleep, /wake_up, /is_sleeping
     env.update(profile.env)
+    if profile.api_key:
+        env["VLLM_API_KEY"] = profile.api_key  # a secret: by environment, never in argv (ps shows argv)
     return env
+
+
+def masked_env(env: Mapping[str, str]) -> dict[str, str]:
+    """For display: secret-looking variables (api keys, HF_TOKEN) shown as ***."""
+    return {k: ("***" if is_secret(k) and v else v) for k, v in env.items()}
 
 
 def shell_line(argv: list[str]) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 from mmlib import paths
 from mmlib.errors import DaemonError
+from mmlib.profiles.config import client_api_key
 
 START_TIMEOUT_S = 20.0
 WAIT = None  # timeout value meaning: as long as the daemon works (a first start can take minutes)
@@ -45,7 +46,7 @@ class Client:
         self.sock = sock or socket_path()
         self.timeout = timeout
         self.headers = {"content-type": "application/json"}
-        api_key = api_key or os.environ.get("MM_API_KEY")
+        api_key = api_key or client_api_key()
         if api_key:
             self.headers["authorization"] = f"Bearer {api_key}"
 

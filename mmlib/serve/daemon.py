@@ -26,12 +26,13 @@ from mmlib import paths
 from mmlib.errors import MMError
 from mmlib.profiles.config import Config, load_config
 from mmlib.profiles.profile import Profile, load_all, load_profile
+from mmlib.serve import records
 from mmlib.serve.auth import bearer_ok
 from mmlib.serve.proxy import ModelIndex, Proxy
-from mmlib.serve.scheduler import Scheduler
+from mmlib.serve.memory import CardMemory
+from mmlib.serve.scheduler import Policy, Scheduler
 from mmlib.serve.states import State
 from mmlib.serve.supervisor import ManagedServer
-from mmlib.system import proctree
 
 log = logging.getLogger("mm.daemon")
 IDLE_CHECK_S = 1.0
@@ -52,12 +53,16 @@ class QuietServer(uvicorn.Server):
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
-        self.scheduler = Scheduler(self.make_server)
+        self.scheduler = Scheduler(self.make_server, drain_limit_s=config.upstream_timeout,
+                                   memory=CardMemory(config.gpu_budget_bytes),
+                                   policy=Policy(max_wait_s=config.switch_max_wait))
         self.index = ModelIndex(load_all)
         self.proxy = Proxy(self.scheduler, self.index, lambda: load_profile(config.default_profile),
-                           api_key=config.api_key)
+                           api_key=config.api_key, upstream_timeout=config.upstream_timeout,
+                           max_body=config.max_body_mib * 2**20)
         self.started_at = time.time()
         self.stopping = asyncio.Event()
+        self._uds: asyncio.Future | None = None
         self.control = Starlette(routes=[
             Route("/ping", self.ping, methods=["GET"]),
             Route("/status", self.status, methods=["GET"]),
@@ -70,7 +75,14 @@ class Daemon:
         ])
 
     def make_server(self, profile: Profile) -> ManagedServer:
-        return ManagedServer(profile)
+        return ManagedServer(profile, uds_supported=self.uds_supported)
+
+    async def uds_supported(self) -> bool:
+        """Whether the installed vLLM has --uds, asked once of its own parser (in a thread: the
+        first time imports vLLM in a helper process, though the CLI's preflight usually did it)."""
+        if self._uds is None:
+            self._uds = asyncio.ensure_future(asyncio.to_thread(_vllm_has_uds))
+        return await self._uds
 
     # --- control API -------------------------------------------------------------------------------
     async def _args(self, request: Request) -> dict:
@@ -92,13 +104,18 @@ class Daemon:
             return JSONResponse({"error": f"bad request: {e}"}, status_code=400)
         except MMError as e:
             return JSONResponse({"error": str(e)}, status_code=409)
+        except Exception as e:  # a bug or an outside failure: one line to the caller, the trace to the log
+            log.exception("control API %s failed", request.url.path)
+            return JSONResponse({"error": f"{type(e).__name__}: {e} (see {paths.logs_dir() / 'daemon.log'})"},
+                                status_code=500)
         return JSONResponse(result)
 
     async def ping(self, request: Request) -> JSONResponse:
         return await self._call(request, lambda a: self._ping())
 
     async def _ping(self) -> dict:
-        return {"pid": os.getpid(), "proxy": self.config.proxy_url, "started_at": self.started_at}
+        return {"pid": os.getpid(), "proxy": self.config.proxy_url, "started_at": self.started_at,
+                "shutting_down": self.scheduler.closed}
 
     async def status(self, request: Request) -> JSONResponse:
         return await self._call(request, lambda a: self._status())
@@ -112,9 +129,13 @@ class Daemon:
         for s in self.scheduler.servers.values():
             snap = s.snapshot()
             snap["memory"] = await asyncio.to_thread(tree_memory, s.pid)
+            snap["waiting"] = self.scheduler.waiting(s.name)
             servers.append(snap)
-        return {"daemon": await self._ping(), "active": self.scheduler.active,
-                "last_switch_s": self.scheduler.last_switch_s, "servers": servers}
+        memory = self.scheduler.memory
+        card = {"capacity": memory.capacity(), "free": memory.free(), "budget": memory.budget}
+        return {"daemon": await self._ping(), "active": self.scheduler.active, "card": card,
+                "last_switch_s": self.scheduler.last_switch_s,
+                "switches_per_min": self.scheduler.switches_per_minute(), "servers": servers}
 
     def _profile(self, args: dict) -> Profile:
         name = args.get("profile") or self.config.default_profile
@@ -150,7 +171,10 @@ class Daemon:
 
     async def sleep(self, request: Request) -> JSONResponse:
         async def act(args):
-            await self.scheduler.sleep(self._existing(args))
+            level = args.get("level")
+            if level is not None and level not in (1, 2):
+                raise ValueError("level must be 1 or 2")
+            await self.scheduler.sleep(self._existing(args), level)
             return await self._status()
         return await self._call(request, act)
 
@@ -162,8 +186,9 @@ class Daemon:
 
     async def shutdown(self, request: Request) -> JSONResponse:
         async def act(args):
+            self.scheduler.closed = True  # from now on, no new work: nothing starts behind our back
             asyncio.get_running_loop().call_later(0.05, self.stopping.set)
-            return {"stopping": True}
+            return {"stopping": True, "pid": os.getpid()}
         return await self._call(request, act)
 
     # --- background duties -------------------------------------------------------------------------
@@ -172,51 +197,43 @@ class Daemon:
             await asyncio.sleep(IDLE_CHECK_S)
             now = time.monotonic()
             for s in list(self.scheduler.servers.values()):
+                self.scheduler.measure(s)  # the awake peak and the asleep residue, for room decisions
                 idle = now - s.last_used
                 p = s.profile
-                if s.in_flight:
+                if s.in_flight or self.scheduler.waiting(s.name) or self.scheduler.closed:
                     continue
-                if p.idle_stop and s.state in (State.READY, State.SLEEPING) and idle > p.idle_stop:
+                if p.idle_stop and s.state in (State.AWAKE, State.ASLEEP) and idle > p.idle_stop:
                     log.info("%s idle %.0f s: stopping", s.name, idle)
                     await self.scheduler.stop(s.name)
-                elif p.idle_sleep and s.state == State.READY and idle > p.idle_sleep:
+                elif p.idle_sleep and s.state == State.AWAKE and idle > p.idle_sleep:
                     log.info("%s idle %.0f s: sleeping", s.name, idle)
                     await self.scheduler.sleep(s.name)
 
     async def adopt_orphans(self) -> None:
         """Servers a previous daemon started (it may have been killed): take them back or stop them."""
-        d = paths.state_dir() / "servers"
-        for f in sorted(d.glob("*.json")) if d.is_dir() else []:
+        for f, record in records.read_all():
             try:
-                record = json.loads(f.read_text())
+                if record is None:
+                    raise ValueError("not a server record")
                 profile = load_profile(record["profile"])
                 if record.get("model") and record["model"] != profile.model:
                     profile = profile.with_model(record["model"])
-            except (OSError, ValueError, KeyError, MMError) as e:
-                log.warning("state file %s unusable (%s); stopping its process", f, e)
-                stop_recorded(f)
+            except (ValueError, KeyError, TypeError, MMError) as e:
+                log.warning("server record %s unusable (%s); stopping its process", f, e)
+                records.stop_recorded(f, record)
                 continue
             server = self.make_server(profile)
+            server.on_death = self.scheduler.on_death
             if await server.adopt(record):
                 self.scheduler.servers[profile.name] = server
-                if server.state == State.READY:
+                if server.state == State.AWAKE:
                     self.scheduler.active = [profile.name]
                 log.info("adopted %s (pid %s, %s)", profile.name, server.pid, server.state.value)
             else:
-                stop_recorded(f)
+                records.stop_recorded(f, record)
 
     async def stop_everything(self) -> None:
-        await self.scheduler.stop()
-
-
-def stop_recorded(state_file: Path) -> None:
-    """Kill the process group a state file names, if that process is still the one recorded."""
-    try:
-        record = json.loads(state_file.read_text())
-        proctree.kill_recorded(int(record["pid"]), record.get("create_time"))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    state_file.unlink(missing_ok=True)
+        await self.scheduler.close()
 
 
 @contextlib.contextmanager
@@ -236,6 +253,16 @@ def single_instance():
         yield
     finally:
         os.close(fd)
+
+
+def _vllm_has_uds() -> bool:
+    from mmlib.profiles.vllm_args import SpecUnavailable, load_spec
+
+    try:
+        return load_spec().lookup("--uds") is not None
+    except SpecUnavailable as e:
+        log.warning("servers listen on TCP ports: %s", e)
+        return False
 
 
 def _uvicorn(app, **where) -> QuietServer:
@@ -299,6 +326,7 @@ async def serve(config: Config) -> None:
 
 def run() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health probe
     config = load_config()
     runner = asyncio.run
     with contextlib.suppress(ImportError):

@@ -8,7 +8,9 @@ upstream connection, which makes vLLM abort the request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import re
 import time
 from typing import Callable
@@ -24,11 +26,12 @@ from mmlib.errors import MMError
 from mmlib.profiles.profile import Profile
 from mmlib.serve.auth import bearer_ok
 from mmlib.serve.scheduler import Scheduler
-from mmlib.serve.states import State
+from mmlib.serve.states import LIVE, State
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
               "content-length", "host", "proxy-authorization", "proxy-authenticate"}
 DEFAULT_NAMES = ("", "default")
+log = logging.getLogger("mm.proxy")
 MULTIPART_MODEL = re.compile(rb'name="model"\r\n\r\n([^\r\n]*)\r\n')
 
 
@@ -81,29 +84,34 @@ def request_model(body: bytes, content_type: str) -> tuple[str | None, dict | No
 
 class Proxy:
     def __init__(self, scheduler: Scheduler, index: ModelIndex, default_profile: Callable[[], Profile],
-                 api_key: str | None = None):
+                 api_key: str | None = None, upstream_timeout: float = 600.0, max_body: int = 100 * 2**20):
         self.scheduler, self.index, self.default_profile = scheduler, index, default_profile
         self.api_key = api_key
-        self._session = None
+        self.upstream_timeout, self.max_body = upstream_timeout, max_body
+        self._sessions: dict[str | None, aiohttp.ClientSession] = {}
         self.routes = Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
         ])
         self.app = self
 
-    @property
-    def session(self):
+    def session(self, uds: str | None = None) -> aiohttp.ClientSession:
         """aiohttp for the upstream leg: its C parser costs a third of what httpx does per request and
-        per streamed chunk, which is the difference between ~1.1 ms and ~0.4 ms added latency here."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-                timeout=aiohttp.ClientTimeout(total=None, connect=10), auto_decompress=False)
-        return self._session
+        per streamed chunk, which is the difference between ~1.1 ms and ~0.4 ms added latency here.
+        One pooled session for TCP servers, one per unix socket. A model silent for upstream_timeout
+        (a hung engine) ends the request instead of holding a switch."""
+        session = self._sessions.get(uds)
+        if session is None or session.closed:
+            connector = aiohttp.UnixConnector(path=uds, limit=0, keepalive_timeout=30) if uds else \
+                aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+            session = self._sessions[uds] = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=self.upstream_timeout))
+        return session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in self._sessions.values():
+            await session.close()
 
     def authorized(self, request: Request) -> bool:
         return bearer_ok(request.headers.get("authorization"), self.api_key)
@@ -131,7 +139,7 @@ class Proxy:
                 return server.profile
             return self.default_profile()
         for server in self.scheduler.servers.values():  # a model given on the command line (`mm chat ORG/M`)
-            if model in server.profile.names:
+            if server.state in LIVE and model in server.profile.names:
                 return server.profile
         return self.index.lookup(model)
 
@@ -147,7 +155,13 @@ class Proxy:
         if not bearer_ok(headers.get("authorization"), self.api_key):
             return await error(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                                "authentication_error")(scope, receive, send)
-        body = await read_body(receive)
+        try:
+            body = await read_body(receive, self.max_body)
+        except BodyTooLarge:
+            return await error(413, f"request body over {self.max_body // 2**20} MiB (max_body_mib in "
+                                    f"config.toml)")(scope, receive, send)
+        if body is None:
+            return  # the client left while sending
         try:
             model, doc = request_model(body, headers.get("content-type", ""))
         except (ValueError, UnicodeDecodeError) as e:
@@ -157,30 +171,60 @@ class Proxy:
             known = sorted(self.index.by_name)
             return await error(404, f"unknown model {model!r}; known models: {', '.join(known)}",
                                "model_not_found", known_models=known)(scope, receive, send)
+        # From here on a client that goes away must free what it holds: its place in a switch's
+        # queue, the server's count, the upstream request (vLLM aborts it when the connection drops).
+        gone = asyncio.ensure_future(receive())
         try:
-            server = await self.scheduler.acquire(profile)
-        except MMError as e:
-            return await error(503, str(e), "server_unavailable", headers={"Retry-After": "5"})(scope, receive, send)
-        try:
-            if doc is not None and model in DEFAULT_NAMES and "model" in doc:
-                doc["model"] = server.profile.served_model_name
-                body = json.dumps(doc).encode()
-            await self.relay(scope, receive, send, server, headers, body)
+            server = await self._acquire(profile, gone)
+            if server is None:
+                return
+            try:
+                if doc is not None and model in DEFAULT_NAMES and "model" in doc:
+                    doc["model"] = server.profile.served_model_name
+                    body = json.dumps(doc).encode()
+                await self.relay(scope, send, server, headers, body, gone)
+            finally:
+                server.release()
+                server.last_used = time.monotonic()
+        except _Unavailable as e:
+            await e.response(scope, receive, send)
         finally:
-            server.release()
-            server.last_used = time.monotonic()
+            gone.cancel()
 
-    async def relay(self, scope, receive, send, server, headers: Headers, body: bytes) -> None:
+    async def _acquire(self, profile: Profile, gone: asyncio.Future):
+        """The server for this request, or None when the client left while it waited."""
+        acquiring = asyncio.ensure_future(self.scheduler.acquire(profile))
+        await asyncio.wait({acquiring, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not acquiring.done():
+            acquiring.cancel()  # the scheduler gives its place back
+            with contextlib.suppress(asyncio.CancelledError, MMError):
+                await acquiring
+            return None
+        try:
+            return acquiring.result()
+        except MMError as e:
+            raise _Unavailable(str(e)) from None
+        except Exception as e:  # an outside failure while switching: one line, never a traceback
+            log.exception("switching to %s failed", profile.name)
+            raise _Unavailable(f"{profile.name}: could not make it ready ({type(e).__name__}: {e})") from None
+
+    async def relay(self, scope, send, server, headers: Headers, body: bytes, gone: asyncio.Future) -> None:
         out = [(k, v) for k, v in headers.items() if k not in HOP_BY_HOP]
         if server.profile.api_key:
             out = [(k, v) for k, v in out if k != "authorization"]
             out.append(("authorization", f"Bearer {server.profile.api_key}"))
         url = server.url + scope["path"] + (f"?{scope['query_string'].decode()}" if scope["query_string"] else "")
+        posting = asyncio.ensure_future(self.session(server.uds).post(url, data=body, headers=out))
+        await asyncio.wait({posting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not posting.done():  # a non-streaming answer still being made, and nobody left to read it
+            posting.cancel()
+            with contextlib.suppress(BaseException):
+                await posting
+            return
         try:
-            upstream = await self.session.post(url, data=body, headers=out)
-        except (aiohttp.ClientError, OSError) as e:
-            return await error(502, f"{server.name}: upstream failed: {e!r}", "upstream_error",
-                               headers={"Retry-After": "5"})(scope, receive, send)
+            upstream = posting.result()
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            raise _Unavailable(f"{server.name}: upstream failed: {e!r}", 502, "upstream_error") from None
         try:
             response_headers = [(k.encode(), v.encode()) for k, v in upstream.headers.items()
                                 if k.lower() not in HOP_BY_HOP]
@@ -188,34 +232,49 @@ class Proxy:
             if event_stream:
                 response_headers.append((b"x-accel-buffering", b"no"))  # no buffering proxy in between
             await send({"type": "http.response.start", "status": upstream.status, "headers": response_headers})
-            # A client that goes away must free vLLM: watch for the disconnect while relaying.
-            gone = asyncio.ensure_future(receive())
             try:
                 async for chunk in upstream.content.iter_any():
                     if gone.done():
                         upstream.close()  # drop the connection: vLLM aborts the request
                         return
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except (aiohttp.ClientError, OSError) as e:
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
                 if not event_stream:
                     raise  # a plain body cannot carry an error: drop the connection, the client sees it
-                # The server died mid-answer: end the event stream with an error the client can show.
+                # The server died (or hung) mid-answer: end the event stream with an error the client can show.
                 msg = json.dumps({"error": {"message": f"{server.name}: upstream connection lost ({type(e).__name__})"}})
                 await send({"type": "http.response.body", "body": f"\n\ndata: {msg}\n\n".encode(), "more_body": True})
-            finally:
-                gone.cancel()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             upstream.release()
 
 
-async def read_body(receive) -> bytes:
-    chunks = []
+class _Unavailable(Exception):
+    """The request cannot be served now: answered with this status and Retry-After."""
+
+    def __init__(self, message: str, status: int = 503, kind: str = "server_unavailable"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+    def response(self, scope, receive, send):
+        return error(self.status, str(self), self.kind, headers={"Retry-After": "5"})(scope, receive, send)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(receive, limit: int) -> bytes | None:
+    """The whole request body; None when the client disconnected first."""
+    chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
-        chunks.append(message.get("body", b""))
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
         if not message.get("more_body"):
-            break
-    return b"".join(chunks)
+            return b"".join(chunks)

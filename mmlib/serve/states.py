@@ -11,25 +11,30 @@ from enum import Enum
 class State(str, Enum):
     STOPPED = "stopped"
     STARTING = "starting"
-    READY = "awake"
-    SLEEPING = "asleep"
+    AWAKE = "awake"
+    FALLING_ASLEEP = "falling asleep"
+    ASLEEP = "asleep"
     WAKING = "waking"
     STOPPING = "stopping"
     FAILED = "failed"
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.STOPPED: frozenset({State.STARTING, State.READY}),  # READY: adopted from a previous daemon
-    State.STARTING: frozenset({State.READY, State.FAILED, State.STOPPING}),
-    State.READY: frozenset({State.SLEEPING, State.STOPPING, State.FAILED}),
-    State.SLEEPING: frozenset({State.WAKING, State.STOPPING, State.FAILED}),
-    State.WAKING: frozenset({State.READY, State.FAILED, State.STOPPING}),
+    # AWAKE, ASLEEP and STARTING from STOPPED: a server adopted from a previous daemon
+    State.STOPPED: frozenset({State.STARTING, State.AWAKE, State.ASLEEP}),
+    State.STARTING: frozenset({State.AWAKE, State.FAILED, State.STOPPING}),
+    State.AWAKE: frozenset({State.FALLING_ASLEEP, State.STOPPING, State.FAILED}),
+    State.FALLING_ASLEEP: frozenset({State.ASLEEP, State.FAILED, State.STOPPING}),
+    State.ASLEEP: frozenset({State.WAKING, State.STOPPING, State.FAILED}),
+    State.WAKING: frozenset({State.AWAKE, State.FAILED, State.STOPPING}),
     State.STOPPING: frozenset({State.STOPPED, State.FAILED}),
     State.FAILED: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
 }
 
-# States in which a process exists and holds (or may hold) GPU memory.
-LIVE = frozenset({State.STARTING, State.READY, State.SLEEPING, State.WAKING, State.STOPPING})
+# A process exists and holds (or may hold) GPU memory.
+LIVE = frozenset({State.STARTING, State.AWAKE, State.FALLING_ASLEEP, State.ASLEEP, State.WAKING, State.STOPPING})
+# It holds (or is about to hold) its whole awake footprint.
+AWAKE_ISH = frozenset({State.STARTING, State.AWAKE, State.WAKING})
 
 
 class TransitionError(RuntimeError):

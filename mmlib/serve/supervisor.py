@@ -1,17 +1,22 @@
 """One supervised vLLM server: launch from argv (no shell), health, sleep/wake, stop, death watch.
 
 Runs inside the daemon's event loop. The process launcher and the argv builder are injected so
-fault tests can run the real supervisor against a fake server.
+fault tests can run the real supervisor against a fake server. What happens after a crash is not
+decided here: the scheduler is told (on_death) and decides, so a restart goes through the same
+switch logic as any other start.
+
+A server listens on a unix socket in mm's private runtime folder unless its profile asks for TCP
+(port or host): vLLM's dev-mode endpoints (/sleep, /wake_up, /collective_rpc) then answer only
+this user.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import httpx
 import psutil
@@ -20,15 +25,17 @@ from mmlib import paths
 from mmlib.errors import MMError
 from mmlib.profiles import embedded
 from mmlib.profiles.profile import Profile
-from mmlib.profiles.vllm_cmd import server_argv, server_env, sleep_available
+from mmlib.profiles.vllm_cmd import server_argv, server_env, sleep_available, wants_tcp
+from mmlib.serve import records
 from mmlib.serve.states import LIVE, State, check_transition
 from mmlib.system import proctree
-from mmlib.system.files import replace_atomic, tail_lines
+from mmlib.system.files import tail_lines
 from mmlib.system.net import connect_host, free_port, port_taken
 
 STOP_GRACE_S = 15.0
 WATCH_INTERVAL_S = 0.2
 LOG_TAIL_LINES = 15
+CONTROL_TIMEOUT_S = 300.0  # a first sleep of a 7B model took 9 s; a level-2 weight reload reads the disk
 
 
 def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> list[str]:
@@ -44,14 +51,24 @@ async def spawn_process(argv: list[str], env: dict[str, str], log: Path) -> asyn
             start_new_session=True)
 
 
+def _socket_for(name: str) -> str | None:
+    path = paths.sockets_dir() / f"{name}.sock"
+    return str(path) if len(str(path)) <= paths.SOCKET_PATH_MAX else None
+
+
 @dataclass
 class ManagedServer:
     profile: Profile
     spawn: Callable[..., Any] = spawn_process
-    argv_builder: Callable[[Profile, int], list[str]] = server_argv
+    argv_builder: Callable[[Profile, int | str], list[str]] = server_argv
     on_change: Callable[["ManagedServer"], None] = lambda s: None
+    # Told after a crash, with the state the server was in; the scheduler decides what follows.
+    on_death: Callable[["ManagedServer", State], Any] = lambda s, was: None
+    # Whether the installed vLLM has --uds (asked of its own parser); None: TCP.
+    uds_supported: Callable[[], Awaitable[bool]] | None = None
     state: State = State.STOPPED
     port: int | None = None
+    uds: str | None = None
     pid: int | None = None
     started_at: float | None = None
     ready_at: float | None = None
@@ -62,14 +79,17 @@ class ManagedServer:
     last_switch_s: float | None = None
     last_used: float = field(default_factory=time.monotonic)
     in_flight: int = 0
+    slept_level: int | None = None
     argv: list[str] = field(default_factory=list)
     _proc: Any = None
     _family: list[psutil.Process] = field(default_factory=list)
     _watch: asyncio.Task | None = None
+    _starting: asyncio.Task | None = None
+    _http: httpx.AsyncClient | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    # --- state -----------------------------------------------------------------------------------
+    # --- what it is ----------------------------------------------------------------------------------
     def release(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)
 
@@ -79,7 +99,15 @@ class ManagedServer:
 
     @property
     def url(self) -> str | None:
+        """The server's HTTP base. Over a unix socket the host part is a placeholder; use `http`."""
+        if self.uds:
+            return "http://mm-upstream"
         return f"http://{connect_host(self.profile.host)}:{self.port}" if self.port else None
+
+    @property
+    def where(self) -> str | None:
+        """For people: where it listens."""
+        return f"unix:{self.uds}" if self.uds else self.url
 
     @property
     def may_restart(self) -> bool:
@@ -90,10 +118,24 @@ class ManagedServer:
     def can_sleep(self) -> bool:
         return sleep_available(self.profile)
 
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """One client for health and control calls, over the socket where there is one."""
+        if self._http is None:
+            transport = httpx.AsyncHTTPTransport(uds=self.uds) if self.uds else None
+            self._http = httpx.AsyncClient(base_url=self.url or "", transport=transport,
+                                           timeout=httpx.Timeout(CONTROL_TIMEOUT_S, connect=5.0))
+        return self._http
+
+    async def _close_http(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
     async def _set_state(self, new: State, error: str | None = None) -> None:
         check_transition(self.state, new)
         self.state = new
-        if error is not None or new in (State.STARTING, State.READY):
+        if error is not None or new in (State.STARTING, State.AWAKE):
             self.error = error
         self.on_change(self)
         async with self._changed:
@@ -110,23 +152,35 @@ class ManagedServer:
         p = self.profile
         return {
             "profile": p.name, "model": p.model, "served_model_name": p.served_model_name,
-            "aliases": list(p.aliases), "state": self.state.value, "url": self.url, "port": self.port,
-            "pid": self.pid, "started_at": self.started_at, "ready_at": self.ready_at,
+            "aliases": list(p.aliases), "state": self.state.value, "url": self.where, "port": self.port,
+            "uds": self.uds, "pid": self.pid, "started_at": self.started_at, "ready_at": self.ready_at,
             "uptime_s": time.time() - self.started_at if self.started_at and self.state in LIVE else None,
             "log": str(self.log_path) if self.log_path else None, "error": self.error,
             "error_log": self.error_log, "restarts": self.restarts, "sleep_mode": self.can_sleep,
+            "sleep_level": self.profile.sleep.level if self.can_sleep else None,
             "switch": "sleep/wake" if self.can_sleep else "stop/start",
             "last_switch_s": self.last_switch_s, "in_flight": self.in_flight,
         }
 
     # --- start -----------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the server and wait until it answers. A start in progress is joined, not repeated;
+        stop() cancels it (the waiters then get an MMError)."""
         async with self._lock:
-            if self.state in (State.READY, State.SLEEPING, State.WAKING):
+            if self.state in (State.AWAKE, State.ASLEEP, State.WAKING, State.FALLING_ASLEEP):
                 return
-            await self._start_locked()
+            if self.state != State.STARTING or self._starting is None:
+                await self._launch()
+                self._starting = asyncio.ensure_future(self._await_health(self.profile.startup_timeout))
+            task = self._starting
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise MMError(f"{self.name}: the start was cancelled (stopped while loading)") from None
+            raise
 
-    async def _start_locked(self) -> None:
+    async def _launch(self) -> None:
         p = self.profile
         if p.port and port_taken(p.host, p.port):
             raise MMError(f"{p.source}: port {p.port} is already in use on {p.host} "
@@ -136,20 +190,24 @@ class ManagedServer:
             raise MMError(f"{p.source}: model: path {p.model} does not exist (fix: point model at a "
                           f"folder with config.json, or use a hub id)")
         await self._set_state(State.STARTING)
-        self.port = p.port or free_port(connect_host(p.host))
+        await self._close_http()
+        uds = not wants_tcp(p) and self.uds_supported is not None and await self.uds_supported()
+        self.uds = _socket_for(self.name) if uds else None
+        self.port = None if self.uds else (p.port or free_port(connect_host(p.host)))
+        if self.uds:
+            Path(self.uds).unlink(missing_ok=True)
         self.log_path = self._rotate_log()
-        self.started_at, self.ready_at, self.error_log = time.time(), None, []
+        self.started_at, self.ready_at, self.error_log, self.slept_level = time.time(), None, [], None
         try:
             if p.model and embedded.is_embedded(p.model):
                 await asyncio.to_thread(embedded.ensure_converted, self.log_path)
-            self.argv = self.argv_builder(p, self.port)
+            self.argv = self.argv_builder(p, self.uds or self.port)
             self._proc = await self.spawn(self.argv, server_env(p), self.log_path)
         except Exception as e:  # the launch itself failed: nothing runs
             await self._fail(str(e))
             raise MMError(f"{p.name}: could not start: {e}") from None
         self.pid = self._proc.pid
-        self._write_state_file()
-        await self._await_health(p.startup_timeout)
+        self._write_record()
 
     def _rotate_log(self) -> Path:
         path = paths.logs_dir() / f"{self.name}.log"
@@ -160,33 +218,37 @@ class ManagedServer:
         os.close(fd)
         return path
 
+    async def _healthy(self) -> bool:
+        try:
+            return (await self.http.get("/health", timeout=2.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     async def _await_health(self, timeout: float) -> None:
         """Poll /health fast at first, backing off, while watching the process for an early exit."""
         deadline, delay = time.monotonic() + timeout, 0.05
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self._exited():
-                    await self._fail(f"exited during start-up (code {self._proc.returncode})")
-                    raise MMError(self._failure_message())
-                try:
-                    if (await client.get(f"{self.url}/health")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(delay)
-                delay = min(delay * 1.5, 1.0)
-            else:
-                await self._kill_family()
-                await self._fail(f"not healthy after {timeout:.0f} s (startup_timeout)")
+        while time.monotonic() < deadline:
+            if self._exited():
+                await self._fail(f"exited during start-up (code {self._proc.returncode})")
                 raise MMError(self._failure_message())
+            if await self._healthy():
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        else:
+            await self._kill_family()
+            await self._fail(f"not healthy after {timeout:.0f} s (startup_timeout)")
+            raise MMError(self._failure_message())
         self._family = self._process_family()
         self.ready_at = time.time()
         self.last_used = time.monotonic()
-        await self._set_state(State.READY)
+        await self._set_state(State.AWAKE)
         self._watch = asyncio.create_task(self._watch_family())
 
     def _exited(self) -> bool:
-        return self._proc is not None and self._proc.returncode is not None
+        if self._proc is not None:
+            return self._proc.returncode is not None
+        return self.pid is not None and proctree.all_dead(proctree.family(self.pid) or [])
 
     def _failure_message(self) -> str:
         from mmlib.guard import diagnose  # matches the log against known failures
@@ -201,34 +263,33 @@ class ManagedServer:
     async def _fail(self, reason: str) -> None:
         self.error_log = log_tail(self.log_path)
         self.pid = None
-        self._remove_state_file()
+        records.remove(self.name)
         await self._set_state(State.FAILED, error=reason)
 
+    # --- adoption (a previous daemon's server) ----------------------------------------------------------
     async def adopt(self, record: dict[str, Any]) -> bool:
-        """Take over a server a previous daemon started, if it is the same process and healthy."""
-        try:
-            proc = psutil.Process(record["pid"])
-            if record.get("create_time") and abs(proc.create_time() - record["create_time"]) > 1:
-                return False  # the pid was reused by something else
-        except (psutil.Error, KeyError, TypeError):
+        """Take over a server a previous daemon started, if it is the same process. One that is still
+        loading is adopted as starting and waited for, not killed."""
+        if not records.still_running(record):
             return False
-        self.pid, self.port = record["pid"], record["port"]
+        self.pid, self.port, self.uds = record["pid"], record.get("port"), record.get("uds")
         self.started_at, self.argv = record.get("started_at"), record.get("argv", [])
         self.log_path = Path(record["log"]) if record.get("log") else None
-        sleeping = False
-        try:
-            async with httpx.AsyncClient(timeout=3.0) as client:
-                if (await client.get(f"{self.url}/health")).status_code != 200:
-                    return False
-                if self.can_sleep:
-                    sleeping = bool((await client.get(f"{self.url}/is_sleeping")).json().get("is_sleeping"))
-        except (httpx.HTTPError, ValueError):
-            return False
         self._family = self._process_family()
+        if not await self._healthy():
+            await self._set_state(State.STARTING)
+            left = self.profile.startup_timeout - (time.time() - (self.started_at or time.time()))
+            self._starting = asyncio.ensure_future(self._await_health(max(left, 30.0)))
+            return True
+        sleeping = False
+        if self.can_sleep:
+            try:
+                sleeping = bool((await self.http.get("/is_sleeping")).json().get("is_sleeping"))
+            except (httpx.HTTPError, ValueError):
+                return False
         self.ready_at = time.time()
-        await self._set_state(State.READY)
-        if sleeping:
-            await self._set_state(State.SLEEPING)
+        self.slept_level = record.get("slept_level") if sleeping else None
+        await self._set_state(State.ASLEEP if sleeping else State.AWAKE)
         self._watch = asyncio.create_task(self._watch_family())
         return True
 
@@ -251,53 +312,90 @@ class ManagedServer:
         async with self._lock:
             if self.state not in LIVE or self.state == State.STOPPING:
                 return
+            was = self.state
             which = "server" if self.pid in dead else f"engine process {dead[0]}"
             await self._kill_family()  # a half-dead vLLM (API up, engine gone) must not linger
-            await self._fail(f"{which} died unexpectedly")
-        if self.may_restart:
-            self.restarts += 1
-            await asyncio.sleep(min(2 ** self.restarts, 30) * 0.5)  # bounded backoff
-            try:
-                await self.start()
-            except MMError:
-                pass
+            await self._fail(f"{which} died unexpectedly" + (" while asleep" if was == State.ASLEEP else ""))
+        result = self.on_death(self, was)
+        if asyncio.iscoroutine(result):
+            await result
 
     # --- sleep / wake ----------------------------------------------------------------------------
-    async def sleep(self) -> None:
+    async def _control(self, what: str, call: Callable[[], Any]) -> None:
+        """A sleep/wake call; any failure becomes one line naming the server and the call."""
+        try:
+            r = await call()
+            r.raise_for_status()
+        except httpx.HTTPStatusError as e:
+            raise MMError(f"{self.name}: {what} answered HTTP {e.response.status_code}: "
+                          f"{e.response.text.strip()[:200]}") from None
+        except httpx.HTTPError as e:
+            raise MMError(f"{self.name}: {what} failed ({type(e).__name__}: {e})") from None
+
+    async def sleep(self, level: int | None = None) -> None:
+        """Put an awake server to sleep (at the profile's level unless told); without sleep mode, stop it."""
         async with self._lock:
-            if self.state != State.READY:
+            if self.state != State.AWAKE:
                 return
             if not self.can_sleep:
                 await self._stop_locked()
                 return
-            async with httpx.AsyncClient(timeout=120) as client:
-                r = await client.post(f"{self.url}/sleep", params={"level": self.profile.sleep.level})
-                r.raise_for_status()
-            await self._set_state(State.SLEEPING)
+            level = level or self.profile.sleep.level
+            await self._set_state(State.FALLING_ASLEEP)
+            try:
+                await self._control(f"sleep (level {level})",
+                                    lambda: self.http.post("/sleep", params={"level": level}))
+            except MMError as e:
+                await self._kill_family()
+                await self._fail(str(e))
+                raise
+            self.slept_level = level
+            self._write_record()
+            await self._set_state(State.ASLEEP)
 
     async def wake(self) -> None:
         """Make the server answer requests: wake it if asleep, start it if stopped or failed."""
         async with self._lock:
-            if self.state == State.READY:
+            if self.state == State.AWAKE:
                 return
-            if self.state != State.SLEEPING:
-                await self._start_locked()
+            if self.state == State.ASLEEP:
+                await self._wake_locked()
                 return
-            await self._set_state(State.WAKING)
-            try:
-                async with httpx.AsyncClient(timeout=120) as client:
-                    (await client.post(f"{self.url}/wake_up")).raise_for_status()
-            except httpx.HTTPError as e:
-                await self._kill_family()
-                await self._fail(f"wake_up failed: {e}")
-                raise MMError(self._failure_message()) from None
-            self.last_used = time.monotonic()
-            await self._set_state(State.READY)
+        await self.start()
+
+    async def _wake_locked(self) -> None:
+        await self._set_state(State.WAKING)
+        try:
+            if self.slept_level == 2:
+                # Level 2 dropped the weights: wake their memory, load them again, then the KV cache.
+                # A plain /wake_up would answer with whatever the weight memory holds (garbage).
+                await self._control("wake_up (weights)", lambda: self.http.post("/wake_up", params={"tags": "weights"}))
+                await self._control("reload_weights", lambda: self.http.post(
+                    "/collective_rpc", json={"method": "reload_weights"}))
+                await self._control("wake_up (kv_cache)",
+                                    lambda: self.http.post("/wake_up", params={"tags": "kv_cache"}))
+            else:
+                await self._control("wake_up", lambda: self.http.post("/wake_up"))
+        except MMError as e:
+            await self._kill_family()
+            await self._fail(str(e))
+            raise MMError(self._failure_message()) from None
+        self.slept_level = None
+        self._write_record()
+        self.last_used = time.monotonic()
+        await self._set_state(State.AWAKE)
 
     # --- stop ------------------------------------------------------------------------------------
     async def stop(self) -> None:
+        """Stop the server; returns once every process of it is gone. A start in progress is cancelled."""
+        self._cancel_start()
         async with self._lock:
+            self._cancel_start()  # a start that launched while this stop waited for the lock
             await self._stop_locked()
+
+    def _cancel_start(self) -> None:
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
 
     async def _stop_locked(self) -> None:
         if self.state == State.FAILED:
@@ -307,8 +405,11 @@ class ManagedServer:
             return
         await self._set_state(State.STOPPING)
         await self._kill_family()
-        self._remove_state_file()
-        self.pid, self.started_at = None, None
+        records.remove(self.name)
+        self.pid, self.started_at, self.slept_level = None, None, None
+        await self._close_http()
+        if self.uds:
+            Path(self.uds).unlink(missing_ok=True)
         await self._set_state(State.STOPPED)
 
     async def _kill_family(self) -> None:
@@ -321,22 +422,11 @@ class ManagedServer:
                 pass
         self._family = []
 
-    # --- state file (lets a restarted daemon find servers it did not start) ------------------------
-    def _state_file(self) -> Path:
-        d = paths.state_dir() / "servers"
-        d.mkdir(exist_ok=True, mode=0o700)
-        return d / f"{self.name}.json"
-
-    def _write_state_file(self) -> None:
-        created = proctree.create_time(self.pid)
-        replace_atomic(self._state_file(), mode=0o600, text=json.dumps({
-            "profile": self.name, "pid": self.pid, "create_time": created, "port": self.port,
-            "host": self.profile.host, "model": self.profile.model, "started_at": self.started_at,
-            "log": str(self.log_path), "argv": self.argv,
-        }))
-
-    def _remove_state_file(self) -> None:
-        try:
-            self._state_file().unlink()
-        except FileNotFoundError:
-            pass
+    # --- the record that lets a restarted daemon find this server -------------------------------------
+    def _write_record(self) -> None:
+        records.write(self.name, {
+            "profile": self.name, "pid": self.pid, "create_time": proctree.create_time(self.pid),
+            "port": self.port, "uds": self.uds, "host": self.profile.host, "model": self.profile.model,
+            "started_at": self.started_at, "log": str(self.log_path), "argv": self.argv,
+            "slept_level": self.slept_level,
+        })

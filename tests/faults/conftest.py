@@ -5,10 +5,9 @@ import os
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import LiveMM, free_port
+from tests.conftest import LiveMM, free_port, runtime_dir
 
 FAKE_VLLM = Path(__file__).resolve().parent / "fakevllm"
 
@@ -32,12 +31,12 @@ class FakeMM(LiveMM):
         return {s["profile"]: s for s in self.status()["servers"]}[profile]
 
     def calls(self, profile: str) -> list[str]:
-        return [c["call"] for c in httpx.get(f"{self.server(profile)['url']}/calls").json()]
+        return [c["call"] for c in self.direct(profile).get("/calls").json()]
 
 
 @pytest.fixture
 def fake_mm(tmp_path):
-    env = {"MM_HOME": str(tmp_path / "home"), "MM_PROXY_PORT": str(free_port()),
+    env = {"MM_HOME": str(tmp_path / "home"), "MM_PROXY_PORT": str(free_port()), "MM_RUNTIME_DIR": runtime_dir(),
            "MM_RESULTS_DIR": str(tmp_path / "results"),
            "PYTHONPATH": os.pathsep.join([str(FAKE_VLLM), str(Path(__file__).resolve().parents[2])])}
     fake = FakeMM(env)

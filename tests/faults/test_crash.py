@@ -45,7 +45,7 @@ def test_killed_engine_process_fails_the_server(fake_mm):
     fake_mm.add_profile("noengine", extra='restart = "no"')
     fake_mm.mm("up", "noengine", "--force")
     s = fake_mm.server("noengine")
-    engine = httpx.get(f"{s['url']}/argv").json()["engine_pid"]
+    engine = fake_mm.direct("noengine").get("/argv").json()["engine_pid"]
     assert detection_time(fake_mm, "noengine", engine) < 1.0
     s = fake_mm.server("noengine")
     assert s["state"] == "failed" and "engine process" in s["error"] and s["error_log"]

@@ -27,10 +27,27 @@ def test_everything_listens_on_loopback_only(fake_mm):
     fake_mm.add_profile("local")
     fake_mm.mm("up", "local", "--force")
     daemon = psutil.Process(int((Path(fake_mm.env["MM_HOME"]) / "state" / "daemon.lock").read_text()))
-    server = psutil.Process(fake_mm.server("local")["pid"])
-    for proc in (daemon, server):
-        listening = [c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-        assert listening and set(listening) == {"127.0.0.1"}
+    listening = [c.laddr.ip for c in daemon.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and set(listening) == {"127.0.0.1"}
+    # The server answers only on its unix socket, in a folder only this user can enter: vLLM's
+    # dev-mode endpoints (/sleep, /wake_up, /collective_rpc) are out of reach of other users.
+    s = fake_mm.server("local")
+    server = psutil.Process(s["pid"])
+    assert not [c for c in server.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert s["uds"] and mode(Path(s["uds"]).parent) == 0o700
+    assert fake_mm.direct("local").get("/health").status_code == 200
+
+
+def test_a_profile_that_names_a_port_listens_on_loopback_tcp(fake_mm):
+    from tests.conftest import free_port
+
+    port = free_port()
+    fake_mm.add_profile("tcp", extra=f"port = {port}")
+    fake_mm.mm("up", "tcp", "--force")
+    s = fake_mm.server("tcp")
+    server = psutil.Process(s["pid"])
+    listening = {(c.laddr.ip, c.laddr.port) for c in server.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert listening == {("127.0.0.1", port)} and s["uds"] is None
 
 
 def test_api_key_is_enforced_on_proxy_and_control_api(fake_mm):
@@ -52,6 +69,6 @@ def test_profile_values_reach_vllm_as_argv_never_a_shell(fake_mm, tmp_path):
     marker = tmp_path / "pwned"
     fake_mm.add_profile("shelly", extra=f'[engine]\ntokenizer = "x; touch {marker}"\nrevision = "$(touch {marker})"\n')
     fake_mm.mm("up", "shelly", "--force")
-    argv = httpx.get(f"{fake_mm.server('shelly')['url']}/argv").json()["argv"]
+    argv = fake_mm.direct('shelly').get("/argv").json()["argv"]
     assert f"x; touch {marker}" in argv and f"$(touch {marker})" in argv
     assert not marker.exists()

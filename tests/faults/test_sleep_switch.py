@@ -34,10 +34,27 @@ def test_sleep_level_two_and_explicit_commands(fake_mm):
     with open(d, "a") as f:
         f.write("level = 2\n")
     fake_mm.mm("up", "deep", "--force")
+    before = fake_mm.chat("x", model="deep")["choices"][0]["message"]["content"]
     fake_mm.mm("sleep", "deep")
     assert fake_mm.server("deep")["state"] == "asleep"
     fake_mm.mm("wake", "deep", "--force")
-    assert fake_mm.calls("deep") == ["sleep:2", "wake_up"]
+    # Level 2 dropped the weights: a plain wake_up would answer garbage (the fake: empty text).
+    assert fake_mm.calls("deep") == ["request", "sleep:2", "wake_up:weights", "rpc:reload_weights",
+                                     "wake_up:kv_cache"]
+    after = fake_mm.chat("x", model="deep")["choices"][0]["message"]["content"]
+    assert before and after == before
+
+
+def test_a_request_wakes_a_level_two_sleeper_whole(fake_mm):
+    fake_mm.add_profile("deep2")
+    with open(fake_mm.env["MM_HOME"] + "/config/profiles/deep2.toml", "a") as f:
+        f.write("level = 2\n")
+    fake_mm.add_profile("other")
+    fake_mm.mm("up", "deep2", "--force")
+    before = fake_mm.chat("x", model="deep2")["choices"][0]["message"]["content"]
+    fake_mm.chat("x", model="other")  # the switch puts deep2 to sleep at level 2
+    assert fake_mm.server("deep2")["state"] == "asleep"
+    assert fake_mm.chat("x", model="deep2")["choices"][0]["message"]["content"] == before
 
 
 def test_profile_without_sleep_falls_back_to_stop_and_start(fake_mm):

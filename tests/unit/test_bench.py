@@ -145,7 +145,7 @@ def test_tokenizer_path_of_a_relative_model(tmp_path, monkeypatch):
     assert helper.tokenizer_path("Qwen/Qwen2.5-7B-Instruct-AWQ") == "Qwen/Qwen2.5-7B-Instruct-AWQ"
 
 
-SERVER = {"profile": "default", "url": "http://127.0.0.1:9", "pid": None, "served_model_name": "smollm2",
+SERVER = {"profile": "default", "url": "http://127.0.0.1:9", "endpoint": "http://127.0.0.1:9", "pid": None, "served_model_name": "smollm2",
           "model": "embedded:SmolLM2-135M-Instruct", "state": "awake"}
 
 

@@ -138,7 +138,7 @@ def test_run_with_a_fake_lm_eval(mm_env, tmp_path):
             raise KeyboardInterrupt
         on_progress(limit)
         return {"primary": {"metric": "exact_match,none", "value": 0.25, "stderr": 0.1}, "samples": limit}
-    server = {"profile": "default", "url": "http://127.0.0.1:9", "pid": None, "served_model_name": "smollm2",
+    server = {"profile": "default", "url": "http://127.0.0.1:9", "endpoint": "http://127.0.0.1:9", "pid": None, "served_model_name": "smollm2",
               "model": "embedded:SmolLM2-135M-Instruct"}
     from mmlib.measure.results import ResultFile
 

@@ -7,7 +7,8 @@ import struct
 import pytest
 
 from mmlib.guard import fit, modelinfo
-from mmlib.guard.fit import GIB, estimate, parse_size
+from mmlib.guard.fit import GIB, estimate
+from mmlib.profiles.config import parse_size
 from mmlib.guard.modelinfo import Shape
 
 # The random-weight models of /work/shared/gpu/models (config.json only; served with

@@ -5,12 +5,17 @@ runs this module exactly as it runs the real one (`python -m vllm.entrypoints.cl
 Only the model is fake: processes, ports, signals and HTTP are real.
 
 It answers OpenAI chat/completions (streaming or not) with its own served name, keeps sleep state
-like vLLM's dev-mode endpoints, records every control call (GET /calls) and spawns an "engine"
-child process like vLLM does. Environment knobs:
+like vLLM's dev-mode endpoints (level 2 drops the "weights": a plain /wake_up after it answers with
+empty text, as real vLLM answers garbage, until /collective_rpc reload_weights), listens on TCP or a
+unix socket (--uds), records every control call (GET /calls) and spawns an "engine" child process
+like vLLM does. Environment knobs:
   FAKE_TOKENS (default 8)        tokens per answer
   FAKE_TOKEN_DELAY (default 0)   seconds between streamed tokens
   FAKE_START_DELAY (default 0)   seconds before /health answers
   FAKE_EXIT_AT_START (unset)     exit with this code during start-up
+  FAKE_HANG (unset)              never answer a request (a hung engine)
+  FAKE_STOP_DELAY (0)            seconds the engine process takes to exit after SIGTERM
+  FAKE_CONTROL_FAIL (unset)      /sleep and /wake_up answer 500
 """
 from __future__ import annotations
 
@@ -24,18 +29,21 @@ import time
 
 
 def engine_main() -> None:  # vLLM runs its engine core in a child process; so does the fake
+    delay = float(os.environ.get("FAKE_STOP_DELAY", "0"))
+    if delay:  # a slow shutdown: the engine takes its time to let go of the GPU
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *a: (time.sleep(delay), os._exit(0)))
     while True:
         time.sleep(3600)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+
+    ap = make_arg_parser(argparse.ArgumentParser())
     ap.add_argument("cmd")
     ap.add_argument("model")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--served-model-name", nargs="+")
-    ap.add_argument("--enable-sleep-mode", action="store_true")
     args, _unknown = ap.parse_known_args()
 
     if os.environ.get("FAKE_EXIT_AT_START"):
@@ -55,10 +63,24 @@ def main() -> None:
     tokens = int(os.environ.get("FAKE_TOKENS", "8"))
     delay = float(os.environ.get("FAKE_TOKEN_DELAY", "0"))
     ready_at = time.monotonic() + float(os.environ.get("FAKE_START_DELAY", "0"))
-    state = {"sleeping": False, "calls": []}
+    state = {"sleeping": False, "weights": True, "calls": [], "level": 0}
+    hang = bool(os.environ.get("FAKE_HANG"))
+    control_fail = bool(os.environ.get("FAKE_CONTROL_FAIL"))
+    api_key = (args.api_key or [os.environ.get("VLLM_API_KEY")])[0]
 
     def record(what: str) -> None:
         state["calls"].append({"call": what, "t": time.time()})
+
+    async def busy(request: Request, seconds: float) -> bool:
+        """Work for `seconds`; False (and an "aborted" record) when the client leaves first, as vLLM
+        aborts a request whose connection dropped."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if await request.is_disconnected():
+                record("aborted")
+                return False
+            await asyncio.sleep(min(0.05, max(0.0, end - time.monotonic())))
+        return True
 
     async def health(request: Request):
         if time.monotonic() < ready_at:
@@ -68,14 +90,30 @@ def main() -> None:
     async def sleep(request: Request):
         if not args.enable_sleep_mode:
             return JSONResponse({"error": "sleep mode is not enabled"}, status_code=400)
-        record(f"sleep:{request.query_params.get('level', '1')}")
-        state["sleeping"] = True
+        if control_fail:
+            return JSONResponse({"error": "engine is gone"}, status_code=500)
+        level = int(request.query_params.get("level", "1"))
+        record(f"sleep:{level}")
+        state["sleeping"], state["level"] = True, level
+        if level == 2:
+            state["weights"] = False  # level 2 discards the weights
         return JSONResponse({})
 
     async def wake_up(request: Request):
-        record("wake_up")
-        state["sleeping"] = False
+        if control_fail:
+            return JSONResponse({"error": "engine is gone"}, status_code=500)
+        tags = request.query_params.getlist("tags")
+        record("wake_up" + (f":{','.join(tags)}" if tags else ""))
+        if not tags or "kv_cache" in tags:
+            state["sleeping"] = False
         return JSONResponse({})
+
+    async def collective_rpc(request: Request):
+        body = await request.json()
+        record(f"rpc:{body.get('method')}")
+        if body.get("method") == "reload_weights":
+            state["weights"] = True
+        return JSONResponse({"results": [None]})
 
     async def is_sleeping(request: Request):
         return JSONResponse({"is_sleeping": state["sleeping"]})
@@ -97,13 +135,18 @@ def main() -> None:
         if state["sleeping"]:  # a request reaching a sleeping server is a scheduling bug in mm
             record("request-while-asleep")
             return JSONResponse({"error": {"message": "server is sleeping"}}, status_code=500)
+        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+            return JSONResponse({"error": {"message": "Unauthorized"}}, status_code=401)
         record("request")
+        if hang and not await busy(request, 3600):
+            return JSONResponse({}, status_code=499)
         n = min(int(body.get("max_tokens") or tokens), tokens)
+        word = "tok" if state["weights"] else ""  # after a level-2 wake without a reload: empty text
         if not body.get("stream"):
-            if delay:
-                await asyncio.sleep(delay * n)
+            if delay and not await busy(request, delay * n):
+                return JSONResponse({}, status_code=499)
             return JSONResponse({"id": "fake", "object": "chat.completion", "model": names[0], "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": " ".join(["tok"] * n)},
+                {"index": 0, "message": {"role": "assistant", "content": " ".join([word] * n).strip()},
                  "finish_reason": "length"}], "usage": {"completion_tokens": n}})
 
         async def events():
@@ -111,19 +154,26 @@ def main() -> None:
                 if delay:
                     await asyncio.sleep(delay)
                 chunk = {"id": "fake", "object": "chat.completion.chunk", "model": names[0],
-                         "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+                         "choices": [{"index": 0, "delta": {"content": f"{word}{i} " if word else ""},
+                                      "finish_reason": None}]}
                 yield f"data: {json.dumps(chunk)}\n\n"
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"id": "fake", "object": "chat.completion.chunk", "model": names[0], "choices": [],
+                         "usage": {"completion_tokens": n}}
+                yield f"data: {json.dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
     app = Starlette(routes=[
         Route("/health", health), Route("/sleep", sleep, methods=["POST"]),
         Route("/wake_up", wake_up, methods=["POST"]), Route("/is_sleeping", is_sleeping),
+        Route("/collective_rpc", collective_rpc, methods=["POST"]),
         Route("/calls", calls), Route("/argv", argv), Route("/v1/models", models),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", chat, methods=["POST"]),
     ])
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    where = {"uds": args.uds} if args.uds else {"host": args.host or "127.0.0.1", "port": args.port}
+    uvicorn.run(app, **where, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

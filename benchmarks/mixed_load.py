@@ -1,0 +1,278 @@
+"""Mixed traffic over two models through mm, beside one model alone, measured in one run.
+
+Two profiles, a big one (default: the kit's random-weight Qwen2.5-7B AWQ shapes) and a small one
+(Qwen2.5-1.5B shapes), are served by one mm daemon. Loads, each for --duration seconds:
+
+  single      32 clients in a loop, every request to the big model (the reference)
+  50/50       the same clients, each request to either model at random
+  90/10       90% big, 10% small
+  chat4       4 users: a streamed 256-token answer from the big model (the reference for chat+title)
+  chat+title  the same, each answer followed by a 10-token request to the small model (Open WebUI's
+              title request)
+
+Requests are non-streaming 64-token completions with ignore_eos (chat ones streamed); every answer's
+`model` is checked against the model asked for. Then the switch itself: a request for the sleeping
+model through mm, time to its first token, beside raw vLLM sleep + wake_up + first token on the same
+servers (straight to their sockets), medians of --rounds.
+
+Each result line: `mix=NAME ratio=R p99_s=P errors=E wrong_model=W` where ratio is output tokens/s over
+the reference's (single, or chat4 for chat+title) and p99 is of the rarer model's requests (all
+requests for single). --card-gib N holds all but N GiB of the GPU first (ballast), as on that card.
+
+Usage (GPU): python3 benchmarks/mixed_load.py --models-dir .gpu-stage/models --out FILE [--budget 12GiB]
+Usage (here, fake vLLM, a smoke test): PYTHONPATH=tests/faults/fakevllm:. python3 benchmarks/mixed_load.py --fake
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GPU_PROFILE = """
+model = "{path}"
+served_model_name = "{name}"
+startup_timeout = 900
+[sleep]
+enabled = true
+level = 1
+[engine]
+load_format = "dummy"
+dtype = "bfloat16"
+enforce_eager = true
+max_model_len = 2048
+max_num_seqs = 32
+max_num_batched_tokens = 2048
+{extra}
+"""
+FAKE_PROFILE = """
+model = "fake/{name}"
+served_model_name = "{name}"
+[sleep]
+enabled = true
+[env]
+FAKE_TOKENS = "64"
+FAKE_TOKEN_DELAY = "0.002"
+"""
+
+
+def mm(env: dict, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "mmlib", *args], env=env, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"mm {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
+    return r.stdout
+
+
+class Load:
+    """Closed-loop clients; each picks its model per request with `pick`."""
+
+    def __init__(self, base: str, names: dict[str, str]):
+        self.base, self.names = base, names
+        self.tokens = 0
+        self.latency: dict[str, list[float]] = {k: [] for k in names}
+        self.errors = self.wrong = 0
+
+    async def one(self, client: httpx.AsyncClient, which: str, max_tokens: int, stream: bool) -> None:
+        name = self.names[which]
+        body = {"model": name, "max_tokens": max_tokens, "ignore_eos": True,
+                "messages": [{"role": "user", "content": f"Tell me about the number {random.randint(0, 10**6)}."}]}
+        t0 = time.perf_counter()
+        try:
+            if stream:
+                got, answered = 0, None
+                async with client.stream("POST", f"{self.base}/v1/chat/completions",
+                                         json={**body, "stream": True,
+                                               "stream_options": {"include_usage": True}}) as r:
+                    if r.status_code != 200:
+                        self.errors += 1
+                        return
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            chunk = json.loads(line[6:])
+                            answered = chunk.get("model", answered)
+                            if chunk.get("usage"):
+                                got = chunk["usage"]["completion_tokens"]
+                self.wrong += answered != name
+                self.tokens += got
+            else:
+                r = await client.post(f"{self.base}/v1/chat/completions", json=body)
+                if r.status_code != 200:
+                    self.errors += 1
+                    return
+                doc = r.json()
+                self.wrong += doc.get("model") != name
+                self.tokens += doc["usage"]["completion_tokens"]
+        except httpx.HTTPError:
+            self.errors += 1
+            return
+        self.latency[which].append(time.perf_counter() - t0)
+
+    async def run(self, clients: int, duration: float, script) -> float:
+        """Runs `script(client)` coroutines in a loop on `clients` connections; returns tokens/s."""
+        end = time.perf_counter() + duration
+
+        async def worker() -> None:
+            async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=4)) as client:
+                while time.perf_counter() < end:
+                    await script(client)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return self.tokens / (time.perf_counter() - t0)
+
+
+def p99(xs: list[float]) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(0.99 * len(xs)))]
+
+
+async def mixes(base: str, names: dict[str, str], duration: float, clients: int) -> list[str]:
+    lines, rates = [], {}
+
+    async def mixed(share_small: float) -> Load:
+        load = Load(base, names)
+
+        async def script(client):
+            await load.one(client, "small" if random.random() < share_small else "big", 64, False)
+        rates[share_small] = await load.run(clients, duration, script)
+        return load
+
+    async def chat(with_title: bool) -> tuple[Load, float]:
+        load = Load(base, names)
+
+        async def script(client):
+            await load.one(client, "big", 256, True)
+            if with_title:
+                await load.one(client, "small", 10, False)
+        return load, await load.run(4, duration, script)
+
+    single = await mixed(0.0)
+    lines.append(f"mix=single ratio=1.000 p99_s={p99(single.latency['big']):.3f} errors={single.errors} "
+                 f"wrong_model={single.wrong} tok_s={rates[0.0]:.0f}")
+    for label, share in (("50/50", 0.5), ("90/10", 0.1)):
+        load = await mixed(share)
+        lines.append(f"mix={label} ratio={rates[share] / rates[0.0]:.3f} p99_s={p99(load.latency['small']):.3f} "
+                     f"errors={load.errors} wrong_model={load.wrong} tok_s={rates[share]:.0f} "
+                     f"p99_big_s={p99(load.latency['big']):.3f}")
+    chat4, chat4_rate = await chat(False)
+    both, both_rate = await chat(True)
+    lines.append(f"mix=chat+title ratio={both_rate / chat4_rate:.3f} p99_s={p99(both.latency['small']):.3f} "
+                 f"errors={both.errors + chat4.errors} wrong_model={both.wrong + chat4.wrong} "
+                 f"tok_s={both_rate:.0f} chat4_tok_s={chat4_rate:.0f}")
+    return lines
+
+
+def first_token_s(client: httpx.Client, url: str, model: str) -> float:
+    body = {"model": model, "max_tokens": 16, "stream": True, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Say something."}]}
+    t0 = time.perf_counter()
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"content"' in line:
+                return time.perf_counter() - t0
+    return float("nan")
+
+
+def direct(server: dict) -> httpx.Client:
+    if server.get("uds"):
+        return httpx.Client(transport=httpx.HTTPTransport(uds=server["uds"]), base_url="http://mm-upstream",
+                            timeout=300)
+    return httpx.Client(base_url=server["url"], timeout=300)
+
+
+def switch_times(env: dict, base: str, names: dict[str, str], rounds: int) -> str:
+    """Through mm: a request for the sleeping model, to its first token. Raw: sleep + wake_up + first
+    token on the same servers, by hand."""
+    proxy = httpx.Client(timeout=300)
+    through = []
+    for i in range(rounds):
+        which = "small" if i % 2 == 0 else "big"
+        through.append(first_token_s(proxy, base, names[which]))
+    status = json.loads(mm(env, "status", "--json"))
+    servers = {s["served_model_name"]: s for s in status["servers"]}
+    clients = {k: direct(servers[n]) for k, n in names.items()}
+    awake = next(k for k, n in names.items() if servers[n]["state"] == "awake")
+    raw = []
+    for i in range(rounds):
+        other = "small" if awake == "big" else "big"
+        t0 = time.perf_counter()
+        clients[awake].post("/sleep", params={"level": 1}).raise_for_status()
+        clients[other].post("/wake_up").raise_for_status()
+        raw.append(time.perf_counter() - t0 + first_token_s(clients[other], "http://mm-upstream"
+                                                            if servers[names[other]].get("uds") else
+                                                            servers[names[other]]["url"], names[other]))
+        awake = other
+    # leave the servers as mm believes they are: mm's view is re-synced by a wake through it
+    proxy.post(f"{base}/v1/chat/completions", json={"model": names[awake], "max_tokens": 1,
+                                                    "messages": [{"role": "user", "content": "x"}]})
+    mm_s, raw_s = statistics.median(through), statistics.median(raw)
+    return (f"switch mm_s={mm_s:.3f} raw_s={raw_s:.3f} added_ms={(mm_s - raw_s) * 1000:.0f} "
+            f"(medians of {rounds}; mm min {min(through):.3f} max {max(through):.3f}, raw min {min(raw):.3f} "
+            f"max {max(raw):.3f})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models-dir", type=Path, default=ROOT / ".gpu-stage" / "models")
+    ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--budget", help='config.toml gpu_budget for the daemon, e.g. "12GiB"')
+    ap.add_argument("--big-extra", default="gpu_memory_utilization = 0.125", help="engine lines for the big model")
+    ap.add_argument("--small-extra", default="gpu_memory_utilization = 0.125")
+    ap.add_argument("--label", default="", help="a word to tell variants apart in the output")
+    ap.add_argument("--switch", action="store_true", help="also time the switch (needs one-at-a-time)")
+    ap.add_argument("--fake", action="store_true", help="the fake vLLM (a smoke test without a GPU)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="mm-mixed-"))
+    (home / "config" / "profiles").mkdir(parents=True)
+    names = {"big": "mix-big", "small": "mix-small"}
+    for which, folder, extra in (("big", "dummy-7b-awq", args.big_extra), ("small", "dummy-1.5b", args.small_extra)):
+        text = FAKE_PROFILE.format(name=names[which]) if args.fake else \
+            GPU_PROFILE.format(path=args.models_dir.resolve() / folder, name=names[which], extra=extra)
+        (home / "config" / "profiles" / f"{names[which]}.toml").write_text(text)
+    if args.budget:
+        (home / "config" / "config.toml").write_text(f'gpu_budget = "{args.budget}"\n')
+    port = 8200 + random.randint(0, 500)
+    env = {**os.environ, "MM_HOME": str(home), "MM_PROXY_PORT": str(port),
+           "MM_RUNTIME_DIR": tempfile.mkdtemp(prefix="mm-", dir="/tmp")}
+    base = f"http://127.0.0.1:{port}"
+    out = [f"# benchmarks/mixed_load.py {args.label}".rstrip(), f"# {time.strftime('%Y-%m-%d %H:%M')}"]
+    try:
+        t0 = time.perf_counter()
+        mm(env, "up", names["small"], "--force")
+        mm(env, "up", names["big"], "--force")
+        out.append(f"# started both in {time.perf_counter() - t0:.0f} s")
+        out += asyncio.run(mixes(base, names, args.duration, args.clients))
+        if args.switch:
+            out.append(switch_times(env, base, names, args.rounds))
+        status = json.loads(mm(env, "status", "--json"))
+        out.append(f"# switches in the last minute: {status.get('switches_per_min')}; states: "
+                   + ", ".join(f"{s['profile']}={s['state']}" for s in status["servers"]))
+        out.append(f"# card: {status.get('card')}")
+    finally:
+        text = "\n".join(out) + "\n"
+        print(text, flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "a") as f:
+                f.write(text)
+        subprocess.run([sys.executable, "-m", "mmlib", "daemon", "stop"], env=env, cwd=ROOT, capture_output=True)
+
+
+if __name__ == "__main__":
+    main()

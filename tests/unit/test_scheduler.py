@@ -1,0 +1,478 @@
+"""The real scheduler against fake servers whose every step the test releases by hand (Ollama's
+sched_test.go idea): starts, sleeps and wakes take as long as the test says, crashes happen when it
+says, and backoffs are an injected sleep. No processes, no ports, no real time."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from mmlib.errors import MMError
+from mmlib.profiles.profile import Profile, SleepSettings
+from mmlib.serve.scheduler import Scheduler
+from mmlib.serve.states import LIVE, State
+
+
+def profile(name: str, **kw) -> Profile:
+    return Profile(name=name, source=f"{name}.toml", model=f"fake/{name}", served_model_name=name,
+                   sleep=SleepSettings(enabled=True), **kw)
+
+
+class FakeServer:
+    """Implements what the scheduler uses of ManagedServer. `gate` holds every start and wake until
+    the test opens it; calls are recorded in order."""
+
+    def __init__(self, p: Profile, log: list[str], gate: asyncio.Event):
+        self.profile, self.log, self.gate = p, log, gate
+        self.state = State.STOPPED
+        self.in_flight, self.restarts, self.last_used, self.last_switch_s = 0, 0, 0.0, None
+        self.error, self.pid = None, None
+        self.on_death = lambda s, was: None
+        self.cancelled = False
+
+    name = property(lambda self: self.profile.name)
+    may_restart = property(lambda self: self.profile.restart == "on-failure"
+                           and self.restarts < self.profile.max_restarts)
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    async def start(self) -> None:
+        if self.state == State.AWAKE:
+            return
+        self.log.append(f"start {self.name}")
+        self.state = State.STARTING
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        if self.state != State.STARTING:
+            raise MMError(f"{self.name}: the start was cancelled")
+        self.state = State.AWAKE
+
+    async def wake(self) -> None:
+        if self.state == State.ASLEEP:
+            self.log.append(f"wake {self.name}")
+            self.state = State.AWAKE
+            return
+        await self.start()
+
+    async def sleep(self, level=None) -> None:
+        if self.state == State.AWAKE:
+            self.log.append(f"sleep {self.name}" + (f" level {level}" if level else ""))
+            self.state = State.ASLEEP
+
+    async def stop(self) -> None:
+        if self.state in LIVE or self.state == State.FAILED:
+            self.log.append(f"stop {self.name}")
+        self.state = State.STOPPED
+
+    def crash(self) -> None:
+        was, self.state, self.error = self.state, State.FAILED, "died"
+        self.on_death(self, was)
+
+
+class World:
+    def __init__(self, *profiles: Profile):
+        self.log: list[str] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.backoffs: list[float] = []
+        self.backoff_gate = asyncio.Event()
+        self.profiles = {p.name: p for p in profiles}
+        self.sched = Scheduler(lambda p: FakeServer(p, self.log, self.gate), load=self.profiles.__getitem__,
+                               sleep=self._backoff)
+
+    async def _backoff(self, seconds: float) -> None:
+        self.backoffs.append(seconds)
+        await self.backoff_gate.wait()
+
+    def server(self, name: str) -> FakeServer:
+        return self.sched.servers[name]
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_crash_while_serving_restarts_through_the_scheduler_after_a_backoff():
+    async def go():
+        w = World(profile("a"), profile("b"))
+        await w.sched.activate(w.profiles["a"])
+        w.server("a").crash()
+        await settle()
+        assert w.backoffs == [1.0] and w.server("a").state == State.FAILED  # waiting, not restarted yet
+        w.backoff_gate.set()
+        await settle()
+        assert w.server("a").state == State.AWAKE and w.server("a").restarts == 1
+        assert w.log == ["start a", "start a"] and w.sched.active == ["a"]
+    run(go())
+
+
+def test_mm_stop_during_the_backoff_is_not_undone():
+    async def go():
+        w = World(profile("a"))
+        await w.sched.activate(w.profiles["a"])
+        w.server("a").crash()
+        await settle()
+        await w.sched.stop("a")
+        w.backoff_gate.set()
+        await settle()
+        assert w.server("a").state == State.STOPPED and w.log == ["start a", "stop a"]
+    run(go())
+
+
+def test_a_server_that_crashed_asleep_does_not_come_back_awake_beside_the_active_one():
+    async def go():
+        w = World(profile("a"), profile("b"))
+        await w.sched.activate(w.profiles["a"])
+        await w.sched.activate(w.profiles["b"])  # a sleeps
+        assert w.server("a").state == State.ASLEEP
+        w.server("a").crash()
+        w.backoff_gate.set()
+        await settle()
+        assert w.backoffs == [] and w.server("a").state == State.FAILED and w.server("b").state == State.AWAKE
+        # ... and its next request starts it the normal way: b sleeps first
+        server = await w.sched.acquire(w.profiles["a"])
+        assert server.name == "a" and w.server("b").state == State.ASLEEP
+        assert w.log[-2:] == ["sleep b", "start a"]
+    run(go())
+
+
+def test_the_restart_policy_bounds_restarts():
+    async def go():
+        w = World(profile("a", max_restarts=1))
+        w.backoff_gate.set()
+        await w.sched.activate(w.profiles["a"])
+        w.server("a").crash()
+        await settle()
+        assert w.server("a").state == State.AWAKE
+        w.server("a").crash()
+        await settle()
+        assert w.server("a").state == State.FAILED and w.backoffs == [1.0]
+        with pytest.raises(MMError, match="mm up a"):
+            await w.sched.acquire(w.profiles["a"])
+    run(go())
+
+
+def test_a_starting_server_is_stopped_at_once_not_after_its_load():
+    async def go():
+        w = World(profile("a"))
+        w.gate.clear()  # the load never ends by itself
+        starting = asyncio.ensure_future(w.sched.activate(w.profiles["a"]))
+        await settle()
+        assert w.server("a").state == State.STARTING
+        await asyncio.wait_for(w.sched.stop("a"), 1.0)  # not behind the switch that started it
+        assert w.server("a").state == State.STOPPED
+        with pytest.raises(MMError, match="cancelled"):
+            w.gate.set()
+            await starting
+    run(go())
+
+
+def test_sleep_waits_for_requests_counted_on_the_server():
+    async def go():
+        w = World(profile("a"))
+        server = await w.sched.acquire(w.profiles["a"])
+        sleeping = asyncio.ensure_future(w.sched.sleep("a"))
+        await settle()
+        assert server.state == State.AWAKE and not sleeping.done()  # the request is still running
+        server.release()
+        await asyncio.wait_for(sleeping, 1.0)
+        assert server.state == State.ASLEEP
+    run(go())
+
+
+def test_a_request_that_gives_up_while_a_switch_runs_gives_its_place_back():
+    async def go():
+        w = World(profile("a"), profile("b"))
+        await w.sched.activate(w.profiles["a"])
+        w.gate.clear()
+        waiting = asyncio.ensure_future(w.sched.acquire(w.profiles["b"]))
+        await settle()
+        assert w.sched.waiting("b") == 1
+        waiting.cancel()  # its client went away
+        await settle()
+        assert w.sched.waiting("b") == 0
+        w.gate.set()
+        await settle()
+        assert w.server("b").in_flight == 0  # nothing left counted on b by the request that left
+    run(go())
+
+
+def test_requests_during_a_switch_wait_and_are_counted_before_the_next_switch():
+    async def go():
+        w = World(profile("a"), profile("b"))
+        await w.sched.activate(w.profiles["a"])
+        w.gate.clear()
+        for_b = [asyncio.ensure_future(w.sched.acquire(w.profiles["b"])) for _ in range(3)]
+        await settle()  # the switch to b is under way (b is loading)
+        for_a = asyncio.ensure_future(w.sched.acquire(w.profiles["a"]))  # queued behind it
+        await settle()
+        w.gate.set()
+        servers = await asyncio.gather(*for_b)
+        assert {s.name for s in servers} == {"b"} and w.server("b").in_flight == 3
+        await settle()
+        assert not for_a.done()  # a waits until b's three requests are answered
+        for s in servers:
+            s.release()
+        assert (await asyncio.wait_for(for_a, 1.0)).name == "a"
+        assert w.log == ["start a", "sleep a", "start b", "sleep b", "wake a"]
+    run(go())
+
+
+def test_a_shutting_down_scheduler_takes_no_new_work():
+    async def go():
+        w = World(profile("a"))
+        await w.sched.activate(w.profiles["a"])
+        await w.sched.close()
+        assert w.server("a").state == State.STOPPED
+        with pytest.raises(MMError, match="shutting down"):
+            await w.sched.acquire(w.profiles["a"])
+        with pytest.raises(MMError, match="shutting down"):
+            await w.sched.activate(w.profiles["a"])
+    run(go())
+
+
+def test_a_crash_during_shutdown_is_not_restarted():
+    async def go():
+        w = World(profile("a"))
+        w.backoff_gate.set()
+        await w.sched.activate(w.profiles["a"])
+        w.sched.closed = True
+        w.server("a").crash()
+        await settle()
+        assert w.backoffs == [] and w.server("a").state == State.FAILED
+    run(go())
+
+
+def test_profile_change_while_down_gets_a_fresh_server():
+    async def go():
+        w = World(profile("a"))
+        await w.sched.activate(w.profiles["a"])
+        old = w.server("a")
+        await w.sched.stop("a")
+        changed = dataclasses.replace(w.profiles["a"], max_restarts=7)
+        await w.sched.activate(changed)
+        assert w.server("a") is not old and w.server("a").profile.max_restarts == 7
+    run(go())
+
+
+# --- memory in bytes: co-residence, eviction, settling, the budget ------------------------------------
+GIB = 1 << 30
+
+
+class FakeCard:
+    """A card of `capacity` bytes. Servers hold prints[name] awake/asleep; a stopped server's memory
+    shows as free only after `lag` reads of free() (vLLM lets go a moment after its process ends)."""
+
+    def __init__(self, world: World, capacity: int, prints: dict[str, tuple[float, float]], lag: int = 0):
+        self.world, self.cap, self.lag = world, capacity, lag
+        self.prints = {n: Footprint(int(a * GIB), int(s * GIB)) for n, (a, s) in prints.items()}
+        self.ghosts: list[list[int]] = []  # [bytes, reads left]
+        self.budget = None
+        self.peak = 0
+
+    def _used(self) -> int:
+        used = 0
+        for s in self.world.sched.servers.values():
+            fp = self.prints[s.name]
+            used += fp.awake if s.state in (State.AWAKE, State.STARTING, State.WAKING) else \
+                fp.asleep if s.state == State.ASLEEP else 0
+        return used + sum(g[0] for g in self.ghosts)
+
+    def capacity(self) -> int:
+        return self.cap
+
+    def free(self) -> int:
+        used = self._used()
+        self.peak = max(self.peak, used)
+        for g in self.ghosts:
+            g[1] -= 1
+        self.ghosts = [g for g in self.ghosts if g[1] > 0]
+        return self.cap - used
+
+    def held(self, pid) -> int | None:
+        s = next((s for s in self.world.sched.servers.values() if s.pid == pid), None)
+        if s is None:
+            return None
+        fp = self.prints[s.name]
+        return fp.awake if s.state == State.AWAKE else fp.asleep
+
+    def predict(self, profile) -> Footprint:
+        fp = self.prints[profile.name]
+        return Footprint(fp.awake, fp.asleep)
+
+
+from mmlib.serve.memory import Footprint  # noqa: E402
+from mmlib.serve.scheduler import Policy  # noqa: E402
+
+
+def card_world(capacity_gib: float, prints: dict[str, tuple[float, float]], lag: int = 0) -> tuple[World, FakeCard]:
+    w = World(*(profile(n) for n in prints))
+    card = FakeCard(w, int(capacity_gib * GIB), prints, lag)
+    w.sched.memory = card
+    w.sched.policy = Policy(max_wait_s=1.0, settle_timeout_s=5.0)
+    original_stop = FakeServer.stop
+
+    async def stop_leaving_a_ghost(self):
+        was = self.state
+        await original_stop(self)
+        fp = card.prints[self.name]
+        held = fp.awake if was == State.AWAKE else fp.asleep if was == State.ASLEEP else 0
+        if held and card.lag:
+            card.ghosts.append([held, card.lag])
+    for s in prints:
+        w.sched.server_for(w.profiles[s])
+    for server in w.sched.servers.values():
+        server.pid = hash(server.name) & 0xFFFF
+        server.stop = stop_leaving_a_ghost.__get__(server)
+    return w, card
+
+
+def test_models_that_fit_together_stay_awake_together():
+    async def go():
+        w, card = card_world(12, {"chat": (6, 1), "title": (3, 0.5)})
+        await w.sched.activate(w.profiles["chat"])
+        await w.sched.activate(w.profiles["title"])
+        assert w.server("chat").state == State.AWAKE and w.server("title").state == State.AWAKE
+        assert "sleep chat" not in w.log
+    run(go())
+
+
+def test_a_target_that_does_not_fit_puts_the_others_to_sleep():
+    async def go():
+        w, card = card_world(12, {"chat": (9, 1), "title": (4, 0.5)})
+        await w.sched.activate(w.profiles["chat"])
+        await w.sched.activate(w.profiles["title"])
+        assert w.server("chat").state == State.ASLEEP and w.server("title").state == State.AWAKE
+        assert card.peak <= card.cap
+    run(go())
+
+
+def test_the_least_recently_used_sleepers_are_stopped_when_residues_leave_no_room():
+    async def go():
+        # Three sleepers keep 1.5 GiB each: a 9 GiB target does not fit beside all of them on 12 GiB.
+        w, card = card_world(12, {"a": (8, 1.5), "b": (8, 1.5), "c": (8, 1.5), "big": (9, 1)})
+        for n in ("a", "b", "c"):
+            await w.sched.activate(w.profiles[n])
+        assert [w.server(n).state for n in "abc"] == [State.ASLEEP, State.ASLEEP, State.AWAKE]
+        await w.sched.activate(w.profiles["big"])
+        # c slept (1.5) and a, the least recently used, was stopped: 9 + 1.5 + 1.5 = 12 fits
+        assert w.server("a").state == State.STOPPED
+        assert (w.server("b").state, w.server("c").state) == (State.ASLEEP, State.ASLEEP)
+        assert w.server("big").state == State.AWAKE and card.peak <= card.cap
+    run(go())
+
+
+def test_a_start_waits_until_the_card_shows_the_memory_free():
+    async def go():
+        w, card = card_world(12, {"a": (8, 1.5), "b": (8, 1.5), "big": (10, 1)}, lag=3)
+        await w.sched.activate(w.profiles["a"])
+        await w.sched.activate(w.profiles["b"])
+        reads = []
+        original = card.free
+
+        def counting_free():
+            value = original()
+            reads.append(value)
+            return value
+        card.free = counting_free
+        await w.sched.activate(w.profiles["big"])
+        # a was stopped; its memory showed free only after the lag; big started after that
+        assert reads and min(reads) < 10 * GIB <= reads[-1]
+        assert w.server("big").state == State.AWAKE
+    run(go())
+
+
+def test_stop_returns_only_once_the_memory_is_free():
+    async def go():
+        w, card = card_world(12, {"a": (8, 1)}, lag=4)
+        await w.sched.activate(w.profiles["a"])
+        await w.sched.stop("a")
+        assert card.free() == card.cap  # nothing left held when stop returned
+    run(go())
+
+
+def test_the_budget_is_never_exceeded_over_many_switches():
+    async def go():
+        import random
+
+        prints = {"chat": (7, 1.2), "coder": (8, 1.4), "small": (2.5, 0.6), "ocr": (4, 0.8), "stt": (2, 0.5)}
+        w, card = card_world(12, prints, lag=2)
+        rng = random.Random(7)
+        for _ in range(60):
+            name = rng.choice(list(prints))
+            await w.sched.activate(w.profiles[name])
+            assert w.server(name).state == State.AWAKE
+            assert card._used() <= card.cap
+        assert card.peak <= card.cap
+    run(go())
+
+
+# --- mixed traffic: switches are amortised, nobody starves -------------------------------------------------
+def test_the_awake_model_keeps_serving_while_the_other_waits_less_than_the_bound():
+    async def go():
+        w = World(profile("a"), profile("b"))
+        w.sched.policy = Policy(max_wait_s=0.3)
+        await w.sched.activate(w.profiles["a"])
+        busy = await w.sched.acquire(w.profiles["a"])  # a is serving
+        waiting_b = asyncio.ensure_future(w.sched.acquire(w.profiles["b"]))
+        await asyncio.sleep(0.05)
+        more_a = await asyncio.wait_for(w.sched.acquire(w.profiles["a"]), 0.1)  # served at once, no switch
+        assert more_a.name == "a" and not waiting_b.done()
+        t0 = asyncio.get_running_loop().time()
+        # a stays busy: b is served once its request has waited the bound (plus a's drain)
+        await asyncio.sleep(0.3)
+        busy.release()
+        more_a.release()
+        got = await asyncio.wait_for(waiting_b, 2.0)
+        assert got.name == "b" and asyncio.get_running_loop().time() - t0 < 1.0
+        assert w.log == ["start a", "sleep a", "start b"]
+    run(go())
+
+
+def test_a_switch_happens_at_once_when_the_awake_model_is_idle():
+    async def go():
+        w = World(profile("a"), profile("b"))
+        w.sched.policy = Policy(max_wait_s=30)
+        await w.sched.activate(w.profiles["a"])
+        got = await asyncio.wait_for(w.sched.acquire(w.profiles["b"]), 1.0)  # a has nothing in flight
+        assert got.name == "b"
+    run(go())
+
+
+def test_under_a_steady_mix_no_model_starves_and_every_request_gets_its_model():
+    async def go():
+        import random
+
+        w = World(profile("big"), profile("small"))
+        w.sched.policy = Policy(max_wait_s=0.05)
+        rng = random.Random(3)
+        waits = {"big": [], "small": []}
+        served_by = []
+
+        async def client(i):
+            for _ in range(25):
+                name = "small" if rng.random() < 0.1 else "big"
+                t0 = asyncio.get_running_loop().time()
+                server = await w.sched.acquire(w.profiles[name])
+                waits[name].append(asyncio.get_running_loop().time() - t0)
+                assert server.state == State.AWAKE
+                served_by.append((name, server.name))
+                await asyncio.sleep(rng.uniform(0.001, 0.01))  # the request runs
+                server.release()
+        await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(16))), 60)
+        assert len(served_by) == 400 and all(a == b for a, b in served_by)
+        # every wait is bounded: max_wait + the longest request in flight + switches (instant here)
+        assert max(waits["small"]) < 0.5 and max(waits["big"]) < 0.5
+        switches = sum(1 for e in w.log if e.startswith(("start", "wake")))
+        assert switches < 100  # far fewer than the ~70 rare requests x 2 of a switch per request
+    run(go())
