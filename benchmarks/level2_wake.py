@@ -10,7 +10,7 @@ Steps: greedy answer A through mm; the bug shown by hand (sleep level 2 + plain 
 the server: answer B); `mm sleep` (level 2, mm's own path) and a request that makes mm wake it:
 answer C. The result file says `greedy before == after: True` when C == A.
 
-Usage (GPU): python3 benchmarks/level2_wake.py --tokenizer .gpu-stage/models/tokenizer --out FILE
+Usage (GPU): python3 benchmarks/level2_wake.py --tokenizer .gpu-stage/models/dummy-1.5b --out FILE
 """
 from __future__ import annotations
 
@@ -69,12 +69,13 @@ def greedy(client: httpx.Client, url: str) -> str:
     r = client.post(f"{url}/v1/completions", json={"model": "deep", "prompt": PROMPT, "max_tokens": 32,
                                                      "temperature": 0, "ignore_eos": True})
     r.raise_for_status()
-    return r.json()["choices"][0]["text"]
+    choice = r.json()["choices"][0]
+    return choice["text"] if "text" in choice else choice["message"]["content"]  # (the fake vLLM answers chat)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokenizer", type=Path, default=ROOT / ".gpu-stage" / "models" / "tokenizer")
+    ap.add_argument("--tokenizer", type=Path, default=ROOT / ".gpu-stage" / "models" / "dummy-1.5b")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="mm-level2-"))

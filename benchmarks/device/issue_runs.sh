@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU runs of issues 9 and 11 in two device calls (after .gpu-stage/part-00 and part-01 were
+# copied; see ../shared/gpu/README.md). Carry: .gpu-stage/part-02 .gpu-stage/unpack.sh
+# .gpu-stage/MANIFEST .gpu-stage/models .gpu-stage/ballast.py .whl
+#   first:  setup, then sleep level 2 (benchmarks/level2_wake.py) beside mixed traffic with one model
+#           awake at a time on the whole H100, each at 0.125 of it (benchmarks/mixed_load.py)
+#   second: the same mixed traffic on an emulated 12 GiB card, both models sized in bytes so that
+#           they fit awake together
+# Usage: bash benchmarks/device/issue_runs.sh first|second
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out="${OUT:-/tmp/mm-out}"; mkdir -p "$out"
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
+  VLLM_USE_FLASHINFER_SAMPLER=0
+header() {
+  echo "# $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), vLLM $(python3 -c 'import vllm; print(vllm.__version__)' 2>/dev/null), $(date -u +%F)"
+}
+
+first() {
+  mkdir -p /tmp/stage && bash .gpu-stage/unpack.sh || exit 1
+  python3 -c "import platformdirs, tomli_w" 2>/dev/null ||
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  header | tee "$out/level2_wake_h100.txt" > "$out/mixed_load_h100.txt"
+  echo "# one model awake at a time: both at 0.125 of the H100, gpu_budget 12GiB (each is predicted at 10.7 GiB)" >> "$out/mixed_load_h100.txt"
+  timeout 420 python3 benchmarks/level2_wake.py --tokenizer .gpu-stage/models/dummy-1.5b \
+    --out "$out/level2_wake_h100.txt" > "$out/level2.log" 2>&1 &
+  timeout 540 python3 benchmarks/mixed_load.py --models-dir .gpu-stage/models --duration 25 --switch \
+    --budget 12GiB --label one-at-a-time --out "$out/mixed_load_h100.txt" > "$out/mixed1.log" 2>&1
+  wait
+  tail -5 "$out/level2.log" "$out/mixed1.log"
+  cat "$out/level2_wake_h100.txt" "$out/mixed_load_h100.txt"
+  tar -cJf "$out/jit.tar.xz" -C ~/.cache vllm flashinfer 2>/dev/null; ls -la "$out"
+}
+
+second() {
+  setsid python3 .gpu-stage/ballast.py --leave 12 > /tmp/ballast.log 2>&1 < /dev/null &
+  for _ in $(seq 60); do grep -q holding /tmp/ballast.log && break; sleep 1; done; cat /tmp/ballast.log
+  echo "# emulated 12 GiB card (ballast): both sized in bytes (KV 1.0e9 and 0.6e9 bytes), awake together" >> "$out/mixed_load_h100.txt"
+  timeout 500 python3 benchmarks/mixed_load.py --models-dir .gpu-stage/models --duration 25 --budget 12GiB \
+    --big-extra $'gpu_memory_utilization = 0.06\nkv_cache_memory_bytes = 1000000000' \
+    --small-extra $'gpu_memory_utilization = 0.05\nkv_cache_memory_bytes = 600000000' \
+    --label "12GiB card, together" --out "$out/mixed_load_h100.txt" > "$out/mixed2.log" 2>&1
+  tail -5 "$out/mixed2.log"; cat "$out/mixed_load_h100.txt"; nvidia-smi --query-gpu=memory.used,memory.total --format=csv
+}
+
+for step in "$@"; do echo "== $step"; $step; done
