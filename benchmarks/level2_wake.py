@@ -39,6 +39,7 @@ level = 2
 dtype = "bfloat16"
 enforce_eager = true
 gpu_memory_utilization = 0.1
+kv_cache_memory_bytes = 1000000000
 max_model_len = 2048
 """
 
