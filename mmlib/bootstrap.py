@@ -256,7 +256,7 @@ def main() -> None:
     dev = args.dev or "dev" in stamp[2:]
     extras = [flavor, "embedded", "eval"] + (["dev"] if dev else [])
     what = "vLLM (CUDA build)" if flavor == "cuda" else "vLLM (CPU build: no NVIDIA GPU found)"
-    say(f"installing mm and {what}; the first time takes a minute or more")
+    say(f"installing mm and {what}" + ("" if stamp else "; the first time takes a minute or two"))
     tool = install(python, flavor, ["-e", f"{args.root}[{','.join(extras)}]"])
     if flavor == "cpu":
         remove_cuda_torch_addons(python, tool)
