@@ -511,13 +511,13 @@ def eval_rows(results: list[dict], a: str, b: str) -> list[Row]:
     rows = []
     tasks = sorted({t for d in results if d["kind"] == "eval" and d["profile"] in (a, b) for t in d.get("tasks", {})})
     for t in tasks:
-        docs = {p: latest(results, p, "eval", has=t) for p in (a, b)}
-        have = [d for d in docs.values() if d]
+        docs = [latest(results, p, "eval", has=t) for p in (a, b)]  # a list: `mm compare x x` is allowed
+        have = [d for d in docs if d]
         key = _common_metric(t, have)
-        values = [score_of(d["tasks"][t], t, key) if d else None for d in docs.values()]
+        values = [score_of(d["tasks"][t], t, key) if d else None for d in docs]
         better = headline_of(have[0]["tasks"][t])["higher_is_better"]
         rows.append(Row(f"eval {t} ({key})", *values, better is not False, 3))
-        setups = [eval_setup(d) if d else None for d in docs.values()]
+        setups = [eval_setup(d) if d else None for d in docs]
         if all(setups) and setups[0] != setups[1]:
             rows.append(Row(f"eval {t} set-up (differs)", *setups))
     return rows

@@ -283,3 +283,9 @@ def test_compare_with_a_task_only_one_side_ran(tmp_path):
     gsm8k = rows["eval gsm8k_cot (exact_match,flexible-extract)"]
     assert (gsm8k.a, gsm8k.b) == (0.2, None)
     assert rows["eval mm_arith (exact_match,last-number)"].b == 0.5
+
+
+def test_compare_a_profile_with_itself(tmp_path):
+    write(tmp_path, gsm8k_doc("a", "2026-01-02T10:00:00", 0.1, 0.2, settings=SETTINGS), "20260102-100000-eval.json")
+    [row] = results.eval_rows(load_results(tmp_path), "a", "a")
+    assert (row.a, row.b) == (0.2, 0.2) and row.change() == "same"
