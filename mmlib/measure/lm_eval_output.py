@@ -320,7 +320,8 @@ def _says(reason: str, fill: dict[str, str], patterns: dict[str, str] | None, co
 
 def _summary(reasons: list[dict[str, Any]], failed: int, total: int, low: str) -> str:
     if [r["reason"] for r in reasons] == ["wrong"]:
-        return f"all {failed} answers {low} scored wrong (of {total}) are wrong answers: the model's, not the set-up's"
+        return (f"{low} scored {failed} of {total} answers wrong, each a wrong answer in the expected form: "
+                "the model's mistakes, not the set-up's")
     return f"{low} scored {failed} of {total} answers wrong: " + ", ".join(
         f"{r['count']} {SHORT[r['reason']]}" for r in reasons)
 

@@ -112,7 +112,8 @@ def test_recorded_run_where_the_model_is_simply_wrong(tmp_path):
     diag = entry["diagnosis"]
     assert diag["filter"] == STRICT and diag["against"] == FLEX and diag["failed"] == diag["samples"] == 5
     assert reasons(entry) == {"wrong": 5}
-    assert "are wrong answers: the model's, not the set-up's" in diag["summary"]
+    assert diag["summary"] == ("strict-match 0.000 vs flexible-extract 0.000: strict-match scored 5 of 5 answers "
+                               "wrong, each a wrong answer in the expected form: the model's mistakes, not the set-up's")
     assert len(entry["examples"]) == out.KEPT_SAMPLES
     first = entry["examples"][0]
     assert first["target"] == "7" and first["read"] == {STRICT: "24", FLEX: "24."}
