@@ -4,7 +4,7 @@ lm-eval scores a task once per filter ("exact_match,strict-match", "exact_match,
 The headline is the filter that measures the model rather than its formatting, and says why. When
 a filter scores zero, or far below another, the samples lm-eval logged (--log_samples) say what
 happened to each answer: cut at the length limit, stopped early, empty, the API failing, a right
-number in a form the strict pattern misses, or simply a wrong answer.
+answer in a form the strict pattern misses, or simply a wrong answer.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ REASONS = {
     "api_error": "the API returned no content",
     "empty": "an empty answer",
     "truncated": "cut at the length limit ({limit} tokens)",
-    "format": "the right number, in a form {low} misses",
+    "format": "the right answer, in a form {low} misses",
     "stopped": "ended before giving an answer, probably at a stop string ({until})",
     "no_answer": "no answer in the form {low} reads",
     "wrong": "a wrong answer in the expected form (the model's own mistake)",

@@ -259,7 +259,7 @@ def test_print_eval_shows_both_filters_the_reason_and_two_examples(tmp_path, cap
     assert "strict-match" in text and "0.000" in text
     assert "mm_gsm8k: headline exact_match,flexible-extract: flexible-extract reads the answer" in text
     assert "mm_gsm8k: strict-match 0.000 vs flexible-extract 0.400: strict-match scored 5 of 5 answers wrong" in text
-    assert "the right number, in a form strict-match misses" in text
+    assert "the right answer, in a form strict-match misses" in text
     examples = [line for line in text.splitlines() if line.strip().startswith("e.g. doc")]
     assert len(examples) == 2 and "(target 7;" in examples[0] and "**7** muffins left." in text
     assert "set-up: chat template, few-shot examples as chat turns, answers up to 1024 tokens" in text

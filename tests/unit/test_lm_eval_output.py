@@ -166,7 +166,7 @@ def test_strict_zero_flexible_point_four_is_a_format_problem(tmp_path):
     diag = entry["diagnosis"]
     assert diag["filter"] == STRICT and diag["against"] == FLEX and reasons(entry) == {"wrong": 3, "format": 2}
     fmt = next(r for r in diag["reasons"] if r["reason"] == "format")
-    assert fmt["says"].startswith("the right number, in a form strict-match misses (it wants /The answer is")
+    assert fmt["says"].startswith("the right answer, in a form strict-match misses (it wants /The answer is")
     assert [e["target"] for e in fmt["examples"]] == ["7", "80"]
     assert diag["summary"].startswith("strict-match 0.000 vs flexible-extract 0.400: ")
 
