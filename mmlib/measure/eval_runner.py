@@ -5,6 +5,12 @@
 prints one JSON object: for each name asked, whether lm-eval knows it, its leaf tasks and each
 leaf's output_type, plus close matches for unknown names. `mm eval` refuses the tasks that need
 log-likelihoods, which a chat-completions API cannot serve.
+
+    python -m mmlib.measure.eval_runner tokens TOKENIZER < texts.json
+
+prints the token count of each text (a JSON list of strings) with the server's tokenizer, so the
+diagnosis of a low score can tell an answer cut at the length limit (transformers is imported here
+only).
 """
 from __future__ import annotations
 
@@ -66,15 +72,42 @@ def check(names: list[str], include_path: str | None) -> dict[str, Any]:
     return out
 
 
+def count_tokens(tokenizer: str, texts: list[str]) -> list[int]:
+    """Token counts without special tokens; the tokenizers library where the folder has tokenizer.json
+    (it loads in a fraction of transformers' time), else transformers (a hub id, an old format)."""
+    from pathlib import Path
+
+    found = Path(tokenizer) / "tokenizer.json"
+    if not found.is_file() and not Path(tokenizer).exists():  # a hub id: the copy the server downloaded
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(tokenizer, "tokenizer.json")
+        found = Path(cached) if isinstance(cached, str) else found
+    if found.is_file():
+        from tokenizers import Tokenizer
+
+        fast = Tokenizer.from_file(str(found))
+        return [len(e.ids) for e in fast.encode_batch(texts, add_special_tokens=False)]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    return [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmlib.measure.eval_runner")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="classify tasks by output type")
     c.add_argument("--include-path")
     c.add_argument("tasks", nargs="+")
+    t = sub.add_parser("tokens", help="count tokens of the texts (a JSON list on stdin)")
+    t.add_argument("tokenizer")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # lm-eval's index warnings would drown the JSON's reader
-    json.dump(check(args.tasks, args.include_path), sys.stdout)
+    if args.command == "tokens":
+        json.dump(count_tokens(args.tokenizer, json.load(sys.stdin)), sys.stdout)
+    else:
+        json.dump(check(args.tasks, args.include_path), sys.stdout)
     sys.stdout.write("\n")
     return 0
 

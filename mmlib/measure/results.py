@@ -251,9 +251,41 @@ def summary_markdown(results: list[dict], plots: list[str] | None = None, note: 
     return "\n".join(lines)
 
 
-def primary_metric(task: dict) -> tuple[str, float | None, float | None]:
-    p = task.get("primary") or {}
-    return p.get("metric", "-"), p.get("value"), p.get("stderr")
+def headline_of(task: dict) -> dict[str, Any]:
+    """A task's headline score: metric ("metric,filter"), value, stderr, reason (files before mm kept
+    every filter call it "primary" and it was the task's first score)."""
+    head = task.get("headline") or task.get("primary") or {}
+    return {"metric": head.get("metric", "-"), "value": head.get("value"), "stderr": head.get("stderr"),
+            "higher_is_better": head.get("higher_is_better"), "reason": head.get("reason")}
+
+
+def score_of(task: dict, name: str, key: str) -> Any:
+    """The task's score under "metric,filter" key, wherever the result keeps it; None if it has none."""
+    head = headline_of(task)
+    if head["metric"] == key:
+        return head["value"]
+    metric, _, filt = key.partition(",")
+    for f in task.get("filters") or []:
+        if f.get("filter") == filt and metric == head["metric"].partition(",")[0]:
+            return f.get("value")
+    return (task.get("metrics") or {}).get(name, {}).get(key)
+
+
+def other_filters(task: dict) -> str:
+    """The headline metric's other filters and their scores, e.g. "strict-match 0.000"."""
+    head = headline_of(task)["metric"].partition(",")[2]
+    return ", ".join(f"{f['filter']} {fmt(f.get('value'), 3)}" for f in task.get("filters") or []
+                     if f.get("filter") != head) or "-"
+
+
+def eval_setup(doc: dict) -> str:
+    """How the run asked the model, short: few-shot turns, answer length, limit."""
+    s = doc.get("settings")
+    if not s:
+        return "before settings were kept"
+    turns = "multi-turn" if s.get("fewshot_as_multiturn") else "one message"
+    extra = f", {s['gen_kwargs']}" if s.get("gen_kwargs") else ""
+    return f"{turns}, <= {s.get('max_gen_toks')} tok{extra}"
 
 
 def _eval_section(results: list[dict], profiles: list[str]) -> list[str]:
@@ -265,13 +297,18 @@ def _eval_section(results: list[dict], profiles: list[str]) -> list[str]:
             if not doc:
                 continue
             entry = doc["tasks"][t]
-            metric, value, stderr = primary_metric(entry)
-            score = fmt(value, 3) + (f" ± {fmt(stderr, 3)}" if isinstance(stderr, (int, float)) else "")
-            rows.append([p, t, metric, score, fmt(entry.get("samples")), run_label(doc), doc.get("gpu") or "none"])
+            head = headline_of(entry)
+            stderr = head["stderr"]
+            score = fmt(head["value"], 3) + (f" ± {fmt(stderr, 3)}" if isinstance(stderr, (int, float)) else "")
+            rows.append([p, t, head["metric"], score, other_filters(entry), fmt(entry.get("samples")),
+                         eval_setup(doc), run_label(doc), doc.get("gpu") or "none"])
     if not rows:
         return []
-    return ["## Eval (lm-evaluation-harness through the chat API)", ""] + \
-        _table(["profile", "task", "metric", "score", "samples", "run", "GPU"], rows) + [""]
+    return ["## Eval (lm-evaluation-harness through the chat API)", "",
+            "The headline is the filter that measures the model rather than its formatting (for gsm8k: "
+            "flexible-extract); the others are beside it. `mm eval` explains a zero or a large gap.", ""] + \
+        _table(["profile", "task", "headline metric", "score", "other filters", "samples", "set-up", "run", "GPU"],
+               rows) + [""]
 
 
 def _memory_section(results: list[dict], profiles: list[str]) -> list[str]:
@@ -465,9 +502,34 @@ def compare_rows(results: list[dict], a: str, b: str) -> list[Row]:
                        ("rss_mib", "RAM, server process tree peak (MiB)"),
                        ("ram_used_mib", "RAM in use, system peak (MiB)")):
         rows.append(Row(label, mem(ba, key), mem(bb, key), None, 0))
+    return rows + eval_rows(results, a, b)
+
+
+def eval_rows(results: list[dict], a: str, b: str) -> list[Row]:
+    """Each task scored by the same metric for both profiles (the newer result's headline where the
+    other holds it too); MMError where the two results have no metric in common."""
+    rows = []
     tasks = sorted({t for d in results if d["kind"] == "eval" and d["profile"] in (a, b) for t in d.get("tasks", {})})
     for t in tasks:
-        ea, eb = latest(results, a, "eval", has=t), latest(results, b, "eval", has=t)
-        (ma, va, _), (mb, vb, _) = (primary_metric(e["tasks"][t]) if e else ("-", None, None) for e in (ea, eb))
-        rows.append(Row(f"eval {t} ({ma if ea else mb})", va, vb, True, 3))
+        docs = [latest(results, p, "eval", has=t) for p in (a, b)]  # a list: `mm compare x x` is allowed
+        have = [d for d in docs if d]
+        key = _common_metric(t, have)
+        values = [score_of(d["tasks"][t], t, key) if d else None for d in docs]
+        better = headline_of(have[0]["tasks"][t])["higher_is_better"]
+        rows.append(Row(f"eval {t} ({key})", *values, better is not False, 3))
+        setups = [eval_setup(d) if d else None for d in docs]
+        if all(setups) and setups[0] != setups[1]:
+            rows.append(Row(f"eval {t} set-up (differs)", *setups))
     return rows
+
+
+def _common_metric(task: str, docs: list[dict]) -> str:
+    newest_first = sorted(docs, key=lambda d: str(d.get("started_at")), reverse=True)
+    keys = [headline_of(d["tasks"][task])["metric"] for d in newest_first]
+    for key in keys:
+        if all(score_of(d["tasks"][task], task, key) is not None for d in docs):
+            return key
+    old = newest_first[-1]
+    shown = ", ".join(f"{d['profile']} {k}" for d, k in zip(newest_first, keys))
+    raise MMError(f"eval {task}: the results score different metrics ({shown}) and do not compare "
+                  f"(fix: `mm eval {old['profile']} --tasks {task}` again, so both results keep every filter)")

@@ -78,10 +78,60 @@ def test_eval_quick_on_the_local_task(live_mm, monkeypatch):
     doc = json.loads(path.read_text())
     task = doc["tasks"]["mm_arith"]
     assert doc["complete"] is True and doc["limit"] == 30 and task["samples"] == 30
-    assert task["primary"]["metric"] == "exact_match,last-number" and 0 <= task["primary"]["value"] <= 1
+    assert task["headline"]["metric"] == "exact_match,last-number" and 0 <= task["headline"]["value"] <= 1
+    assert task["filters"][0]["filter"] == "last-number" and "its only filter" in task["headline"]["reason"]
     assert doc["memory"]["peak"]["rss_mib"] > 100
     summary = (results_dir(live_mm) / "summary.md").read_text()
     assert "## Eval" in summary and "mm_arith" in summary and "## Bench: latency" in summary
+
+
+def offline(live, monkeypatch) -> None:
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(Path(live.env["MM_HOME"]) / "hf-datasets"))
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+
+
+def newest_eval(live) -> dict:
+    return json.loads(result_files(live, "eval")[-1].read_text())
+
+
+def test_eval_gsm8k_format_shows_both_filters_and_explains_the_score(live_mm, monkeypatch):
+    """SmolLM2-135M scores near zero on word problems: exactly the score that needs explaining."""
+    offline(live_mm, monkeypatch)
+    r = live_mm.mm("eval", "default", "--tasks", "mm_gsm8k", "--quick", "--limit", "3", timeout=420)
+    out = r.stdout
+    assert "flexible-extract (headline)" in out and "strict-match" in out, out + r.stderr
+    assert "mm_gsm8k: headline exact_match,flexible-extract: flexible-extract reads the answer" in out
+    assert "set-up: chat template, few-shot examples as chat turns, answers up to 1024 tokens" in out
+    task = newest_eval(live_mm)["tasks"]["mm_gsm8k"]
+    scores = {f["filter"]: f["value"] for f in task["filters"]}
+    assert set(scores) == {"strict-match", "flexible-extract"} and task["samples"] == 3
+    assert task["generation"]["fewshot_as_multiturn"] is True and task["generation"]["num_fewshot"] == 8
+    assert 1 <= len(task["examples"]) <= 5 and all(len(e["answer"]) < 700 for e in task["examples"])
+    diag = task["diagnosis"]
+    if min(scores.values()) == 0 or scores["strict-match"] < scores["flexible-extract"]:
+        assert diag and f"mm_gsm8k: {diag['summary']}" in out and diag["reasons"]
+        telling = next((x for x in diag["reasons"] if x["reason"] != "wrong"), diag["reasons"][0])
+        assert out.count("  e.g. doc ") == len(telling["examples"]) >= 1
+    if scores["strict-match"] < scores["flexible-extract"]:
+        assert "strict-match" in diag["summary"] and "vs flexible-extract" in diag["summary"]
+        assert any(r["reason"] != "wrong" for r in diag["reasons"]) and out.count("  e.g. doc ") == 2
+
+
+def test_eval_overrides_are_used_recorded_and_a_cut_is_found(live_mm, monkeypatch):
+    offline(live_mm, monkeypatch)
+    r = live_mm.mm("eval", "--tasks", "mm_gsm8k", "--limit", "2", "--no-multiturn", "--max-gen-toks", "12",
+                   timeout=420)
+    doc = newest_eval(live_mm)
+    assert doc["settings"]["fewshot_as_multiturn"] is False and doc["settings"]["max_gen_toks"] == 12
+    assert doc["settings"]["overrides"] == ["--no-multiturn", "--max-gen-toks 12"]
+    task = doc["tasks"]["mm_gsm8k"]
+    assert task["generation"]["fewshot_as_multiturn"] is False and task["generation"]["max_gen_toks"] == 12
+    cut = next(x for x in task["diagnosis"]["reasons"] if x["reason"] == "truncated")
+    assert cut["says"] == "cut at the length limit (12 tokens)" and task["diagnosis"]["tokens"] == "counted"
+    assert all(e["tokens"] >= 10 for e in cut["examples"])
+    assert "cut at the length limit (12 tokens)" in r.stdout and "changed by --no-multiturn --max-gen-toks 12" in r.stdout
 
 
 def test_eval_refuses_loglikelihood_tasks(live_mm, monkeypatch):

@@ -210,3 +210,82 @@ def test_compare_needs_results_for_both(filled):
 def test_fmt():
     assert results.fmt(None) == "-" and results.fmt("no GPU") == "no GPU" and results.fmt(3) == "3"
     assert results.fmt(1234.567) == "1234.6" and results.fmt(0.12345, 3) == "0.123"
+
+
+def gsm8k_doc(profile, stamp, strict, flexible, metrics_only=False, settings=None):
+    """An eval of gsm8k_cot; metrics_only: a file from before mm kept every filter (its "primary" was
+    the task's first score, and "metrics" held all of them)."""
+    task = {"samples": 30, "metrics": {"gsm8k_cot": {"exact_match,strict-match": strict,
+                                                      **({} if flexible is None else
+                                                         {"exact_match,flexible-extract": flexible})}}}
+    if metrics_only:
+        task["primary"] = {"metric": "exact_match,strict-match", "value": strict, "stderr": 0.05}
+    else:
+        task["headline"] = {"metric": "exact_match,flexible-extract", "value": flexible, "stderr": 0.04,
+                            "higher_is_better": True, "reason": "flexible-extract reads the answer ..."}
+        task["filters"] = [{"filter": "strict-match", "value": strict, "stderr": 0.05},
+                           {"filter": "flexible-extract", "value": flexible, "stderr": 0.04}]
+    doc = {"schema": 1, "kind": "eval", "profile": profile, "mode": "quick", "complete": True, "started_at": stamp,
+           "gpu": "none", "limit": 30, "tasks": {"gsm8k_cot": task}}
+    if settings is not None:
+        doc["settings"] = settings
+    return doc
+
+
+SETTINGS = {"apply_chat_template": True, "fewshot_as_multiturn": True, "max_gen_toks": 1024,
+            "max_gen_toks_for": "tasks that set no length of their own", "gen_kwargs": None, "overrides": []}
+
+
+def test_summary_shows_every_filter_and_the_set_up(tmp_path):
+    write(tmp_path, gsm8k_doc("awq", "2026-01-02T10:00:00", 0.0, 0.4, settings=SETTINGS), "20260102-100000-eval.json")
+    text = summary_markdown(load_results(tmp_path))
+    row = next(line for line in text.splitlines() if line.startswith("| awq | gsm8k_cot"))
+    assert "| exact_match,flexible-extract | 0.400 ± 0.040 | strict-match 0.000 |" in row
+    assert "| multi-turn, <= 1024 tok |" in row and "headline is the filter that measures the model" in text
+
+
+def test_compare_shows_the_same_metric_for_both(tmp_path):
+    write(tmp_path, gsm8k_doc("old", "2026-01-01T10:00:00", 0.3, 0.5, metrics_only=True), "20260101-100000-eval.json")
+    write(tmp_path, gsm8k_doc("new", "2026-01-02T10:00:00", 0.0, 0.6, settings=SETTINGS), "20260102-100000-eval.json")
+    rows = {r.label: r for r in results.eval_rows(load_results(tmp_path), "old", "new")}
+    row = rows["eval gsm8k_cot (exact_match,flexible-extract)"]  # the newer headline, which the old file holds too
+    assert (row.a, row.b) == (0.5, 0.6) and row.change() == "1.20x (better)"
+    assert (rows["eval gsm8k_cot set-up (differs)"].a, rows["eval gsm8k_cot set-up (differs)"].b) == \
+        ("before settings were kept", "multi-turn, <= 1024 tok")
+
+
+def test_compare_falls_back_to_a_metric_both_have(tmp_path):
+    write(tmp_path, gsm8k_doc("old", "2026-01-01T10:00:00", 0.3, None, metrics_only=True), "20260101-100000-eval.json")
+    write(tmp_path, gsm8k_doc("new", "2026-01-02T10:00:00", 0.0, 0.6, settings=SETTINGS), "20260102-100000-eval.json")
+    [row] = [r for r in results.eval_rows(load_results(tmp_path), "old", "new") if "set-up" not in r.label]
+    assert row.label == "eval gsm8k_cot (exact_match,strict-match)" and (row.a, row.b) == (0.3, 0.0)
+
+
+def test_compare_refuses_different_metrics(tmp_path):
+    old = gsm8k_doc("old", "2026-01-01T10:00:00", 0.3, None, metrics_only=True)
+    new = gsm8k_doc("new", "2026-01-02T10:00:00", 0.0, 0.6, settings=SETTINGS)
+    new["tasks"]["gsm8k_cot"]["filters"] = new["tasks"]["gsm8k_cot"]["filters"][1:]  # flexible only
+    new["tasks"]["gsm8k_cot"]["metrics"] = {}
+    write(tmp_path, old, "20260101-100000-eval.json")
+    write(tmp_path, new, "20260102-100000-eval.json")
+    with pytest.raises(MMError) as e:
+        compare_rows(load_results(tmp_path), "old", "new")
+    msg = str(e.value)
+    assert msg.startswith("eval gsm8k_cot: the results score different metrics (new exact_match,flexible-extract, "
+                          "old exact_match,strict-match)")
+    assert "(fix: `mm eval old --tasks gsm8k_cot` again" in msg and "\n" not in msg
+
+
+def test_compare_with_a_task_only_one_side_ran(tmp_path):
+    write(tmp_path, gsm8k_doc("a", "2026-01-02T10:00:00", 0.1, 0.2, settings=SETTINGS), "20260102-100000-eval.json")
+    write(tmp_path, eval_doc("b", "2026-01-02T11:00:00", 0.5), "20260102-110000-eval.json")
+    rows = {r.label: r for r in results.eval_rows(load_results(tmp_path), "a", "b")}
+    gsm8k = rows["eval gsm8k_cot (exact_match,flexible-extract)"]
+    assert (gsm8k.a, gsm8k.b) == (0.2, None)
+    assert rows["eval mm_arith (exact_match,last-number)"].b == 0.5
+
+
+def test_compare_a_profile_with_itself(tmp_path):
+    write(tmp_path, gsm8k_doc("a", "2026-01-02T10:00:00", 0.1, 0.2, settings=SETTINGS), "20260102-100000-eval.json")
+    [row] = results.eval_rows(load_results(tmp_path), "a", "a")
+    assert (row.a, row.b) == (0.2, 0.2) and row.change() == "same"
