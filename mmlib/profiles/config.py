@@ -6,9 +6,12 @@ from dataclasses import dataclass
 
 from mmlib import paths
 from mmlib.errors import ProfileError
+from mmlib.profiles.memory import gib, parse_size
 from mmlib.profiles.profile import read_toml
 
-KEYS = {"proxy_host": str, "proxy_port": int, "api_key": str, "default_profile": str}
+KEYS = {"proxy_host": str, "proxy_port": int, "api_key": str, "default_profile": str, "gpu_budget": (str, int)}
+ENV = {"proxy_host": "MM_PROXY_HOST", "proxy_port": "MM_PROXY_PORT", "api_key": "MM_API_KEY",
+       "default_profile": "MM_DEFAULT_PROFILE", "gpu_budget": "MM_GPU_BUDGET"}
 
 
 @dataclass(frozen=True)
@@ -17,10 +20,24 @@ class Config:
     proxy_port: int = 8000
     api_key: str | None = None
     default_profile: str = "default"
+    # GPU memory mm may use, bytes: a desktop's share of the card, or an emulated smaller card.
+    # None: the whole card, as NVML reports it.
+    gpu_budget: int | None = None
 
     @property
     def proxy_url(self) -> str:
         return f"http://{self.proxy_host}:{self.proxy_port}"
+
+
+def _budget(where: str, value: str | int) -> int:
+    try:
+        n = value if isinstance(value, int) else parse_size(value)
+    except ValueError:
+        n = 0
+    if n < 256 << 20:
+        raise ProfileError(where, f"{value!r} is not a GPU memory budget", 'write it like "12GiB" (bytes as a number '
+                           f"also work; at least {gib(256 << 20)})", key="gpu_budget")
+    return n
 
 
 def load_config() -> Config:
@@ -29,11 +46,14 @@ def load_config() -> Config:
     for key, value in data.items():
         if key not in KEYS:
             raise ProfileError(str(path), "unknown key", f"known keys: {', '.join(KEYS)}", key=key)
-        if not isinstance(value, KEYS[key]) or isinstance(value, bool):
-            raise ProfileError(str(path), f"expected {KEYS[key].__name__}", key=key)
-    env = {"proxy_host": os.environ.get("MM_PROXY_HOST"), "proxy_port": os.environ.get("MM_PROXY_PORT"),
-           "api_key": os.environ.get("MM_API_KEY"), "default_profile": os.environ.get("MM_DEFAULT_PROFILE")}
-    for key, value in env.items():
+        types = KEYS[key] if isinstance(KEYS[key], tuple) else (KEYS[key],)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ProfileError(str(path), f"expected {' or '.join(t.__name__ for t in types)}", key=key)
+    for key, name in ENV.items():
+        value = os.environ.get(name)
         if value:
             data[key] = int(value) if KEYS[key] is int else value
+    if "gpu_budget" in data:
+        where = ENV["gpu_budget"] if os.environ.get(ENV["gpu_budget"]) else str(path)
+        data["gpu_budget"] = _budget(where, data["gpu_budget"])
     return Config(**data)

@@ -91,7 +91,24 @@ def sleep_available(profile: Profile, install: VllmInstall | None = None) -> boo
     return profile.sleep.enabled and not (install is None or install.is_cpu)
 
 
-def server_argv(profile: Profile, port: int, python: str = sys.executable) -> list[str]:
+def memory_engine(profile: Profile) -> dict[str, Any]:
+    """What a [memory] table says without knowing the model or the card: its context and sequences.
+    The bytes (KV cache, the share for vLLM's start check) come from guard.fit, which knows both."""
+    m = profile.memory
+    if m is None:
+        return {}
+    out: dict[str, Any] = {}
+    if m.context:
+        out["max_model_len"] = m.context
+    if m.sequences:
+        out["max_num_seqs"] = m.sequences
+    return out
+
+
+def server_argv(profile: Profile, port: int, python: str = sys.executable,
+                derived: Mapping[str, Any] | None = None) -> list[str]:
+    """The vLLM command line. `derived` is the engine table guard.fit worked out for this card
+    (Footprint.engine: exact KV bytes, capture size, ...); its keys replace the profile's own."""
     assert profile.model, "stack profiles have no server of their own"
     argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", resolve_model(profile.model),
             "--host", profile.host, "--port", str(port),
@@ -100,7 +117,7 @@ def server_argv(profile: Profile, port: int, python: str = sys.executable) -> li
         argv.append("--enable-sleep-mode")
     if profile.api_key:
         argv += ["--api-key", profile.api_key]
-    return argv + engine_args(profile.engine)
+    return argv + engine_args({**profile.engine, **memory_engine(profile), **(derived or {})})
 
 
 def server_env(profile: Profile, base: Mapping[str, str] | None = None) -> dict[str, str]:
