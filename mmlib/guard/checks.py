@@ -26,6 +26,7 @@ from mmlib.profiles.vllm_cmd import (
     flag,
     installed_vllm,
     resolve_model,
+    server_argv,
 )
 from mmlib.system.nvml import GpuReport
 
@@ -206,6 +207,15 @@ def footprint(p: Profile, card: fitmod.Card | None, spec: ArgSpec | None = None)
         return fp
     notes = tuple(n.replace(fitmod.NO_SHAPES, why) for n in fp.notes)
     return replace(fp, notes=notes if notes != fp.notes else notes + (why,))
+
+
+def argv_builder(card: fitmod.Card | None, spec: ArgSpec | None = None,
+                 python: str = sys.executable) -> Callable[[Profile, int], list[str]]:
+    """The supervisor's argv builder for this card: server_argv with the flags derived from the
+    profile's [memory] (and a share scaled to a gpu_budget) added."""
+    def build(p: Profile, port: int) -> list[str]:
+        return server_argv(p, port, python, derived=footprint(p, card, spec).engine)
+    return build
 
 
 def predicted_gib(name: str, capacity: int, spec: ArgSpec | None = None) -> float:

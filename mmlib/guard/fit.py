@@ -526,11 +526,12 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
     else:
         kv = _round_tokens(sequences * (context + extra)) * per_token
     tokens = kv // per_token // KV_BLOCK * KV_BLOCK
-    if context is None:
+    if context is None and tokens:
         context = _fit_context(tokens, extra, model.limit)
     if tokens:
         engine["kv_cache_memory_bytes"] = int(kv)
-    engine["max_model_len"] = context
+    if context:
+        engine["max_model_len"] = context
     if card:
         engine["max_num_batched_tokens"] = batched
         if capture:
@@ -552,7 +553,8 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
                    _host_ram(profile, model.weights, offload or _engine_offload(profile)), engine,
                    context=context, sequences=sequences, kv_tokens=tokens, kv_per_token=per_token,
                    kv_dtype=model.kv_dtype, context_limit=model.limit, extra_tokens=extra, kept_activations=kept,
-                   starts=tokens >= context + extra, notes=tuple(notes), weights_from=model.weights_from)
+                   starts=card is None and not tokens or 0 < tokens >= (context or 0) + extra, notes=tuple(notes),
+                   weights_from=model.weights_from)
     return replace(fp, advice=_advice(fp, model, None, m))
 
 

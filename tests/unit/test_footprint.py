@@ -283,6 +283,8 @@ def test_no_shapes_on_disk_falls_back_to_a_share():
 def test_no_card_derives_the_model_side_only():
     fp = predict(profile({}, MemorySpec(context=4096, sequences=32, kv_tokens=32768)), None, SMOLLM2_135M)
     assert fp.engine == {"max_model_len": 4096, "max_num_seqs": 32, "kv_cache_memory_bytes": 32768 * 30 * 3 * 64 * 4}
+    fill = predict(profile({}, MemorySpec(sequences=64, kv_fill=True)), None, SMOLLM2_135M)
+    assert fill.engine == {"max_num_seqs": 64} and fill.starts  # vLLM's own context and KV sizing: no card to fill
 
 
 # --- mm perf MODEL: any model fitted to the card ----------------------------------------------------------------
@@ -320,3 +322,32 @@ def test_profiles_show_prints_what_was_derived_and_the_argv(mm_env, shipped_mode
     assert "max_model_len = 32768" in r.output
     argv = r.output.strip().splitlines()[-1]
     assert "--max-model-len 32768" in argv and "--kv-cache-memory-bytes " in argv and "--max-num-seqs 64" in argv
+
+
+def test_predict_never_crashes_on_odd_but_valid_tables():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    specs = st.builds(MemorySpec, context=st.one_of(st.none(), st.integers(16, 1 << 22)),
+                      sequences=st.one_of(st.none(), st.integers(1, 4096)),
+                      kv_tokens=st.one_of(st.none(), st.integers(16, 1 << 30)),
+                      kv_fill=st.booleans(), offload_fit=st.booleans())
+    cards = st.sampled_from([CARD12, EMULATED, sized_card(2 * GIB, ram=0), None])
+
+    @settings(max_examples=200, deadline=None, derandomize=True)
+    @given(spec=specs, card=cards, name=st.sampled_from(sorted(FIXTURES.values())))
+    def check(spec, card, name):
+        fp = predict(profile({"kv_cache_dtype": "fp8"}, spec), card, config(name))
+        assert fp.awake_bytes >= 0 and (fp.context >= 16 if fp.context is not None else card is None or not fp.starts)
+        assert fp.summary() and all(isinstance(v, (int, float)) for v in fp.engine.values())
+
+    check()
+
+
+def test_argv_builder_for_the_supervisor(mm_env, shipped_models):
+    build = checks.argv_builder(CARD12, python="python")
+    argv = build(load_profile("chat"), 8123)
+    fp = checks.footprint(load_profile("chat"), CARD12)
+    assert argv[:4] == ["python", "-m", "vllm.entrypoints.cli.main", "serve"] and "8123" in argv
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(fp.engine["kv_cache_memory_bytes"])
+    assert argv[argv.index("--max-cudagraph-capture-size") + 1] == "16"

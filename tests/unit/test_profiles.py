@@ -169,3 +169,27 @@ def test_with_model_overrides_model_and_name(mm_env):
     p = load_profile("chat").with_model("Qwen/Qwen2.5-0.5B-Instruct")
     assert p.model == "Qwen/Qwen2.5-0.5B-Instruct"
     assert p.names == ("Qwen2.5-0.5B-Instruct",)
+
+
+def test_any_memory_table_loads_or_fails_with_one_line(mm_env):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from mmlib.profiles.memory import KEYS
+
+    values = st.one_of(st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False, allow_infinity=False),
+                       st.sampled_from(["fit", "fill", "4GiB", "16k", "0", "-1GiB", "1e3", ""]), st.text(max_size=12))
+
+    @settings(max_examples=300, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(table=st.dictionaries(st.sampled_from(KEYS), values, max_size=5))
+    def check(table):
+        import tomli_w
+
+        write(mm_env, "fuzz", tomli_w.dumps({"model": "x", "memory": table}))
+        try:
+            load_profile("fuzz")
+        except ProfileError as e:
+            assert "\n" not in str(e) and e.key.startswith("memory.")
+
+    check()
