@@ -8,8 +8,9 @@ weights loaded, no vLLM, no torch), in two steps:
   graph capture size, a --gpu-memory-utilization that passes vLLM's start check), which
   profiles/vllm_cmd.server_argv puts on the command line.
 
-The older share-of-the-card estimate (`estimate` -> Fit: what vLLM makes of gpu_memory_utilization)
-stays for profiles without [memory]; `predict` uses it for them. Calibrations are with each constant.
+A profile without [memory] gives vLLM a share of the card (gpu_memory_utilization); `predict` then
+works out what vLLM makes of it (the KV cache is what its profiler leaves of the share), as checked
+against what vLLM 0.26 printed on an H100 (tests/unit/test_fit.py). Calibrations are with each constant.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from typing import Any, Mapping
 from mmlib.guard.modelinfo import (
     Shape,
     context_limit,
-    model_max_len,
     safetensors_bytes,
     safetensors_files,
 )
@@ -53,70 +53,6 @@ ACTIVATION_FIXED = int(0.1027 * GIB)
 NON_TORCH = int(0.22 * GIB)
 CUDA_GRAPHS = int(0.06 * GIB)
 KV_BLOCK = 16  # vLLM allocates KV in blocks of 16 tokens
-
-
-# --- the estimate ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Fit:
-    total: int  # GPU memory, bytes
-    share: float
-    weights: int
-    weights_from: str  # "safetensors headers" or "config.json shapes"
-    activation: int
-    overhead: int  # non-torch, CUDA graphs and per-token buffers
-    kv_per_token: int
-    kv_dtype: str
-    max_model_len: int | None
-    max_num_seqs: int | None
-
-    @property
-    def budget(self) -> int:
-        return math.ceil(self.total * self.share)
-
-    @property
-    def kv_cache(self) -> int:
-        return self.budget - self.weights - self.activation - self.overhead
-
-    @property
-    def tokens(self) -> int:
-        return max(0, self.kv_cache) // self.kv_per_token // KV_BLOCK * KV_BLOCK
-
-    @property
-    def concurrency(self) -> float | None:
-        return self.tokens / self.max_model_len if self.max_model_len else None
-
-    @property
-    def fits(self) -> bool:
-        return self.kv_cache > 0 and (self.max_model_len is None or self.tokens >= self.max_model_len)
-
-    def share_needed(self, tokens: int) -> float:
-        return (self.weights + self.activation + self.overhead + tokens * self.kv_per_token) / self.total
-
-    def summary(self) -> str:
-        head = (f"{gib(self.budget)} budget ({self.share:g} of {gib(self.total)}) - weights {gib(self.weights)} "
-                f"- activations and overhead {gib(self.activation + self.overhead)} = KV cache {gib(self.kv_cache)}")
-        if self.kv_cache <= 0:
-            return head
-        s = f"{head}: {self.tokens:,} tokens ({self.kv_dtype} KV, {self.kv_per_token:,} bytes a token)"
-        if self.concurrency is not None:
-            s += f", {self.concurrency:.1f} requests of {self.max_model_len:,} tokens at once"
-        return s
-
-    def remedies(self) -> list[str]:
-        """What would fit, most direct first."""
-        out = []
-        if self.kv_cache > 0 and self.tokens >= 1024:
-            out.append(f"max_model_len = {self.tokens // 1024 * 1024}")
-        if not self.kv_dtype.startswith("fp8"):
-            out.append(f'kv_cache_dtype = "fp8" (halves the KV cache per token: {self.tokens * 2:,} tokens)')
-        want = self.max_model_len or KV_BLOCK
-        share = self.share_needed(want)
-        if share <= 0.95:
-            out.append(f"gpu_memory_utilization = {math.ceil(share * 100) / 100:g}")
-        else:
-            out.append("a smaller or more quantized model (the weights alone take "
-                       f"{self.weights / self.total:.0%} of the card)")
-        return out
 
 
 def activation_bytes(shape: Shape, batched_tokens: int) -> int:
@@ -155,30 +91,6 @@ def kv_bytes(kv_cache_dtype: Any, dtype: str) -> tuple[str, float]:
 def default_batched_tokens(total: int) -> int:
     """vLLM's default max_num_batched_tokens for `vllm serve`: 8192 on cards of 70 GiB and more."""
     return 8192 if total >= 70 * GIB else 2048
-
-
-def estimate(engine: Mapping[str, Any], cfg: Mapping[str, Any], total: int,
-             folder: Path | None = None, load_format: str | None = None) -> Fit | None:
-    """The fit of a model (its config.json, and its folder for safetensors) under an [engine] table
-    on a card of `total` bytes; None where the config lacks the shapes to say."""
-    shape = Shape.from_config(cfg)
-    if shape is None:
-        return None
-    dtype = str(engine.get("dtype", "auto")).lower()
-    if dtype in ("auto", ""):
-        dtype = shape.dtype
-    kv_name, kv_size = kv_bytes(engine.get("kv_cache_dtype"), dtype)
-    weights, source = weights_of(shape, engine, folder, load_format)
-    batched = engine_int(engine.get("max_num_batched_tokens")) or default_batched_tokens(total)
-    overhead = NON_TORCH + (0 if engine.get("enforce_eager") is True else CUDA_GRAPHS) \
-        + BUFFER_BYTES_PER_HIDDEN * shape.hidden * batched
-    max_len = engine_int(engine.get("max_model_len"))
-    max_len = max_len if max_len and max_len > 0 else model_max_len(cfg)  # -1 and "auto": the model's own
-    share = engine.get("gpu_memory_utilization", 0.9)
-    return Fit(total=total, share=float(share), weights=weights, weights_from=source,
-               activation=activation_bytes(shape, batched), overhead=overhead,
-               kv_per_token=shape.kv_bytes_per_token(kv_size), kv_dtype=kv_name, max_model_len=max_len,
-               max_num_seqs=engine_int(engine.get("max_num_seqs")))
 
 
 # --- the card ------------------------------------------------------------------------------------------
@@ -274,7 +186,9 @@ class Footprint:
     profile: str
     card: Card | None
     form: str  # "bytes" ([memory]), "share" (gpu_memory_utilization), "unknown" (no shapes on disk)
-    parts: Mapping[str, int]  # awake, bytes: weights, kv_cache, cuda_graphs, activations, cuda_context
+    # awake, bytes: weights (with vLLM's per-token buffers), kv_cache, cuda_graphs, activations (a full
+    # batch), cuda_context (with cuBLAS and other workspaces vLLM calls non-torch)
+    parts: Mapping[str, int]
     asleep_bytes: int
     host_ram_bytes: int
     engine: Mapping[str, Any] = field(default_factory=dict)  # derived [engine] keys for server_argv
@@ -325,9 +239,9 @@ class Footprint:
         parts = " + ".join(f"{names.get(k, k)} {v / GIB:.2f}" + (f" ({self.kv_text()})" if k == "kv_cache"
                                                                  and self.kv_tokens else "")
                            for k, v in self.parts.items())
-        where = f" on {self.card.label()}" if self.card and where else ""
+        on = f" on {self.card.label()}" if self.card and where else ""
         asleep = f"asleep {gib(self.asleep_bytes)}" if self.asleep_bytes else "stopped, not slept"
-        return f"{gib(self.awake_bytes)} awake{where} = {parts}; {asleep}; RAM {gib(self.host_ram_bytes)}"
+        return f"{gib(self.awake_bytes)} awake{on} = {parts}; {asleep}; RAM {gib(self.host_ram_bytes)}"
 
 
 def graph_bytes(shape: Shape, capture: int) -> int:
@@ -619,6 +533,10 @@ def _advice(fp: Footprint, model: _Model, share: float | None, memory: Any) -> t
     elif room_tokens >= MIN_FIT_CONTEXT + extra:
         c = 1 << ((room_tokens - extra).bit_length() - 1)
         out.append(("memory.context" if share is None else "engine.max_model_len", str(c)))
+    # fp8 halves the KV cache a token: at the same share, or in the room the card has
+    want, have = (context + extra, fp.kv_tokens or 0) if share is not None else (fp.kv_tokens or 0, room_tokens)
+    if fp.kv_dtype != "fp8" and have < want <= 2 * have:
+        out.append(("engine.kv_cache_dtype", '"fp8"'))
     fp8 = model.shape.served_as("fp8")
     if fp8 is not model.shape and not model.shape.quant_method:
         saved = model.shape.weight_bytes() - fp8.weight_bytes()
