@@ -340,6 +340,27 @@ def predict(profile: Profile, card: Card | None, cfg: Mapping[str, Any] | None =
     return _predict_share(profile, card, model)
 
 
+def _share(profile: Profile, default: float | None) -> float | None:
+    """engine.gpu_memory_utilization where it is a share (rules.py reports any other value)."""
+    v = profile.engine.get("gpu_memory_utilization")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 else default
+
+
+def _kv_size(m: Any, context: int | None, sequences: int, extra: int, per_token: int, room: int | None,
+             notes: list[str]) -> int:
+    """The KV cache in bytes: tokens asked for, bytes asked for, what the card has left (`room`), or
+    sequences x context."""
+    if m.kv_tokens:
+        return _round_tokens(m.kv_tokens) * per_token
+    if m.kv_cache:
+        return m.kv_cache
+    if m.kv_fill or context is None:
+        if room is None:
+            notes.append('kv_cache = "fill" needs a card: pass --gpu-memory')
+        return max(0, room or 0)
+    return _round_tokens(sequences * (context + extra)) * per_token
+
+
 def _host_ram(profile: Profile, weights: int, offload: int) -> int:
     level1 = profile.sleep.enabled and profile.sleep.level == 1
     return HOST_BASE + offload + (weights if level1 else 0)
@@ -356,8 +377,7 @@ def _engine_offload(profile: Profile) -> int:
 def _predict_share(profile: Profile, card: Card | None, model: _Model | None) -> Footprint:
     """gpu_memory_utilization: vLLM fills that share of the card with KV after weights and its
     profiled activations; the CUDA context and graphs beyond its estimate lie outside the share."""
-    share = profile.engine.get("gpu_memory_utilization", 0.9)
-    share = float(share) if isinstance(share, (int, float)) and not isinstance(share, bool) else 0.9
+    share = _share(profile, 0.9)
     capacity = card.capacity if card else 0
     sequences = engine_int(profile.engine.get("max_num_seqs")) or default_sequences(capacity or 80 * GIB)
     engine: dict[str, Any] = {}
@@ -406,12 +426,12 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
     notes: list[str] = []
     capacity = card.capacity if card else 0
     if model is None:
-        share = profile.engine.get("gpu_memory_utilization", 0.9)
+        share = _share(profile, 0.9)
         if card:
-            engine["gpu_memory_utilization"] = card.utilization(float(share))
+            engine["gpu_memory_utilization"] = card.utilization(share)
         notes.append(f"{NO_SHAPES}: vLLM sizes the KV cache from a share of the card until the model is "
                      "on disk")
-        parts = {"vllm_share": int(float(share) * capacity), "cuda_context": CUDA_CONTEXT} if card else {}
+        parts = {"vllm_share": int(share * capacity), "cuda_context": CUDA_CONTEXT} if card else {}
         return Footprint(profile.name, card, "unknown", parts, ASLEEP_BASE if profile.sleep.enabled else 0,
                          _host_ram(profile, 0, 0), engine, context=m.context, sequences=sequences,
                          notes=tuple(notes))
@@ -428,17 +448,7 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
     if context and model.limit and context > model.limit and profile.model_replaced:
         notes.append(f"context {context:,} is longer than {profile.model} allows: {model.limit:,}")
         context = model.limit
-    # The KV cache: tokens asked for, bytes asked for, what the card has left, or sequences x context.
-    if m.kv_tokens:
-        kv = _round_tokens(m.kv_tokens) * per_token
-    elif m.kv_cache:
-        kv = m.kv_cache
-    elif m.kv_fill or context is None:
-        kv = max(0, capacity - HEADROOM - fixed) if card else 0
-        if not card:
-            notes.append('kv_cache = "fill" needs a card: pass --gpu-memory')
-    else:
-        kv = _round_tokens(sequences * (context + extra)) * per_token
+    kv = _kv_size(m, context, sequences, extra, per_token, capacity - HEADROOM - fixed if card else None, notes)
     tokens = kv // per_token // KV_BLOCK * KV_BLOCK
     if context is None and tokens:
         context = _fit_context(tokens, extra, model.limit)
@@ -452,16 +462,16 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
             engine["max_cudagraph_capture_size"] = capture
     offload = _offload(profile, card, model.weights, notes)
     if offload:
-        engine["kv_offloading_size"] = offload // GIB
+        engine["kv_offloading_size"] = offload // GIB if offload % GIB == 0 else round(offload / GIB, 2)
     parts = {"weights": weights, "kv_cache": int(kv), "cuda_graphs": graphs, "activations": activations,
              "cuda_context": NON_TORCH + CUDA_CONTEXT}
     awake = sum(parts.values())
     if card:
-        share = profile.engine.get("gpu_memory_utilization")
+        cap = _share(profile, None)
         # vLLM 0.26 still checks utilization x total against free memory at start: ask for what the
         # server will hold (its CUDA context exists by then), or the profile's own cap.
-        engine["gpu_memory_utilization"] = (card.utilization(float(share)) if share is not None
-                                            else card.utilization((awake - CUDA_CONTEXT) / card.capacity))
+        engine["gpu_memory_utilization"] = card.utilization(cap if cap is not None
+                                                            else (awake - CUDA_CONTEXT) / card.capacity)
         _fall_back(engine, spec, card, weights, activations, kv, capture, notes)
     fp = Footprint(profile.name, card, "bytes", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
                    _host_ram(profile, model.weights, offload or _engine_offload(profile)), engine,

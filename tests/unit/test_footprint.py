@@ -274,6 +274,13 @@ def test_share_form_on_a_budgeted_card_is_scaled_to_the_devices_total():
     assert predict(p, CARD12, config("qwen2.5-7b-awq")).engine == {}  # the whole card: argv as before
 
 
+def test_a_broken_share_never_crashes_the_prediction():
+    for share in ("most", True, 85, -1):  # rules.py reports these; predict carries on without them
+        for memory in (None, MemorySpec(context=8192, sequences=4)):
+            fp = predict(profile({"gpu_memory_utilization": share}, memory), CARD12, config("qwen2.5-7b-awq"))
+            assert fp.awake_bytes > 0
+
+
 def test_no_shapes_on_disk_falls_back_to_a_share():
     fp = predict(profile({}, MemorySpec(context=8192, sequences=16)), CARD12, None)
     assert fp.form == "unknown" and fp.engine["gpu_memory_utilization"] == 0.9
