@@ -324,7 +324,7 @@ def _ram_findings(p: Profile, fp: fitmod.Footprint, facts: Facts) -> list[Findin
     if not total or fp.host_ram_bytes <= 0:
         return []
     offload = fp.engine.get("kv_offloading_size")
-    offload = offload * fitmod.GIB if offload else fitmod._engine_offload(p)
+    offload = offload * fitmod.GIB if offload else fitmod.engine_offload_bytes(p)
     key = "memory.offload" if p.memory and (p.memory.offload or p.memory.offload_fit) else "engine.kv_offloading_size"
     parts = (f"{fitmod.gib(offload)} of KV offload + " if offload else "") + \
         f"{fitmod.gib(fp.host_ram_bytes - offload - fitmod.HOST_BASE)} of weights kept asleep + " \

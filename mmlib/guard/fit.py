@@ -366,7 +366,8 @@ def _host_ram(profile: Profile, weights: int, offload: int) -> int:
     return HOST_BASE + offload + (weights if level1 else 0)
 
 
-def _engine_offload(profile: Profile) -> int:
+def engine_offload_bytes(profile: Profile) -> int:
+    """engine.kv_offloading_size (GiB) in bytes; 0 where unset."""
     size = profile.engine.get("kv_offloading_size")
     try:
         return int(float(size) * GIB) if size is not None and not isinstance(size, bool) else 0
@@ -382,7 +383,7 @@ def _predict_share(profile: Profile, card: Card | None, model: _Model | None) ->
     sequences = engine_int(profile.engine.get("max_num_seqs")) or default_sequences(capacity or 80 * GIB)
     engine: dict[str, Any] = {}
     notes: list[str] = []
-    offload = _engine_offload(profile)
+    offload = engine_offload_bytes(profile)
     if card and card.budgeted:
         engine["gpu_memory_utilization"] = card.utilization(share)
         if "max_num_seqs" not in profile.engine:
@@ -474,7 +475,7 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
                                                             else (awake - CUDA_CONTEXT) / card.capacity)
         _fall_back(engine, spec, card, weights, activations, kv, capture, notes)
     fp = Footprint(profile.name, card, "bytes", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
-                   _host_ram(profile, model.weights, offload or _engine_offload(profile)), engine,
+                   _host_ram(profile, model.weights, offload or engine_offload_bytes(profile)), engine,
                    context=context, sequences=sequences, kv_tokens=tokens, kv_per_token=per_token,
                    kv_dtype=model.kv_dtype, context_limit=model.limit, extra_tokens=extra, kept_activations=kept,
                    starts=card is None and not tokens or 0 < tokens >= (context or 0) + extra, notes=tuple(notes),
