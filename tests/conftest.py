@@ -38,6 +38,7 @@ def mm_env(tmp_path, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("MM_API_KEY", raising=False)
+    monkeypatch.delenv("MM_GPU_BUDGET", raising=False)
     return env
 
 

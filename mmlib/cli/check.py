@@ -16,7 +16,7 @@ def _terminal() -> bool:
 def _size(text: str | None) -> int | None:
     if text is None:
         return None
-    from mmlib.profiles.config import parse_size
+    from mmlib.profiles.memory import parse_size
 
     try:
         return parse_size(text)

@@ -31,22 +31,62 @@ def profiles(ctx: click.Context) -> None:
 
 @profiles.command("show")
 @click.argument("name")
-def show(name: str) -> None:
-    """Print NAME merged with what it extends, and the vLLM command line mm would run."""
+@click.option("--model", help="Show it serving this model (hub id or path) instead of its own, as `mm up "
+              "--model` and `mm perf MODEL` would: sized to the new model's shapes.")
+@click.option("--gpu-memory", metavar="SIZE", help="Size it for a card of this size (e.g. 12GiB) instead of "
+              "this machine's GPU and config.toml's gpu_budget.")
+def show(name: str, model: str | None, gpu_memory: str | None) -> None:
+    """Print NAME merged with what it extends, what mm derives for the card (KV cache bytes, CUDA
+    graphs, the predicted footprint), and the vLLM command line mm would run."""
+    from mmlib.cli.check import _size
     from mmlib import paths
     from mmlib.profiles.vllm_cmd import masked_env, server_argv, server_env, shell_line, wants_tcp
 
+    size = _size(gpu_memory)
     p = load_profile(name)
-    click.echo(f"# {p.name}, from {p.source}")
+    if model:
+        p = p.with_model(model)
+    click.echo(f"# {p.name}, from {p.source}" + (f", serving {p.model} instead of {p.base_model}"
+                                                 if p.model_replaced else ""))
     click.echo(to_toml(p))
     if p.is_stack:
         click.echo(f"# a stack: `mm profiles show` each of {', '.join(p.stack)} for their command lines")
         return
+    fp = _footprint(p, size)
+    for line in _derived_lines(fp):
+        click.echo(line)
     tcp = wants_tcp(p)
-    argv = server_argv(p, (p.port or 0) if tcp else str(paths.sockets_dir() / f"{p.name}.sock"), python="python")
+    listen = (p.port or 0) if tcp else str(paths.sockets_dir() / f"{p.name}.sock")
+    argv = server_argv(p, listen, python="python", derived=fp.engine if fp else None)
     env = masked_env(server_env(p, base={}))
     click.echo("# vLLM command line (port 0 = a free port picked at start):" if tcp else
                "# vLLM command line (on a unix socket only this user reaches; a free port where the "
                "installed vLLM lacks --uds):")
     click.echo(" ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + shell_line(argv))
 
+
+def _footprint(p, size: int | None):
+    """The footprint on --gpu-memory's card, else this machine's (NVML and config.toml's gpu_budget)."""
+    from mmlib.guard import checks, fit
+    from mmlib.profiles.config import load_config
+    from mmlib.system import nvml
+
+    card = fit.sized_card(size) if size else fit.card(load_config(), nvml.probe(with_processes=False))
+    spec, _ = checks.load_spec_quietly(lambda text: click.echo(f"mm: {text}", err=True))
+    return checks.footprint(p, card, spec)
+
+
+def _derived_lines(fp) -> list[str]:
+    from mmlib.guard.fit import GIB
+
+    if fp.card is None:
+        out = ["# no GPU answered and config.toml sets no gpu_budget: sized without a card "
+               "(--gpu-memory 12GiB shows a card's sizes)"]
+    else:
+        out = [f"# predicted on {fp.card.label()}: {fp.summary(where=False)}"]
+    derived = ", ".join(f"{k} = {v}" + (f" ({v / GIB:.2f} GiB)" if k == "kv_cache_memory_bytes" else "")
+                        for k, v in fp.engine.items())
+    if derived:
+        out.append(f"# derived for vLLM: {derived}")
+    out += [f"# note: {n}" for n in fp.notes]
+    return out

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any, Callable, Iterable
 
 from mmlib.errors import MMError, ProfileError
@@ -25,6 +26,7 @@ from mmlib.profiles.vllm_cmd import (
     flag,
     installed_vllm,
     resolve_model,
+    server_argv,
 )
 from mmlib.system.nvml import GpuReport
 
@@ -48,9 +50,29 @@ def machine_facts(report: GpuReport | None = None, environ: dict[str, str] | Non
 
     report = report or nvml.probe()
     install = installed_vllm()
+    total, available = _ram()
     facts = Facts(gpus=report.gpus, is_cpu=bool(install and install.is_cpu), port_in_use=port_checker(own_ports),
-                  environ=dict(os.environ if environ is None else environ))
+                  environ=dict(os.environ if environ is None else environ), ram_total=total, ram_available=available)
     return facts, report
+
+
+def _ram() -> tuple[int | None, int | None]:
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return int(vm.total), int(vm.available)
+    except Exception:  # a sandbox that hides /proc/meminfo
+        return None, None
+
+
+def machine_card(facts: Facts, gpu_memory: int | None = None) -> fitmod.Card | None:
+    """The card `mm check` judges against: --gpu-memory, else the GPU capped by config.toml's gpu_budget."""
+    from mmlib.profiles.config import load_config
+
+    if gpu_memory:
+        return fitmod.sized_card(gpu_memory, ram=facts.ram_total or 0)
+    return fitmod.card(load_config(), GpuReport(facts.gpus), ram=facts.ram_total or 0)
 
 
 # --- engine arguments, against vLLM's own parser ------------------------------------------------------
@@ -176,64 +198,202 @@ def _holders(gpu: Any) -> str:
     return ", ".join(f"{q.name} (pid {q.pid}" + (f", {fitmod.gib(q.used)})" if q.used else ")") for q in procs)
 
 
+def footprint(p: Profile, card: fitmod.Card | None, spec: ArgSpec | None = None) -> fitmod.Footprint:
+    """The profile's footprint on `card`, its model's shapes found through model_files: what the
+    scheduler budgets with, and (Footprint.engine) the flags server_argv adds."""
+    folder, cfg, why = model_files(p) if p.model else (None, None, "")
+    fp = fitmod.predict(p, card, cfg, folder, spec)
+    if not why or cfg is not None:
+        return fp
+    notes = tuple(n.replace(fitmod.NO_SHAPES, why) for n in fp.notes)
+    return replace(fp, notes=notes if notes != fp.notes else notes + (why,))
+
+
+def argv_builder(card: fitmod.Card | None, spec: ArgSpec | None = None,
+                 python: str = sys.executable) -> Callable[[Profile, int | str], list[str]]:
+    """The supervisor's argv builder for this card: server_argv with the flags derived from the
+    profile's [memory] (and a share scaled to a gpu_budget) added."""
+    def build(p: Profile, listen: int | str) -> list[str]:
+        return server_argv(p, listen, python, derived=footprint(p, card, spec).engine)
+    return build
+
+
+def predicted_gib(name: str, capacity: int, spec: ArgSpec | None = None) -> float:
+    """Awake GiB of a profile by name on a card of `capacity` bytes (the GPU script's predicted_gib;
+    a stack: its members together)."""
+    p = load_profile(name)
+    members = [load_profile(m) for m in p.stack] if p.is_stack else [p]
+    card = fitmod.sized_card(capacity, ram=0)
+    return round(sum(footprint(m, card, spec).awake_bytes for m in members) / fitmod.GIB, 2)
+
+
+def _machine_card(facts: Facts, gpu_memory: int | None, card: fitmod.Card | None) -> fitmod.Card | None:
+    if card is not None:
+        return card
+    if gpu_memory:
+        return fitmod.sized_card(gpu_memory, ram=facts.ram_total or 0)
+    gpu = facts.gpu
+    return fitmod.Card(gpu.total, gpu.total, gpu.name, facts.ram_total) if gpu else None
+
+
+def _fix(advice: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """(key, fix text) for the most direct value that fits."""
+    if not advice:
+        return "", ""
+    key = advice[0][0]
+    texts = [v if k == "model" else f"set {k} = {v}" for k, v in advice]
+    return key, "; or ".join(texts)
+
+
 def check_fit(p: Profile, facts: Facts, folder: Any, cfg: dict[str, Any] | None, why: str,
-              gpu_memory: int | None = None, gpu_error: str | None = None) -> list[Finding]:
-    def finding(severity: str, message: str, fix: str = "", key: str = "engine.gpu_memory_utilization") -> Finding:
+              gpu_memory: int | None = None, gpu_error: str | None = None, card: fitmod.Card | None = None,
+              spec: ArgSpec | None = None) -> list[Finding]:
+    """The predicted footprint against the card: one line per finding, errors naming the key and the
+    value that fits."""
+    def finding(severity: str, message: str, fix: str = "", key: str = "") -> Finding:
+        key = key or ("memory" if p.memory else "engine.gpu_memory_utilization")
         return Finding(severity, p.source, key, message, fix, "memory-fit")
 
     if not p.model:
         return []
-    gpu = facts.gpu
-    if gpu_memory is None and gpu is None:
+    card = _machine_card(facts, gpu_memory, card)
+    if card is None:
         if facts.is_cpu:
             return [finding(INFO, "GPU memory fit not checked: vLLM's CPU build keeps the KV cache in RAM",
                             "pass --gpu-memory 12GiB to check it for a card")]
         return [finding(WARN, f"GPU memory fit not checked: no GPU answered ({gpu_error or 'NVML'})",
                         "run `mm doctor`; --gpu-memory 12GiB checks it for a card you name")]
-    if cfg is None:
+    if cfg is None and not p.memory:
         return [finding(INFO, f"memory fit not estimated: {why}", "start it once, or point model at a local folder")]
-    share = p.engine.get("gpu_memory_utilization", 0.9)
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+    share = p.engine.get("gpu_memory_utilization")
+    if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
         return []  # rules.py reports the share itself
-    total = gpu_memory or gpu.total
-    est = fitmod.estimate(p.engine, cfg, total, folder)
-    if est is None:
-        return [finding(INFO, "memory fit not estimated: config.json lacks the shapes (an encoder-decoder?)")]
-    card = f"{fitmod.gib(total)} card" if gpu_memory else gpu.name
+    fp = fitmod.predict(p, card, cfg, folder, spec)
+    if fp.form == "unknown":
+        return [finding(INFO, f"memory fit not predicted: {why or 'config.json lacks the shapes'}",
+                        "start it once, or point model at a local folder")]
+    return _fit_findings(p, fp, card, facts, gpu_memory, finding) + _ram_findings(p, fp, facts) \
+        + _derived_findings(p, fp, spec)
+
+
+def _fit_findings(p: Profile, fp: fitmod.Footprint, card: fitmod.Card, facts: Facts, gpu_memory: int | None,
+                  finding: Callable[..., Finding]) -> list[Finding]:
     out = []
-    if est.fits and est.max_model_len and est.tokens < est.max_model_len / FIT_MARGIN:
-        out.append(finding(WARN, f"fits {card} only just: {est.summary()}", "; or ".join(est.remedies()[1:])))
-    elif est.fits:
-        text = f"fits {card}: {est.summary()}"
-        if est.max_num_seqs and est.concurrency is not None and est.max_num_seqs > est.concurrency:
-            text += (f"; max_num_seqs = {est.max_num_seqs} is more than that, so long requests queue "
-                     f"(fine for short ones)")
-        out.append(finding(INFO, text))
+    text, spare = fp.summary(where=False), card.capacity - fp.awake_bytes
+    if fp.form == "share":
+        text += (f" (vLLM fills its {fitmod.gib(float(p.engine.get('gpu_memory_utilization', 0.9)) * card.capacity)}"
+                 " share; the CUDA context and graphs lie outside it)")
+    cap = p.engine.get("gpu_memory_utilization")
+    key, fix = _fix(fp.advice)
+    if not fp.starts:
+        need = f"one request of {fp.context:,} tokens" if fp.context else "a KV cache"
+        out.append(finding(ERROR, f"vLLM would refuse to start on {card.label()}: no room for {need}: {text}",
+                           fix, key))
+    elif spare < 0:
+        out.append(finding(ERROR, f"does not fit {card.label()}: {text}", fix, key))
+    elif spare < fitmod.HEADROOM:
+        out.append(finding(WARN, f"fits {card.label()} only just ({fitmod.gib(spare)} spare): {text}", fix, key))
+    elif p.memory and cap is not None and fp.awake_bytes > cap * card.capacity:
+        wider = math.ceil(fp.awake_bytes / card.capacity * 100) / 100
+        out.append(finding(ERROR, f"needs more than its gpu_memory_utilization = {cap:g} of {card.label()}: {text}",
+                           f"set engine.gpu_memory_utilization = {wider:g}", "engine.gpu_memory_utilization"))
     else:
-        severity = ERROR if est.kv_cache <= 0 or est.tokens < FIT_MARGIN * (est.max_model_len or 0) else WARN
-        key = "engine.max_model_len" if est.kv_cache > 0 else "engine.gpu_memory_utilization"
-        out.append(finding(severity, f"does not fit {card}: {est.summary()}",
-                           "one of: " + "; ".join(est.remedies()), key=key))
-    if gpu_memory is None and gpu.free < est.budget:
-        floor = math.floor((gpu.free / gpu.total - 0.01) * 100) / 100
+        sleepers = spare // fitmod.ASLEEP_BASE
+        out.append(finding(INFO, f"fits {card.label()}: {text}; {fitmod.gib(spare)} spare: room for up to "
+                                 f"{sleepers} sleeping server{'s' if sleepers != 1 else ''} "
+                                 f"(each keeps {fitmod.gib(fitmod.ASLEEP_BASE)} or more)"))
+    if fp.full_requests is not None and fp.sequences and fp.starts and fp.sequences > fp.full_requests + 1e-9:
+        out.append(finding(INFO, f"{fp.sequences} sequences but room for {fp.full_requests:.1f} at full length: "
+                                 "long requests queue (fine for short ones)"))
+    gpu = facts.gpu
+    need = fp.awake_bytes - fitmod.CUDA_CONTEXT
+    if gpu_memory is None and gpu is not None and gpu.free < need:
+        floor = math.floor((gpu.free / card.capacity - 0.01) * 100) / 100
         held = _holders(gpu)
-        out.append(finding(WARN, f"{fitmod.gib(gpu.free)} free on {gpu.name} now, but the share asks for "
-                                 f"{fitmod.gib(est.budget)}; vLLM refuses to start with less"
+        out.append(finding(WARN, f"{fitmod.gib(gpu.free)} free on {gpu.name} now, but the server needs "
+                                 f"{fitmod.gib(need)}; vLLM refuses to start with less"
                                  + (f" (held by {held})" if held else ""),
-                           "mm sleeps or stops its own servers first; stop other holders, or lower "
-                           f"gpu_memory_utilization to {floor:g}" if floor > 0 else "free the GPU first"))
+                           "mm sleeps or stops its own servers first; stop other holders"
+                           + (f", or lower gpu_memory_utilization to {floor:g}" if floor > 0 and not p.memory else "")))
+    return out
+
+
+def _ram_findings(p: Profile, fp: fitmod.Footprint, facts: Facts) -> list[Finding]:
+    """Host RAM: KV offload pins its buffer, and level-1 sleep keeps the weights in RAM."""
+    total = facts.ram_total
+    if not total or fp.host_ram_bytes <= 0:
+        return []
+    offload = fp.engine.get("kv_offloading_size")
+    offload = offload * fitmod.GIB if offload else fitmod.engine_offload_bytes(p)
+    key = "memory.offload" if p.memory and (p.memory.offload or p.memory.offload_fit) else "engine.kv_offloading_size"
+    parts = (f"{fitmod.gib(offload)} of KV offload + " if offload else "") + \
+        f"{fitmod.gib(fp.host_ram_bytes - offload - fitmod.HOST_BASE)} of weights kept asleep + " \
+        f"{fitmod.gib(fitmod.HOST_BASE)} for its processes"
+    if fp.host_ram_bytes > total:
+        fits = max(0, total - fitmod.RAM_RESERVE - (fp.host_ram_bytes - offload)) // fitmod.GIB
+        fix = (f'set memory.offload = "fit" (or {fits} GiB)' if key == "memory.offload" or p.memory
+               else f"set engine.kv_offloading_size = {fits}") if offload else "use sleep level 2 (drops the weights)"
+        return [Finding(ERROR, p.source, key if offload else "sleep.level",
+                        f"needs {fitmod.gib(fp.host_ram_bytes)} of RAM ({parts}); this machine has {fitmod.gib(total)}",
+                        fix, "memory-ram")]
+    if facts.ram_available and fp.host_ram_bytes > facts.ram_available:
+        return [Finding(WARN, p.source, key if offload else "sleep", f"needs {fitmod.gib(fp.host_ram_bytes)} of RAM "
+                        f"({parts}); {fitmod.gib(facts.ram_available)} is available now",
+                        "close other programs, or lower the offload", "memory-ram")]
+    return []
+
+
+def _derived_findings(p: Profile, fp: fitmod.Footprint, spec: ArgSpec | None) -> list[Finding]:
+    """The flags mm derives, asked of the installed vLLM's parser like the profile's own; and what
+    mm had to do without."""
+    out = [Finding(WARN, p.source, "memory", note, "", "memory-flags") for note in fp.notes
+           if "has no --" in note]
+    if spec is None or not fp.engine:
+        return out
+    extra = {k: v for k, v in fp.engine.items() if k not in p.engine}
+    probe = replace(p, engine=MappingProxyType(extra))
+    for f in check_engine_args(probe, spec):
+        out.append(Finding(f.severity, p.source, "memory", f"mm derives {f.key} for vLLM: {f.message}", f.fix,
+                           "memory-flags"))
     return out
 
 
 # --- putting it together -------------------------------------------------------------------------
 def check_profile(p: Profile, facts: Facts, spec: ArgSpec | None, gpu_memory: int | None = None,
-                  gpu_error: str | None = None) -> list[Finding]:
+                  gpu_error: str | None = None, card: fitmod.Card | None = None) -> list[Finding]:
     folder, cfg, why = model_files(p) if p.model else (None, None, "")
     facts = replace(facts, model_config=cfg, vllm_env=spec.env if spec else None)
     found = rules.evaluate(p, facts)
     if spec is not None:
         found += check_engine_args(p, spec) + check_env_names(p, spec)
-    return found + check_fit(p, facts, folder, cfg, why, gpu_memory, gpu_error)
+    return found + check_fit(p, facts, folder, cfg, why, gpu_memory, gpu_error, card, spec)
+
+
+def check_stack(stack: Profile, members: list[Profile], card: fitmod.Card | None,
+                spec: ArgSpec | None = None) -> list[Finding]:
+    """A stack's members are awake together: their footprints must add up to at most the card."""
+    if card is None or not members:
+        return []
+    prints = [footprint(m, card, spec) for m in members]
+    if any(fp.form == "unknown" for fp in prints):
+        return []
+    total = sum(fp.awake_bytes for fp in prints)
+    each = ", ".join(f"{fp.profile} {fitmod.gib(fp.awake_bytes)}" for fp in prints)
+    if total <= card.capacity - fitmod.HEADROOM:
+        return [Finding(INFO, stack.source, "stack", f"its members fit {card.label()} awake together: "
+                        f"{fitmod.gib(total)} ({each})", "", "stack-fit")]
+    biggest = max(prints, key=lambda fp: fp.awake_bytes)
+    over = total - (card.capacity - fitmod.HEADROOM)
+    member = next(m for m in members if m.name == biggest.profile)
+    folder, cfg, _ = model_files(member)
+    share = replace(card, capacity=biggest.awake_bytes - over + fitmod.HEADROOM)  # what is left to it
+    alone = fitmod.predict(member, share, cfg, folder, spec)
+    key, fix = _fix(alone.advice)
+    severity = ERROR if total > card.capacity else WARN
+    return [Finding(severity, member.source, key or "stack",
+                    f"{stack.name}'s members need {fitmod.gib(total)} awake together ({each}), "
+                    f"{'more than' if total > card.capacity else 'nearly all of'} {card.label()}",
+                    fix, "stack-fit")]
 
 
 def _profile_error(e: ProfileError) -> Finding:
@@ -245,10 +405,11 @@ def _profile_error(e: ProfileError) -> Finding:
     return Finding(ERROR, e.file, e.key, text, e.fix, "profile")
 
 
-def _expand(names: list[str]) -> tuple[list[Profile], list[Finding]]:
-    """Profiles to check (stacks become their members), and the ones that would not load."""
+def _expand(names: list[str]) -> tuple[list[Profile], list[Finding], list[tuple[Profile, list[Profile]]]]:
+    """Profiles to check (stacks become their members), the ones that would not load, and the stacks."""
     profiles: dict[str, Profile] = {}
     errors: list[Finding] = []
+    stacks: list[tuple[Profile, list[Profile]]] = []
     for name in names:
         try:
             p = load_profile(name)
@@ -266,13 +427,14 @@ def _expand(names: list[str]) -> tuple[list[Profile], list[Finding]]:
                 errors.append(_profile_error(e))
         for m in members:
             profiles.setdefault(m.name, m)
+        stacks.append((p, members))
         shares = sum(m.engine["gpu_memory_utilization"] for m in members if m.share_gpu
                      and isinstance(m.engine.get("gpu_memory_utilization"), (int, float)))
         if shares > 1.0:
             errors.append(Finding(ERROR, p.source, "stack", f"its members' gpu_memory_utilization add up to "
                                   f"{shares:g}, more than the whole GPU", "lower their shares so they sum to 1 or less",
                                   "stack-shares"))
-    return list(profiles.values()), errors
+    return list(profiles.values()), errors, stacks
 
 
 def load_spec_quietly(announce: Callable[[str], None] | None = None) -> tuple[ArgSpec | None, Finding | None]:
@@ -288,9 +450,9 @@ def check(names: list[str] | None = None, gpu_memory: int | None = None, facts: 
           model: str | None = None) -> list[Finding]:
     """Findings for the named profiles (all of them when None), errors first; `model` replaces a
     single profile's model."""
-    profiles, found = _expand(list_profile_names() if names is None else names)
+    profiles, found, stacks = _expand(list_profile_names() if names is None else names)
     if model:
-        if any(p.is_stack for p in profiles) or len(profiles) != 1:
+        if stacks or len(profiles) != 1:
             raise MMError("a model can only replace a single server's model, not a stack's")
         profiles = [profiles[0].with_model(model)]
     if facts is None:
@@ -298,8 +460,14 @@ def check(names: list[str] | None = None, gpu_memory: int | None = None, facts: 
     if spec is None and profiles:
         spec, problem = load_spec_quietly(announce)
         found += [problem] if problem else []
+    try:
+        card = machine_card(facts, gpu_memory)
+    except ProfileError as e:
+        card, found = None, found + [_profile_error(e)]
     for p in profiles:
-        found += check_profile(p, facts, spec, gpu_memory, report.error if report else None)
+        found += check_profile(p, facts, spec, gpu_memory, report.error if report else None, card=card)
+    for stack, members in stacks:
+        found += check_stack(stack, members, card, spec)
     order = {ERROR: 0, WARN: 1, INFO: 2}
     return sorted(found, key=lambda f: order.get(f.severity, 3))
 

@@ -1,28 +1,35 @@
-"""Will a profile fit its share of the GPU? An estimate from the model's config.json and safetensors
-headers (no weights loaded, no vLLM, no torch), in vLLM's own terms:
+"""Will a profile fit the card? Predicted from the model's config.json and safetensors headers (no
+weights loaded, no vLLM, no torch), in two steps:
 
-    KV cache = total GPU memory x gpu_memory_utilization - weights - activation peak - overhead
-    tokens   = KV cache / (layers x kv heads x head dim x 2 (K and V) x bytes per KV element)
+- the card mm may use: NVML's total, or config.toml's gpu_budget below it (`card`, `card_capacity`);
+- the server's footprint on it (`predict` -> Footprint): weights, KV cache, CUDA graphs, activations
+  and CUDA context awake; what stays on the GPU asleep; host RAM. For a profile with a [memory]
+  table it also works out the exact vLLM flags (Footprint.engine: --kv-cache-memory-bytes, the CUDA
+  graph capture size, a --gpu-memory-utilization that passes vLLM's start check), which
+  profiles/vllm_cmd.server_argv puts on the command line.
 
-and from the tokens, how many requests of max_model_len fit at once. Checked against what vLLM
-0.26 printed on an H100 (tests/unit/test_fit.py): within a few percent.
+A profile without [memory] gives vLLM a share of the card (gpu_memory_utilization); `predict` then
+works out what vLLM makes of it (the KV cache is what its profiler leaves of the share), as checked
+against what vLLM 0.26 printed on an H100 (tests/unit/test_fit.py). Calibrations are with each constant.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from mmlib.guard.modelinfo import (
     Shape,
-    model_max_len,
+    context_limit,
     safetensors_bytes,
     safetensors_files,
 )
-from mmlib.profiles.vllm_cmd import engine_int
-
-GIB = 1 << 30
+from mmlib.profiles.memory import GIB, gib
+from mmlib.profiles.profile import Profile
+from mmlib.profiles.vllm_args import ArgSpec
+from mmlib.profiles.vllm_cmd import engine_int, memory_engine
+from mmlib.system.nvml import GpuReport
 
 # --- the overhead vLLM keeps beside weights and KV cache ---------------------------------------------
 # Calibrated on an H100 with vLLM 0.26 (the DEBUG log of its memory profiler, 2026-11-24), two models
@@ -38,7 +45,9 @@ GIB = 1 << 30
 #   and ~0.1 GiB fixed (sampler, logits). Two runs fix the two numbers; runs with max_num_seqs 16 or
 #   64 and max_model_len 4096 printed the same peak, so neither enters. Below 70 GiB cards vLLM
 #   batches 2048 tokens by default, and the same formula is used there (an extrapolation).
-# - non-torch memory (cuBLAS/NCCL workspaces) and the CUDA graph pool are constants.
+# - non-torch memory (cuBLAS/NCCL workspaces) is a constant, and so is vLLM's own estimate of its CUDA
+#   graphs (CUDA_GRAPHS, what it takes off the KV cache); the graphs themselves grow with the capture
+#   size (graph_bytes below).
 BUFFER_BYTES_PER_HIDDEN = 8
 ACTIVATION_FIXED = int(0.1027 * GIB)
 NON_TORCH = int(0.22 * GIB)
@@ -46,79 +55,28 @@ CUDA_GRAPHS = int(0.06 * GIB)
 KV_BLOCK = 16  # vLLM allocates KV in blocks of 16 tokens
 
 
-def gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
-
-
-# --- the estimate ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Fit:
-    total: int  # GPU memory, bytes
-    share: float
-    weights: int
-    weights_from: str  # "safetensors headers" or "config.json shapes"
-    activation: int
-    overhead: int  # non-torch, CUDA graphs and per-token buffers
-    kv_per_token: int
-    kv_dtype: str
-    max_model_len: int | None
-    max_num_seqs: int | None
-
-    @property
-    def budget(self) -> int:
-        return math.ceil(self.total * self.share)
-
-    @property
-    def kv_cache(self) -> int:
-        return self.budget - self.weights - self.activation - self.overhead
-
-    @property
-    def tokens(self) -> int:
-        return max(0, self.kv_cache) // self.kv_per_token // KV_BLOCK * KV_BLOCK
-
-    @property
-    def concurrency(self) -> float | None:
-        return self.tokens / self.max_model_len if self.max_model_len else None
-
-    @property
-    def fits(self) -> bool:
-        return self.kv_cache > 0 and (self.max_model_len is None or self.tokens >= self.max_model_len)
-
-    def share_needed(self, tokens: int) -> float:
-        return (self.weights + self.activation + self.overhead + tokens * self.kv_per_token) / self.total
-
-    def summary(self) -> str:
-        head = (f"{gib(self.budget)} budget ({self.share:g} of {gib(self.total)}) - weights {gib(self.weights)} "
-                f"- activations and overhead {gib(self.activation + self.overhead)} = KV cache {gib(self.kv_cache)}")
-        if self.kv_cache <= 0:
-            return head
-        s = f"{head}: {self.tokens:,} tokens ({self.kv_dtype} KV, {self.kv_per_token:,} bytes a token)"
-        if self.concurrency is not None:
-            s += f", {self.concurrency:.1f} requests of {self.max_model_len:,} tokens at once"
-        return s
-
-    def remedies(self) -> list[str]:
-        """What would fit, most direct first."""
-        out = []
-        if self.kv_cache > 0 and self.tokens >= 1024:
-            out.append(f"max_model_len = {self.tokens // 1024 * 1024}")
-        if not self.kv_dtype.startswith("fp8"):
-            out.append(f'kv_cache_dtype = "fp8" (halves the KV cache per token: {self.tokens * 2:,} tokens)')
-        want = self.max_model_len or KV_BLOCK
-        share = self.share_needed(want)
-        if share <= 0.95:
-            out.append(f"gpu_memory_utilization = {math.ceil(share * 100) / 100:g}")
-        else:
-            out.append("a smaller or more quantized model (the weights alone take "
-                       f"{self.weights / self.total:.0%} of the card)")
-        return out
-
-
 def activation_bytes(shape: Shape, batched_tokens: int) -> int:
     """The profiling pass's activation peak: the MLP's gate/up and activation outputs plus two
-    hidden-sized tensors a token, in 16 bits, and a fixed part (sampler, logits)."""
-    width = 3 * (shape.expert_intermediate or shape.intermediate) if shape.experts else 3 * shape.intermediate
-    return int(2 * batched_tokens * (width + 2 * shape.hidden)) + ACTIVATION_FIXED
+    hidden-sized tensors a token, in 16 bits, and a fixed part (sampler, logits). An encoder or
+    vision tower runs before the decoder on its largest item; the larger of the two counts."""
+    width = shape.mlp_matrices * (shape.expert_intermediate or shape.intermediate if shape.experts
+                                  else shape.intermediate)
+    decoder = 2 * batched_tokens * (width + 2 * shape.hidden)
+    encoder = 2 * shape.encoder_tokens * (3 * shape.encoder_intermediate + 2 * shape.encoder_width)
+    return int(max(decoder, encoder)) + ACTIVATION_FIXED
+
+
+def weights_of(shape: Shape, engine: Mapping[str, Any], folder: Path | None,
+               load_format: str | None = None) -> tuple[int, str]:
+    """(parameter bytes, where from): the safetensors headers where the checkpoint is on disk and
+    served as stored, else the config.json shapes."""
+    dummy = (load_format or engine.get("load_format")) == "dummy"
+    requantized = shape.served_as(engine.get("quantization")) is not shape
+    files = safetensors_files(folder) if folder and not dummy and not requantized else None
+    weights = safetensors_bytes(files) if files else None
+    if weights is not None:
+        return weights, "safetensors headers"
+    return shape.served_as(engine.get("quantization")).weight_bytes(), "config.json shapes"
 
 
 def kv_bytes(kv_cache_dtype: Any, dtype: str) -> tuple[str, float]:
@@ -135,31 +93,467 @@ def default_batched_tokens(total: int) -> int:
     return 8192 if total >= 70 * GIB else 2048
 
 
-def estimate(engine: Mapping[str, Any], cfg: Mapping[str, Any], total: int,
-             folder: Path | None = None, load_format: str | None = None) -> Fit | None:
-    """The fit of a model (its config.json, and its folder for safetensors) under an [engine] table
-    on a card of `total` bytes; None where the config lacks the shapes to say."""
-    shape = Shape.from_config(cfg)
+# --- the card ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Card:
+    """The GPU as mm sees it."""
+    capacity: int  # bytes mm may use: the card, or config.toml's gpu_budget below it
+    total: int  # the device total vLLM reads; its --gpu-memory-utilization is a share of this
+    name: str = "GPU"
+    host_ram: int | None = None  # the machine's RAM, bytes (for KV offload); None: unknown
+
+    @property
+    def budgeted(self) -> bool:
+        return self.capacity < self.total
+
+    def label(self) -> str:
+        if self.budgeted:
+            return f"{gib(self.capacity)} of {self.name}"
+        return self.name if gib(self.capacity) in self.name else f"{self.name} ({gib(self.capacity)})"
+
+    def utilization(self, of_card: float) -> float:
+        """vLLM's --gpu-memory-utilization for `of_card` of mm's card, rounded up to 0.001."""
+        return min(1.0, math.ceil(of_card * self.capacity / self.total * 1000 - 1e-6) / 1000)
+
+
+def host_ram() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:  # no psutil, or a sandbox that hides /proc/meminfo
+        return None
+
+
+def card(config: Any, report: GpuReport | None, ram: int | None = None) -> Card | None:
+    """The card mm may use: NVML's first GPU, capped by config.gpu_budget (a desktop's share of the
+    card, or an emulated smaller one); the budget alone where no GPU answers; None with neither."""
+    budget = getattr(config, "gpu_budget", None)
+    gpu = report.gpus[0] if report and report.gpus else None
+    if gpu is None and budget is None:
+        return None
+    total = gpu.total if gpu else budget
+    capacity = min(budget, total) if budget else total
+    return Card(capacity=capacity, total=total, name=gpu.name if gpu else "the GPU budget",
+                host_ram=host_ram() if ram is None else ram)
+
+
+def card_capacity(config: Any, report: GpuReport | None) -> int | None:
+    """Bytes of GPU memory mm may use, given config.toml and an NVML report (the scheduler's budget)."""
+    c = card(config, report, ram=0)
+    return c.capacity if c else None
+
+
+def sized_card(capacity: int, ram: int | None = None) -> Card:
+    """A card of `capacity` bytes (`mm check --gpu-memory 12GiB`)."""
+    return Card(capacity=capacity, total=capacity, name=f"a {gib(capacity)} card",
+                host_ram=host_ram() if ram is None else ram)
+
+
+# --- the footprint -------------------------------------------------------------------------------------
+# Calibrated on an H100 with vLLM 0.26 (shared/gpu/README.md and tests/fixtures/models-gpu/*/README.md):
+# - dummy-7b-awq with --kv-cache-memory-bytes 4000000000 --max-cudagraph-capture-size 16 (16 sequences,
+#   8192 batched tokens) showed 8.94 GiB per NVML. Weights (4.03 with buffers), KV (3.73), graphs
+#   (0.07), non-torch (0.22) and the warm-up's kept activations (0.10) leave 0.79 GiB: the CUDA
+#   context, kernels and allocator slack, outside anything vLLM counts (CUDA_CONTEXT).
+# - Four eager starts (7B-AWQ, Nemotron 4B, Whisper, LightOnOCR; 1024 sequences) kept, beyond that,
+#   12.7-15.8 bytes per (sequence x vocabulary entry): the sampler's warm-up buffers (SAMPLER_BYTES).
+#   With them the model gives 23.4 / 21.7 / 12.8 / 22.3 GiB for the 23.9 / 21.8 / 13.1 / 22.2 seen.
+# - CUDA graphs: 0.07 GiB with capture size 16 and about 2 GiB with vLLM's default 512 on the 7B:
+#   the pool holds each layer's activations for the largest captured batch (GRAPH_FIXED plus
+#   capture x layers x (MLP width + 4 x hidden) x 2 bytes gives 0.07 and 1.91 GiB).
+# - Asleep (level 1) a server kept 0.86 GiB with graphs of capture 16 and 0.8-0.9 GiB eager; the
+#   1.4-1.7 GiB seen with vLLM's default capture sizes fits the same base plus graphs. Level 2 keeps
+#   the same on the GPU (it differs in RAM: no copy of the weights); no measurement says otherwise.
+CUDA_CONTEXT = int(0.79 * GIB)
+SAMPLER_BYTES = 14
+GRAPH_FIXED = int(0.01 * GIB)
+ASLEEP_BASE = int(0.79 * GIB)
+# Host RAM of a server's processes besides its buffers (API server + engine core: Python, torch, CUDA
+# libraries). Not measured cleanly (RSS sums count shared pages twice); a round figure.
+HOST_BASE = 3 * GIB
+RAM_RESERVE = 8 * GIB  # left to the desktop and mm when offload = "fit" sizes the KV offload
+HEADROOM = 512 << 20  # what "fill" leaves free, and the margin under which a fit is called tight
+FIT_REQUESTS = 8  # context = "fit": the longest context at which this many full requests fit the KV cache
+DEFAULT_SEQUENCES = 16
+MIN_FIT_CONTEXT = 1024
+NO_SHAPES = "no model shapes on this machine"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one server holds on this card: awake (by part), asleep, and in host RAM."""
+    profile: str
+    card: Card | None
+    form: str  # "bytes" ([memory]), "share" (gpu_memory_utilization), "unknown" (no shapes on disk)
+    # awake, bytes: weights (with vLLM's per-token buffers), kv_cache, cuda_graphs, activations (a full
+    # batch), cuda_context (with cuBLAS and other workspaces vLLM calls non-torch)
+    parts: Mapping[str, int]
+    asleep_bytes: int
+    host_ram_bytes: int
+    engine: Mapping[str, Any] = field(default_factory=dict)  # derived [engine] keys for server_argv
+    context: int | None = None
+    sequences: int | None = None
+    kv_tokens: int | None = None
+    kv_per_token: int = 0
+    kv_dtype: str = ""
+    context_limit: int | None = None  # the model's own
+    extra_tokens: int = 0  # KV a request holds besides its context (an encoder's cross-attention)
+    kept_activations: int = 0  # of "activations": what stays allocated at rest, after warm-up
+    starts: bool = True  # False: vLLM would refuse (no room for KV, or less than one request)
+    advice: tuple[tuple[str, str], ...] = ()  # (key, value) that would fit, most direct first
+    notes: tuple[str, ...] = ()
+    weights_from: str = ""
+
+    @property
+    def awake_bytes(self) -> int:
+        """The most the server holds awake: after warm-up, plus a full batch's activations."""
+        return sum(self.parts.values())
+
+    @property
+    def steady_bytes(self) -> int:
+        """What NVML shows at rest or under short requests (no full prefill batch in flight)."""
+        return self.awake_bytes - self.parts.get("activations", 0) + self.kept_activations
+
+    @property
+    def spare(self) -> int | None:
+        return self.card.capacity - self.awake_bytes if self.card else None
+
+    @property
+    def full_requests(self) -> float | None:
+        """How many requests of the full context the KV cache holds at once."""
+        per = (self.context or 0) + self.extra_tokens
+        return self.kv_tokens / per if self.kv_tokens is not None and per else None
+
+    def kv_text(self) -> str:
+        if not self.kv_tokens:
+            return ""
+        full = self.full_requests
+        return f"{self.kv_tokens:,} tokens, {self.kv_dtype}" + (
+            f", {full:.1f} requests of {self.context:,}" if full is not None else "")
+
+    def summary(self, where: bool = True) -> str:
+        """One line: the parts, asleep, RAM (`where`: and the card)."""
+        names = {"weights": "weights", "kv_cache": "KV", "cuda_graphs": "CUDA graphs",
+                 "activations": "activations", "cuda_context": "CUDA context", "vllm_share": "vLLM's share"}
+        parts = " + ".join(f"{names.get(k, k)} {v / GIB:.2f}" + (f" ({self.kv_text()})" if k == "kv_cache"
+                                                                 and self.kv_tokens else "")
+                           for k, v in self.parts.items())
+        on = f" on {self.card.label()}" if self.card and where else ""
+        asleep = f"asleep {gib(self.asleep_bytes)}" if self.asleep_bytes else "stopped, not slept"
+        return f"{gib(self.awake_bytes)} awake{on} = {parts}; {asleep}; RAM {gib(self.host_ram_bytes)}"
+
+
+def graph_bytes(shape: Shape, capture: int) -> int:
+    if capture <= 0:
+        return 0
+    width = shape.mlp_matrices * (shape.expert_intermediate or shape.intermediate if shape.experts
+                                  else shape.intermediate)
+    return GRAPH_FIXED + capture * shape.layers * (width + 4 * shape.hidden) * 2
+
+
+def kept_activation_bytes(shape: Shape, sequences: int, batched: int) -> int:
+    """What the warm-up leaves allocated: one decode step of every sequence and the sampler's
+    buffers for them (vLLM preallocates these at their largest so they are never freed)."""
+    width = shape.mlp_matrices * (shape.expert_intermediate or shape.intermediate if shape.experts
+                                  else shape.intermediate)
+    step = 2 * min(sequences, batched) * (width + 2 * shape.hidden) + ACTIVATION_FIXED
+    return int(max(step, sequences * shape.vocab * SAMPLER_BYTES))
+
+
+def default_sequences(capacity: int) -> int:
+    """vLLM's default max_num_seqs for `vllm serve`: 1024 on cards of 70 GiB and more, else 256."""
+    return 1024 if capacity >= 70 * GIB else 256
+
+
+def _has(spec: ArgSpec | None, option: str) -> bool:
+    return spec is None or spec.lookup(option) is not None
+
+
+@dataclass(frozen=True)
+class _Model:
+    """The shapes predict needs, resolved once."""
+    shape: Shape
+    weights: int
+    weights_from: str
+    kv_per_token: int
+    kv_dtype: str
+    limit: int | None
+
+
+def _model(profile: Profile, cfg: Mapping[str, Any] | None, folder: Path | None) -> _Model | None:
+    shape = Shape.from_config(cfg) if cfg else None
     if shape is None:
         return None
+    engine = profile.engine
+    shape = shape.served_as(engine.get("quantization"))
     dtype = str(engine.get("dtype", "auto")).lower()
-    if dtype in ("auto", ""):
-        dtype = shape.dtype
-    kv_name, kv_size = kv_bytes(engine.get("kv_cache_dtype"), dtype)
-    weights, source = None, "config.json shapes"
-    files = safetensors_files(folder) if folder and (load_format or engine.get("load_format")) != "dummy" else None
-    if files:
-        weights = safetensors_bytes(files)
-        source = "safetensors headers"
-    if weights is None:
-        weights, source = shape.weight_bytes(), "config.json shapes"
-    batched = engine_int(engine.get("max_num_batched_tokens")) or default_batched_tokens(total)
-    overhead = NON_TORCH + (0 if engine.get("enforce_eager") is True else CUDA_GRAPHS) \
-        + BUFFER_BYTES_PER_HIDDEN * shape.hidden * batched
-    max_len = engine_int(engine.get("max_model_len"))
-    max_len = max_len if max_len and max_len > 0 else model_max_len(cfg)  # -1 and "auto": the model's own
-    share = engine.get("gpu_memory_utilization", 0.9)
-    return Fit(total=total, share=float(share), weights=weights, weights_from=source,
-               activation=activation_bytes(shape, batched), overhead=overhead,
-               kv_per_token=shape.kv_bytes_per_token(kv_size), kv_dtype=kv_name, max_model_len=max_len,
-               max_num_seqs=engine_int(engine.get("max_num_seqs")))
+    kv_name, kv_size = kv_bytes(engine.get("kv_cache_dtype"), shape.dtype if dtype in ("auto", "") else dtype)
+    weights, source = weights_of(shape, engine, folder)
+    return _Model(shape, weights, source, shape.kv_bytes_per_token(kv_size), kv_name, context_limit(cfg))
+
+
+def _batched(profile: Profile, shape: Shape | None, capacity: int, sequences: int) -> int:
+    """max_num_batched_tokens: the profile's, else vLLM's default for a card of mm's capacity (so an
+    emulated 12 GiB card on an 80 GB one batches like a real one), at least one whole image or audio
+    clip (vLLM does not split them) and one token per sequence."""
+    given = engine_int(profile.engine.get("max_num_batched_tokens"))
+    if given:
+        return given
+    item = shape.mm_item_tokens if shape else 0
+    need = max(default_batched_tokens(capacity), sequences, item)
+    return need if need == default_batched_tokens(capacity) else 1 << (need - 1).bit_length()
+
+
+def _capture(profile: Profile, sequences: int, batched: int, default: int) -> int:
+    if profile.engine.get("enforce_eager") is True:
+        return 0
+    given = engine_int(profile.engine.get("max_cudagraph_capture_size"))
+    return min(given or default, batched)
+
+
+def _fit_context(kv_tokens: int, extra: int, limit: int | None) -> int:
+    """context = "fit": the longest power of two (or the model's own limit) at which FIT_REQUESTS
+    full requests fit in kv_tokens; failing that, the longest one request can have."""
+    top = limit or 1 << 20
+    candidates = sorted({top, *(1 << n for n in range(10, 21) if 1 << n < top)}, reverse=True)
+    for want in (FIT_REQUESTS, 1):
+        for c in candidates:
+            if want * (c + extra) <= kv_tokens:
+                return c
+    return max(KV_BLOCK, (kv_tokens - extra) // KV_BLOCK * KV_BLOCK)
+
+
+def _round_tokens(n: int) -> int:
+    return -(-n // KV_BLOCK) * KV_BLOCK
+
+
+def predict(profile: Profile, card: Card | None, cfg: Mapping[str, Any] | None = None,
+            folder: Path | None = None, spec: ArgSpec | None = None) -> Footprint:
+    """The footprint of `profile`'s server on `card` (None: no GPU; only the [memory] basics are
+    derived), from the model's config.json (`cfg`) and checkpoint folder. `spec` is the installed
+    vLLM's parser (vllm_args.load_spec): flags it lacks are left out, with a note. Deterministic:
+    the same inputs always give the same bytes."""
+    model = _model(profile, cfg, folder)
+    if profile.memory is not None:
+        return _predict_bytes(profile, card, model, spec)
+    return _predict_share(profile, card, model)
+
+
+def _share(profile: Profile, default: float | None) -> float | None:
+    """engine.gpu_memory_utilization where it is a share (rules.py reports any other value)."""
+    v = profile.engine.get("gpu_memory_utilization")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 else default
+
+
+def _kv_size(m: Any, context: int | None, sequences: int, extra: int, per_token: int, room: int | None,
+             notes: list[str]) -> int:
+    """The KV cache in bytes: tokens asked for, bytes asked for, what the card has left (`room`), or
+    sequences x context."""
+    if m.kv_tokens:
+        return _round_tokens(m.kv_tokens) * per_token
+    if m.kv_cache:
+        return m.kv_cache
+    if m.kv_fill or context is None:
+        if room is None:
+            notes.append('kv_cache = "fill" needs a card: pass --gpu-memory')
+        return max(0, room or 0)
+    return _round_tokens(sequences * (context + extra)) * per_token
+
+
+def _host_ram(profile: Profile, weights: int, offload: int) -> int:
+    level1 = profile.sleep.enabled and profile.sleep.level == 1
+    return HOST_BASE + offload + (weights if level1 else 0)
+
+
+def engine_offload_bytes(profile: Profile) -> int:
+    """engine.kv_offloading_size (GiB) in bytes; 0 where unset."""
+    size = profile.engine.get("kv_offloading_size")
+    try:
+        return int(float(size) * GIB) if size is not None and not isinstance(size, bool) else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+def _predict_share(profile: Profile, card: Card | None, model: _Model | None) -> Footprint:
+    """gpu_memory_utilization: vLLM fills that share of the card with KV after weights and its
+    profiled activations; the CUDA context and graphs beyond its estimate lie outside the share."""
+    share = _share(profile, 0.9)
+    capacity = card.capacity if card else 0
+    sequences = engine_int(profile.engine.get("max_num_seqs")) or default_sequences(capacity or 80 * GIB)
+    engine: dict[str, Any] = {}
+    notes: list[str] = []
+    offload = engine_offload_bytes(profile)
+    if card and card.budgeted:
+        engine["gpu_memory_utilization"] = card.utilization(share)
+        if "max_num_seqs" not in profile.engine:
+            engine["max_num_seqs"] = sequences
+    if model is None:
+        parts = {"vllm_share": int(share * capacity), "cuda_context": CUDA_CONTEXT} if card else {}
+        return Footprint(profile.name, card, "unknown", parts, ASLEEP_BASE if profile.sleep.enabled else 0,
+                         _host_ram(profile, 0, offload), engine, notes=(NO_SHAPES,))
+    shape = model.shape
+    batched = _batched(profile, shape, capacity or 80 * GIB, sequences)
+    if card and card.budgeted and "max_num_batched_tokens" not in profile.engine:
+        engine["max_num_batched_tokens"] = batched
+    capture = _capture(profile, sequences, batched, min(2 * sequences, 512))
+    graphs = graph_bytes(shape, capture)
+    buffers = BUFFER_BYTES_PER_HIDDEN * shape.hidden * batched
+    peak = activation_bytes(shape, batched)
+    vllm_graphs = CUDA_GRAPHS if capture else 0
+    kv = int(share * capacity) - model.weights - buffers - peak - NON_TORCH - vllm_graphs
+    limit = engine_int(profile.engine.get("max_model_len"))
+    context = limit if limit and limit > 0 else model.limit
+    tokens = max(0, kv) // model.kv_per_token // KV_BLOCK * KV_BLOCK if card else None
+    starts = card is None or (kv > 0 and (context is None or tokens >= context + shape.encoder_positions))
+    parts = {"weights": model.weights + buffers, "kv_cache": max(0, kv) if card else 0, "cuda_graphs": graphs,
+             "activations": peak, "cuda_context": NON_TORCH + CUDA_CONTEXT}
+    fp = Footprint(profile.name, card, "share", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
+                   _host_ram(profile, model.weights, offload), engine, context=context, sequences=sequences,
+                   kv_tokens=tokens, kv_per_token=model.kv_per_token, kv_dtype=model.kv_dtype,
+                   context_limit=model.limit, extra_tokens=shape.encoder_positions,
+                   kept_activations=kept_activation_bytes(shape, sequences, batched),
+                   starts=starts, notes=tuple(notes), weights_from=model.weights_from)
+    return replace(fp, advice=_advice(fp, model, share, None))
+
+
+def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, spec: ArgSpec | None) -> Footprint:
+    """[memory]: exact KV bytes from tokens and the model's shapes, the rest predicted around them."""
+    m = profile.memory
+    assert m is not None
+    sequences = m.sequences or DEFAULT_SEQUENCES
+    engine: dict[str, Any] = dict(memory_engine(profile))
+    engine["max_num_seqs"] = sequences
+    notes: list[str] = []
+    capacity = card.capacity if card else 0
+    if model is None:
+        share = _share(profile, 0.9)
+        if card:
+            engine["gpu_memory_utilization"] = card.utilization(share)
+        notes.append(f"{NO_SHAPES}: vLLM sizes the KV cache from a share of the card until the model is "
+                     "on disk")
+        parts = {"vllm_share": int(share * capacity), "cuda_context": CUDA_CONTEXT} if card else {}
+        return Footprint(profile.name, card, "unknown", parts, ASLEEP_BASE if profile.sleep.enabled else 0,
+                         _host_ram(profile, 0, 0), engine, context=m.context, sequences=sequences,
+                         notes=tuple(notes))
+    shape = model.shape
+    batched = _batched(profile, shape, capacity or 80 * GIB, sequences)
+    capture = _capture(profile, sequences, batched, sequences) if card else 0
+    graphs = graph_bytes(shape, capture)
+    weights = model.weights + BUFFER_BYTES_PER_HIDDEN * shape.hidden * batched
+    kept = kept_activation_bytes(shape, sequences, batched)
+    activations = max(activation_bytes(shape, batched), kept)
+    fixed = weights + graphs + activations + NON_TORCH + CUDA_CONTEXT
+    per_token, extra = model.kv_per_token, shape.encoder_positions
+    context = m.context
+    if context and model.limit and context > model.limit and profile.model_replaced:
+        notes.append(f"context {context:,} is longer than {profile.model} allows: {model.limit:,}")
+        context = model.limit
+    kv = _kv_size(m, context, sequences, extra, per_token, capacity - HEADROOM - fixed if card else None, notes)
+    tokens = kv // per_token // KV_BLOCK * KV_BLOCK
+    if context is None and tokens:
+        context = _fit_context(tokens, extra, model.limit)
+    if tokens:
+        engine["kv_cache_memory_bytes"] = int(kv)
+    if context:
+        engine["max_model_len"] = context
+    if card:
+        engine["max_num_batched_tokens"] = batched
+        if capture:
+            engine["max_cudagraph_capture_size"] = capture
+    offload = _offload(profile, card, model.weights, notes)
+    if offload:
+        engine["kv_offloading_size"] = offload // GIB if offload % GIB == 0 else round(offload / GIB, 2)
+    parts = {"weights": weights, "kv_cache": int(kv), "cuda_graphs": graphs, "activations": activations,
+             "cuda_context": NON_TORCH + CUDA_CONTEXT}
+    awake = sum(parts.values())
+    if card:
+        cap = _share(profile, None)
+        # vLLM 0.26 still checks utilization x total against free memory at start: ask for what the
+        # server will hold (its CUDA context exists by then), or the profile's own cap.
+        engine["gpu_memory_utilization"] = card.utilization(cap if cap is not None
+                                                            else (awake - CUDA_CONTEXT) / card.capacity)
+        _fall_back(engine, spec, card, weights, activations, kv, capture, notes)
+    fp = Footprint(profile.name, card, "bytes", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
+                   _host_ram(profile, model.weights, offload or engine_offload_bytes(profile)), engine,
+                   context=context, sequences=sequences, kv_tokens=tokens, kv_per_token=per_token,
+                   kv_dtype=model.kv_dtype, context_limit=model.limit, extra_tokens=extra, kept_activations=kept,
+                   starts=card is None and not tokens or 0 < tokens >= (context or 0) + extra, notes=tuple(notes),
+                   weights_from=model.weights_from)
+    return replace(fp, advice=_advice(fp, model, None, m))
+
+
+def _fall_back(engine: dict[str, Any], spec: ArgSpec | None, card: Card, weights: int, activations: int,
+               kv: int, capture: int, notes: list[str]) -> None:
+    """Flags the installed vLLM lacks: leave them out and say what happens instead."""
+    version = f"vLLM {spec.version}" if spec else "vLLM"
+    if "kv_cache_memory_bytes" in engine and not _has(spec, "--kv-cache-memory-bytes"):
+        del engine["kv_cache_memory_bytes"]
+        # vLLM then sizes KV as share x total - weights - profiled activations - non-torch - its graph estimate
+        need = weights + activations + NON_TORCH + (CUDA_GRAPHS if capture else 0) + kv
+        engine["gpu_memory_utilization"] = min(1.0, math.ceil(need / card.total * 1000) / 1000)
+        notes.append(f"{version} has no --kv-cache-memory-bytes: mm passes gpu_memory_utilization "
+                     f"{engine['gpu_memory_utilization']:g} so that its own sizing gives about the same KV cache")
+    if "max_cudagraph_capture_size" in engine and not _has(spec, "--max-cudagraph-capture-size"):
+        del engine["max_cudagraph_capture_size"]
+        notes.append(f"{version} has no --max-cudagraph-capture-size: it captures graphs up to twice the "
+                     "sequences (more GPU memory than predicted)")
+
+
+def _offload(profile: Profile, card: Card | None, weights: int, notes: list[str]) -> int:
+    """Bytes of RAM for offloaded KV blocks: memory.offload, or for "fit" half of what this machine
+    spares after the desktop, this server's processes and (level 1 sleep) its weights."""
+    m = profile.memory
+    if m is None or not (m.offload or m.offload_fit):
+        return 0
+    if m.offload:
+        return m.offload
+    ram = card.host_ram if card else None
+    if not ram:
+        notes.append('offload = "fit" needs the machine\'s RAM, which is unknown: no KV offload')
+        return 0
+    spare = (ram - RAM_RESERVE - _host_ram(profile, weights, 0)) // 2
+    if spare < GIB:
+        notes.append(f"offload = \"fit\": {gib(ram)} of RAM leaves nothing to offload KV blocks to")
+        return 0
+    return spare // GIB * GIB
+
+
+def _advice(fp: Footprint, model: _Model, share: float | None, memory: Any) -> tuple[tuple[str, str], ...]:
+    """Values that would fit the card, the most direct first (for `mm check`'s fix)."""
+    if fp.card is None or not fp.kv_per_token:
+        return ()
+    capacity, per_token = fp.card.capacity, fp.kv_per_token
+    extra = model.shape.encoder_positions
+    fixed = fp.awake_bytes - fp.parts.get("kv_cache", 0)
+    room_tokens = max(0, capacity - HEADROOM - fixed) // per_token // KV_BLOCK * KV_BLOCK
+    context = fp.context or MIN_FIT_CONTEXT
+    out: list[tuple[str, str]] = []
+    if room_tokens >= context + extra:
+        if share is not None:
+            graphs = fp.parts.get("cuda_graphs", 0)
+            outside = CUDA_CONTEXT + max(0, graphs - (CUDA_GRAPHS if graphs else 0))
+            fit_share = math.floor((capacity - HEADROOM - outside) / capacity * 100) / 100
+            out.append(("engine.gpu_memory_utilization", f"{fit_share:g}"))
+        elif memory.kv_cache:
+            out.append(("memory.kv_cache", f'"{math.floor(room_tokens * per_token / GIB * 100) / 100:g}GiB"'))
+        elif not memory.kv_tokens and fp.sequences and room_tokens // (context + extra) < fp.sequences:
+            out.append(("memory.sequences", str(room_tokens // (context + extra))))
+        if share is None and not memory.kv_cache:
+            out.append(("memory.kv_tokens", str(room_tokens // 1024 * 1024 or room_tokens)))
+    elif room_tokens >= MIN_FIT_CONTEXT + extra:
+        c = 1 << ((room_tokens - extra).bit_length() - 1)
+        out.append(("memory.context" if share is None else "engine.max_model_len", str(c)))
+    # fp8 halves the KV cache a token: at the same share, or in the room the card has
+    want, have = (context + extra, fp.kv_tokens or 0) if share is not None else (fp.kv_tokens or 0, room_tokens)
+    if fp.kv_dtype != "fp8" and have < want <= 2 * have:
+        out.append(("engine.kv_cache_dtype", '"fp8"'))
+    fp8 = model.shape.served_as("fp8")
+    if fp8 is not model.shape and not model.shape.quant_method:
+        saved = model.shape.weight_bytes() - fp8.weight_bytes()
+        if (room_tokens * per_token + saved) // per_token >= MIN_FIT_CONTEXT + extra:
+            out.append(("engine.quantization", '"fp8"'))
+    if not out:
+        out.append(("model", f"a smaller or more quantized model (weights alone take {gib(model.weights)} "
+                             f"of {gib(capacity)})"))
+    return tuple(out)

@@ -42,6 +42,8 @@ class Facts:
     model_config: Mapping[str, Any] | None = None  # the profile's model config.json, where found
     vllm_env: frozenset[str] | None = None  # every VLLM_* name the installed vLLM reads, where known
     environ: Mapping[str, str] = field(default_factory=dict)  # the shell's environment (servers inherit it)
+    ram_total: int | None = None  # this machine's RAM, bytes (None: unknown)
+    ram_available: int | None = None
 
     @property
     def gpu(self) -> GpuInfo | None:
@@ -76,7 +78,8 @@ def _lower(value: Any) -> str:
 
 
 def kv_offloading(p: Profile) -> bool:
-    return "kv_offloading_size" in p.engine or "kv_offloading_backend" in p.engine
+    return ("kv_offloading_size" in p.engine or "kv_offloading_backend" in p.engine
+            or bool(p.memory and (p.memory.offload or p.memory.offload_fit)))
 
 
 def fp8_kv(p: Profile) -> bool:
@@ -117,8 +120,8 @@ def uses_fa3(p: Profile, facts: Facts) -> bool:
     return bool(facts.gpu and facts.gpu.is_hopper) and backend in ("auto", "", "flash_attn")
 
 
-def _too_long(p: Profile, facts: Facts) -> bool:
-    limit, wanted = model_max_len(facts.model_config), engine_int(_get(p, "max_model_len"))
+def _too_long(p: Profile, facts: Facts, wanted: int | None = None) -> bool:
+    limit, wanted = model_max_len(facts.model_config), wanted or engine_int(_get(p, "max_model_len"))
     allowed = (facts.model_config or {}).get("model_max_length")
     env = {**facts.environ, **p.env}
     return (limit is not None and wanted is not None and wanted > limit
@@ -207,7 +210,8 @@ RULES: list[Rule] = [
          "KV offloading needs the hybrid KV cache manager off; left unset, older vLLM releases fail to start",
          "add engine.disable_hybrid_kv_cache_manager = true", key="engine.kv_offloading_size"),
     Rule("kv-offload-no-size", WARN,
-         lambda p, f: "kv_offloading_backend" in p.engine and "kv_offloading_size" not in p.engine,
+         lambda p, f: ("kv_offloading_backend" in p.engine and "kv_offloading_size" not in p.engine
+                       and not (p.memory and (p.memory.offload or p.memory.offload_fit))),
          "does nothing by itself: vLLM offloads KV blocks only when kv_offloading_size is set",
          "add engine.kv_offloading_size = <GiB of RAM for KV blocks>", key="engine.kv_offloading_backend"),
     Rule("awq-fp16-fp8kv-fa3", ERROR,
@@ -238,6 +242,12 @@ RULES: list[Rule] = [
                        f"({model_max_len(f.model_config)} tokens in its config.json); vLLM refuses to start"),
          lambda p, f: f"set engine.max_model_len = {model_max_len(f.model_config)} or less",
          key="engine.max_model_len"),
+    Rule("memory-context-over-model", ERROR,
+         lambda p, f: bool(p.memory and p.memory.context and _too_long(p, f, p.memory.context)),
+         lambda p, f: (f"{p.memory.context} is longer than the model allows "
+                       f"({model_max_len(f.model_config)} tokens in its config.json); vLLM refuses to start"),
+         lambda p, f: f'set memory.context = {model_max_len(f.model_config)} or less (or "fit")',
+         key="memory.context"),
     Rule("model-path-missing", ERROR, _path_missing,
          lambda p, f: f"{p.model} does not exist", "point model at a folder with config.json, or use a hub id",
          key="model"),

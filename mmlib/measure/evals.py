@@ -226,7 +226,7 @@ def run_task(task: str, target: Target, include: Path, output: Path, limit: int 
 
 
 def default_concurrency(profile: Any) -> int:
-    return max(1, min(int(profile.engine.get("max_num_seqs", 16)), 32))
+    return max(1, min(profile.max_num_seqs or 16, 32))
 
 
 def run(profile: Any, server: dict[str, Any], tasks: Sequence[str], mode: str, limit: int | None,

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 from mmlib import paths
 from mmlib.errors import ProfileError
+from mmlib.profiles.memory import gib, parse_size
 from mmlib.profiles.profile import read_toml
 
 # key -> (type, what to tell the user)
@@ -17,11 +17,11 @@ KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "default_profile": (str, "a profile name"),
     "upstream_timeout": ((int, float), "seconds a model may stay silent mid-request, e.g. 600"),
     "max_body_mib": ((int, float), "MiB, the largest request body the endpoint takes, e.g. 100"),
-    "gpu_budget": (str, 'GPU memory mm may use, e.g. "12GiB" (default: the whole card)'),
+    "gpu_budget": ((str, int), 'a size such as "12GiB": the GPU memory mm may use (default: the whole card)'),
     "switch_max_wait": ((int, float), "seconds a request waits for its model while another serves, e.g. 1"),
 }
 ENV = {"proxy_host": "MM_PROXY_HOST", "proxy_port": "MM_PROXY_PORT", "api_key": "MM_API_KEY",
-       "default_profile": "MM_DEFAULT_PROFILE"}
+       "default_profile": "MM_DEFAULT_PROFILE", "gpu_budget": "MM_GPU_BUDGET"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -33,12 +33,10 @@ class Config:
     default_profile: str = "default"
     upstream_timeout: float = 600.0
     max_body_mib: float = 100.0
-    gpu_budget: str | None = None
+    # GPU memory mm may use, bytes: a desktop's share of the card, or an emulated smaller card.
+    # None: the whole card, as NVML reports it.
+    gpu_budget: int | None = None
     switch_max_wait: float = 1.0
-
-    @property
-    def gpu_budget_bytes(self) -> int | None:
-        return parse_size(self.gpu_budget) if self.gpu_budget else None
 
     @property
     def proxy_url(self) -> str:
@@ -48,6 +46,17 @@ class Config:
 
 def config_path():
     return paths.config_dir() / "config.toml"
+
+
+def _budget(where: str, value: str | int) -> int:
+    try:
+        n = value if isinstance(value, int) else parse_size(value)
+    except ValueError:
+        n = 0
+    if n < 256 << 20:
+        raise ProfileError(where, f"{value!r} is not a GPU memory budget", 'write it like "12GiB" (bytes as a number '
+                           f"also work; at least {gib(256 << 20)})", key="gpu_budget")
+    return n
 
 
 def load_config() -> Config:
@@ -67,10 +76,8 @@ def load_config() -> Config:
             except ValueError:
                 raise ProfileError(var, f"{value!r} is not a whole number", f"set {var} to a port number") from None
     if "gpu_budget" in data:
-        try:
-            parse_size(data["gpu_budget"])
-        except ValueError as e:
-            raise ProfileError(str(path), str(e), 'write it like "12GiB"', key="gpu_budget") from None
+        where = ENV["gpu_budget"] if os.environ.get(ENV["gpu_budget"]) else str(path)
+        data["gpu_budget"] = _budget(where, data["gpu_budget"])
     for key in ("upstream_timeout", "max_body_mib", "switch_max_wait"):
         if key in data and not data[key] > 0:
             raise ProfileError(str(path), f"{data[key]!r} is not above 0", f"set {key} to {KEYS[key][1]}", key=key)
@@ -79,16 +86,6 @@ def load_config() -> Config:
         raise ProfileError(str(path), f"proxy_host = {config.proxy_host!r} would let anyone on the network "
                            "use your models", "set api_key in config.toml (or MM_API_KEY) as well", key="proxy_host")
     return config
-
-
-def parse_size(text: str) -> int:
-    """"12GiB", "12G", "12GB", "11000MiB", "12" (GiB) -> bytes. Binary throughout: a "12 GB" card
-    has 12 GiB, as card makers mean it."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:([KMGT])i?B?)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"not a memory size: {text!r} (write it like 12GiB or 11000MiB)")
-    power = "KMGT".index(m.group(2).upper()) + 1 if m.group(2) else 3
-    return int(float(m.group(1)) * (1 << (10 * power)))
 
 
 def client_api_key() -> str | None:

@@ -21,6 +21,7 @@ else:  # the same parser, from PyPI (a dependency on 3.10 only)
 
 from mmlib import paths
 from mmlib.errors import ProfileError
+from mmlib.profiles.memory import MemorySpec, parse_memory
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_EXTENDS_DEPTH = 8
@@ -57,6 +58,11 @@ class Profile:
     # Declares engine.gpu_memory_utilization a budget this server keeps to, so it may stay awake
     # beside other such servers while the shares add up to at most 1. Otherwise it runs alone.
     share_gpu: bool = False
+    # What the server needs in tokens or bytes ([memory]); None: vLLM sizes it from a share.
+    memory: MemorySpec | None = None
+    # The profile's own model when `with_model` put another in its place (mm then fits the
+    # memory plan to the new model's shapes).
+    base_model: str | None = None
 
     @property
     def is_stack(self) -> bool:
@@ -68,11 +74,24 @@ class Profile:
         return (self.served_model_name, *self.aliases) if self.served_model_name else ()
 
     @property
+    def max_num_seqs(self) -> int | None:
+        """Requests at once, where the profile says: [memory] sequences, else engine.max_num_seqs."""
+        if self.memory and self.memory.sequences:
+            return self.memory.sequences
+        n = self.engine.get("max_num_seqs")
+        return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+    @property
     def memory_share(self) -> float:
         return float(self.engine.get("gpu_memory_utilization", 0.9))
 
     def with_model(self, model: str) -> "Profile":
-        return dataclasses.replace(self, model=model, served_model_name=default_served_name(model), aliases=())
+        return dataclasses.replace(self, model=model, served_model_name=default_served_name(model), aliases=(),
+                                   base_model=self.base_model or self.model)
+
+    @property
+    def model_replaced(self) -> bool:
+        return self.base_model is not None and self.base_model != self.model
 
 
 # key -> (accepted python types, what to tell the user). Tables are checked on their own.
@@ -93,7 +112,7 @@ SCALAR_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "stack": ((list,), "a list of profile names"),
     "share_gpu": ((bool,), "true or false"),
 }
-TABLE_KEYS = ("engine", "env", "sleep")
+TABLE_KEYS = ("engine", "env", "sleep", "memory")
 SLEEP_KEYS = {"enabled": (bool,), "level": (int,)}
 
 
@@ -277,6 +296,8 @@ def validate(name: str, data: Mapping[str, Any], file: str) -> Profile:
         raise ProfileError(file, f"{max_restarts} is out of range", "use 0-100", key="max_restarts")
     for key in ("startup_timeout", "idle_sleep", "idle_stop"):
         _positive(file, key, data.get(key))
+    engine = _engine(file, data.get("engine", {}))
+    memory = parse_memory(file, data["memory"], engine) if "memory" in data else None
     served = data.get("served_model_name") or (default_served_name(model) if model else "")
     aliases = _strings(file, "aliases", data.get("aliases", []))
     for key, n in [("served_model_name", served)] + [("aliases", a) for a in aliases]:
@@ -289,7 +310,7 @@ def validate(name: str, data: Mapping[str, Any], file: str) -> Profile:
         aliases=aliases,
         host=data.get("host", "127.0.0.1"), port=port,
         startup_timeout=float(data.get("startup_timeout", 900)),
-        engine=MappingProxyType(_engine(file, data.get("engine", {}))),
+        engine=MappingProxyType(engine), memory=memory,
         env=MappingProxyType(_env(file, data.get("env", {}))),
         sleep=_sleep(file, data.get("sleep", {"enabled": False})),
         idle_sleep=data.get("idle_sleep"), idle_stop=data.get("idle_stop"),
@@ -307,6 +328,8 @@ def to_dict(p: Profile) -> dict[str, Any]:
         "idle_stop": p.idle_stop, "stack": list(p.stack), "share_gpu": p.share_gpu,
     }.items() if v not in (None, [], "")}
     doc["sleep"] = {"enabled": p.sleep.enabled, "level": p.sleep.level}
+    if p.memory is not None:
+        doc["memory"] = p.memory.to_table()
     doc["engine"] = dict(p.engine)
     # Secrets are never printed or recorded in results: api keys and secret-looking variables.
     doc["env"] = {k: ("***" if is_secret(k) and v else v) for k, v in p.env.items()}

@@ -91,21 +91,38 @@ def sleep_available(profile: Profile, install: VllmInstall | None = None) -> boo
     return profile.sleep.enabled and not (install is None or install.is_cpu)
 
 
+def memory_engine(profile: Profile) -> dict[str, Any]:
+    """What a [memory] table says without knowing the model or the card: its context and sequences.
+    The bytes (KV cache, the share for vLLM's start check) come from guard.fit, which knows both."""
+    m = profile.memory
+    if m is None:
+        return {}
+    out: dict[str, Any] = {}
+    if m.context:
+        out["max_model_len"] = m.context
+    if m.sequences:
+        out["max_num_seqs"] = m.sequences
+    return out
+
+
 def wants_tcp(profile: Profile) -> bool:
     """A profile that names a port or another host asks to be reachable over TCP; otherwise mm's
     servers listen on a unix socket in a 0700 folder, where only this user reaches them."""
     return profile.port is not None or profile.host != "127.0.0.1"
 
 
-def server_argv(profile: Profile, listen: int | str, python: str = sys.executable) -> list[str]:
-    """`listen` is a TCP port, or the path of a unix socket (vLLM's --uds)."""
+def server_argv(profile: Profile, listen: int | str, python: str = sys.executable,
+                derived: Mapping[str, Any] | None = None) -> list[str]:
+    """The vLLM command line. `listen` is a TCP port, or the path of a unix socket (vLLM's --uds).
+    `derived` is the engine table guard.fit worked out for this card (Footprint.engine: exact KV
+    bytes, capture size, ...); its keys replace the profile's own."""
     assert profile.model, "stack profiles have no server of their own"
     where = ["--uds", listen] if isinstance(listen, str) else ["--host", profile.host, "--port", str(listen)]
     argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", resolve_model(profile.model), *where,
             "--served-model-name", *profile.names]
     if sleep_available(profile):
         argv.append("--enable-sleep-mode")
-    return argv + engine_args(profile.engine)
+    return argv + engine_args({**profile.engine, **memory_engine(profile), **(derived or {})})
 
 
 def server_env(profile: Profile, base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -29,7 +29,7 @@ from mmlib.profiles.profile import Profile, load_all, load_profile
 from mmlib.serve import records
 from mmlib.serve.auth import bearer_ok
 from mmlib.serve.proxy import ModelIndex, Proxy
-from mmlib.serve.memory import CardMemory
+from mmlib.serve.memory import CardMemory, Footprint
 from mmlib.serve.scheduler import Policy, Scheduler
 from mmlib.serve.states import State
 from mmlib.serve.supervisor import ManagedServer
@@ -54,7 +54,7 @@ class Daemon:
     def __init__(self, config: Config):
         self.config = config
         self.scheduler = Scheduler(self.make_server, drain_limit_s=config.upstream_timeout,
-                                   memory=CardMemory(config.gpu_budget_bytes),
+                                   memory=CardMemory(config.gpu_budget, predict=self._predict),
                                    policy=Policy(max_wait_s=config.switch_max_wait))
         self.index = ModelIndex(load_all)
         self.proxy = Proxy(self.scheduler, self.index, lambda: load_profile(config.default_profile),
@@ -62,7 +62,7 @@ class Daemon:
                            max_body=config.max_body_mib * 2**20)
         self.started_at = time.time()
         self.stopping = asyncio.Event()
-        self._uds: asyncio.Future | None = None
+        self._spec: asyncio.Future | None = None
         self.control = Starlette(routes=[
             Route("/ping", self.ping, methods=["GET"]),
             Route("/status", self.status, methods=["GET"]),
@@ -75,14 +75,45 @@ class Daemon:
         ])
 
     def make_server(self, profile: Profile) -> ManagedServer:
-        return ManagedServer(profile, uds_supported=self.uds_supported)
+        return ManagedServer(profile, uds_supported=self.uds_supported, argv_builder=self._argv)
+
+    async def _vllm_spec(self):
+        """The installed vLLM's own argument parser, asked once (in a thread: the first time it
+        imports vLLM in a helper process, though the CLI's preflight usually did it already)."""
+        if self._spec is None:
+            self._spec = asyncio.ensure_future(asyncio.to_thread(_load_spec))
+        return await self._spec
 
     async def uds_supported(self) -> bool:
-        """Whether the installed vLLM has --uds, asked once of its own parser (in a thread: the
-        first time imports vLLM in a helper process, though the CLI's preflight usually did it)."""
-        if self._uds is None:
-            self._uds = asyncio.ensure_future(asyncio.to_thread(_vllm_has_uds))
-        return await self._uds
+        spec = await self._vllm_spec()
+        return spec is not None and spec.lookup("--uds") is not None
+
+    def _card(self):
+        from mmlib.guard import fit
+        from mmlib.system import nvml
+
+        return fit.card(self.config, nvml.probe(with_processes=False))
+
+    def _argv(self, profile: Profile, listen: int | str) -> list[str]:
+        """The server's command line with what its [memory] table derives for this card (exact KV
+        bytes, CUDA-graph capture size, a share that passes vLLM's start check)."""
+        from mmlib.guard import checks
+
+        spec = self._spec.result() if self._spec is not None and self._spec.done() else None
+        return checks.argv_builder(self._card(), spec)(profile, listen)
+
+    def _predict(self, profile: Profile, capacity: int) -> Footprint | None:
+        """What a profile never seen running will hold, from its model's shapes (guard's estimate)."""
+        from mmlib.guard import checks
+
+        try:
+            fp = checks.footprint(profile, self._card())
+        except Exception as e:  # a guess gone wrong must not stop a start: shares decide then
+            log.warning("%s: no footprint estimate (%s)", profile.name, e)
+            return None
+        if not fp.awake_bytes:
+            return None
+        return Footprint(awake=fp.awake_bytes, asleep=fp.asleep_bytes)
 
     # --- control API -------------------------------------------------------------------------------
     async def _args(self, request: Request) -> dict:
@@ -255,14 +286,14 @@ def single_instance():
         os.close(fd)
 
 
-def _vllm_has_uds() -> bool:
+def _load_spec():
     from mmlib.profiles.vllm_args import SpecUnavailable, load_spec
 
     try:
-        return load_spec().lookup("--uds") is not None
+        return load_spec()
     except SpecUnavailable as e:
-        log.warning("servers listen on TCP ports: %s", e)
-        return False
+        log.warning("vLLM's arguments unknown (servers listen on TCP ports): %s", e)
+        return None
 
 
 def _uvicorn(app, **where) -> QuietServer:

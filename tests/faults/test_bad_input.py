@@ -22,7 +22,7 @@ scalars = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(all
 toml_values = st.recursive(scalars,
                            lambda inner: st.dictionaries(st.text(min_size=1, max_size=12), inner, max_size=4),
                            max_leaves=8)
-keys = st.one_of(st.sampled_from([*SCALAR_KEYS, "engine", "env", "sleep"]), st.text(min_size=1, max_size=20))
+keys = st.one_of(st.sampled_from([*SCALAR_KEYS, "engine", "env", "sleep", "memory"]), st.text(min_size=1, max_size=20))
 profiles = st.dictionaries(keys, toml_values, max_size=8)
 
 FUZZ_CASES = 400

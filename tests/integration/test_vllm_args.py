@@ -93,3 +93,26 @@ def test_every_shipped_profile_passes_the_real_parser(spec, mm_env):
         assert ok, f"{name}: {error}"
         errors = [f for f in checks.check_engine_args(load_profile(name), spec) if f.severity == ERROR]
         assert errors == [], name
+
+
+def test_every_shipped_profile_with_its_derived_flags_passes_the_real_parser(spec, mm_env, monkeypatch):
+    """What mm derives from [memory] for a 12 GiB card (exact KV bytes, capture size, ...), sized from
+    the shipped models' real shapes (tests/fixtures/models-gpu), through vLLM's own parser too."""
+    import json
+    from pathlib import Path
+
+    from mmlib.guard import fit
+
+    models = Path(__file__).resolve().parents[1] / "fixtures" / "models-gpu"
+    folders = {"Qwen/Qwen2.5-7B-Instruct-AWQ": "qwen2.5-7b-awq", "nvidia/Llama-3.1-Nemotron-Nano-4B-v1.1":
+               "nemotron-nano-4b", "openai/whisper-large-v3-turbo": "whisper-large-v3-turbo",
+               "lightonai/LightOnOCR-1B-1025": "lightonocr-1b"}
+    monkeypatch.setattr(checks, "model_files", lambda p: (None, json.loads(
+        (models / folders[p.model] / "config.json").read_text()), "") if p.model in folders else (None, None, "x"))
+    card = fit.sized_card(12 * fit.GIB, ram=64 * fit.GIB)
+    names = [n for n in list_profile_names() if not load_profile(n).is_stack and load_profile(n).model in folders]
+    prints = [checks.footprint(load_profile(n), card, spec) for n in names]
+    assert all("kv_cache_memory_bytes" in fp.engine for fp in prints)
+    argvs = [server_argv(load_profile(n), 8000, python="python", derived=fp.engine)[5:] for n, fp in zip(names, prints)]
+    for name, argv, (ok, error) in zip(names, argvs, vllm_args.parse_with_vllm(argvs)):
+        assert ok, f"{name}: {error}"

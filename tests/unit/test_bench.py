@@ -185,7 +185,7 @@ def test_run_writes_result_and_summary(mm_env, tmp_path):
     assert calls == ["latency", "burst"]
     saved = json.loads(path.read_text())
     assert path.parent == tmp_path / "default" and saved["complete"] is True and saved["kind"] == "bench"
-    assert saved["profile_config"]["engine"]["max_num_seqs"] == 32 and saved["gpu"]
+    assert saved["profile_config"]["memory"]["sequences"] == 32 and saved["gpu"]
     assert saved["vllm"]["version"] and saved["server"]["served_model_name"] == "smollm2"
     assert saved["scenarios"]["burst"]["params"]["max_concurrency"] == 50
     assert saved["scenarios"]["latency"]["figures"]["completed"] == 10

@@ -156,25 +156,36 @@ def fit_findings(p: Profile, facts: Facts, gpu_memory=None):
 def test_fit_on_a_12gb_card(local_7b):
     p = profile({"max_model_len": 16384, "kv_cache_dtype": "fp8", "gpu_memory_utilization": 0.85,
                  "max_num_seqs": 64}, model=str(local_7b))
-    (f,) = fit_findings(p, Facts(gpus=(A3060,)))
-    assert f.severity == INFO and "fits NVIDIA GeForce RTX 3060" in f.message
-    assert "requests of 16,384 tokens at once" in f.message and "max_num_seqs = 64" in f.message
+    fit, queue = fit_findings(p, Facts(gpus=(A3060,)))
+    assert fit.severity == INFO and "fits NVIDIA GeForce RTX 3060 (12.00 GiB)" in fit.message
+    assert "requests of 16,384" in fit.message and "0.58 GiB spare: room for up to 0 sleeping servers" in fit.message
+    assert "vLLM fills its 10.20 GiB share" in fit.message  # the share form: context and graphs outside it
+    assert queue.severity == INFO and "64 sequences but room for 13.0 at full length" in queue.message
 
 
 def test_fit_that_cannot_work_says_what_would(local_7b):
-    p = profile({"max_model_len": 32768, "gpu_memory_utilization": 0.45}, model=str(local_7b))
+    p = profile({"max_model_len": 32768, "gpu_memory_utilization": 0.45, "max_num_seqs": 16}, model=str(local_7b))
     (f,) = fit_findings(p, Facts(is_cpu=True), gpu_memory=12 * GIB)  # --gpu-memory on a CPU box
-    assert f.severity == ERROR and f.key == "engine.max_model_len" and "does not fit 12.00 GiB card" in f.message
-    assert "max_model_len = " in f.fix and 'kv_cache_dtype = "fp8"' in f.fix and "gpu_memory_utilization = " in f.fix
+    assert f.severity == ERROR and f.key == "engine.gpu_memory_utilization"
+    assert "vLLM would refuse to start on a 12.00 GiB card: no room for one request of 32,768" in f.message
+    assert f.fix.startswith("set engine.gpu_memory_utilization = 0.")
     p = profile({"gpu_memory_utilization": 0.3}, model=str(local_7b))
     (f,) = fit_findings(p, Facts(gpus=(A3060,)))
-    assert f.severity == ERROR and f.key == "engine.gpu_memory_utilization"
+    assert f.severity == ERROR and "refuse to start" in f.message and f.key == "engine.gpu_memory_utilization"
+
+
+def test_vllm_defaults_put_two_gib_of_cuda_graphs_outside_the_share(local_7b):
+    # The issue's "same with vLLM defaults": 256 sequences capture graphs up to 512 (1.9 GiB on the 7B).
+    p = profile({"max_model_len": 8192, "gpu_memory_utilization": 0.85}, model=str(local_7b))
+    fit = fit_findings(p, Facts(gpus=(A3060,)))[0]
+    assert fit.severity == ERROR and "does not fit" in fit.message and "CUDA graphs 1.91" in fit.message
+    assert fit.key == "engine.gpu_memory_utilization" and "= 0.73" in fit.fix
 
 
 def test_fit_warns_when_others_hold_the_memory(local_7b):
     held = GpuInfo(0, "NVIDIA GeForce RTX 3060", 12 * GIB, 3 * GIB, (8, 6),
                    (GpuProcess(4242, "game.exe", 9 * GIB),))
-    p = profile({"max_model_len": 8192, "gpu_memory_utilization": 0.85}, model=str(local_7b))
+    p = profile({"max_model_len": 8192, "gpu_memory_utilization": 0.85, "max_num_seqs": 16}, model=str(local_7b))
     found = fit_findings(p, Facts(gpus=(held,)))
     warn = [f for f in found if f.severity == WARN][0]
     assert "3.00 GiB free" in warn.message and "game.exe (pid 4242, 9.00 GiB)" in warn.message
@@ -208,6 +219,7 @@ model = "{model}"
 [engine]
 load_format = "dummy"
 max_model_len = 8192
+max_num_seqs = 16
 gpu_memory_utilization = 0.85
 """
 
@@ -285,7 +297,7 @@ def test_mm_check_cli_gpu_memory_and_json(user_profiles):
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     fits = [f for f in doc if f["rule"] == "memory-fit"]
-    assert fits and fits[0]["severity"] == "info" and "fits 12.00 GiB card" in fits[0]["message"]
+    assert fits and fits[0]["severity"] == "info" and "fits a 12.00 GiB card" in fits[0]["message"]
     r = CliRunner().invoke(main, ["check", "clean", "--gpu-memory", "lots"])
     assert r.exit_code == 2 and "12GiB" in r.output
 
@@ -311,8 +323,8 @@ def test_odd_values_never_crash_the_fit(local_7b):
     found = checks.check_profile(p, Facts(gpus=(A3060,)), SPEC)
     assert {f.rule for f in found if f.severity == ERROR} == {"memory-share-range", "arg-value"}
     p = profile({"max_model_len": -1, "load_format": "dummy"}, model=str(local_7b))
-    (f,) = [f for f in checks.check_profile(p, Facts(gpus=(A3060,)), SPEC) if f.rule == "memory-fit"]
-    assert "of 32,768 tokens" in f.message  # -1 means the model's own length
+    f = [f for f in checks.check_profile(p, Facts(gpus=(A3060,)), SPEC) if f.rule == "memory-fit"][0]
+    assert "requests of 32,768" in f.message  # -1 means the model's own length
 
 
 # --- the parser spec's cache (the real helper runs in tests/integration/test_vllm_args.py) ----------------

@@ -1,4 +1,5 @@
-"""The memory-fit estimate against figures vLLM itself printed, and the files it reads."""
+"""What vLLM makes of a share of the card (predict's share form) against figures vLLM itself printed,
+and the files the prediction reads."""
 from __future__ import annotations
 
 import json
@@ -6,10 +7,13 @@ import struct
 
 import pytest
 
+from types import MappingProxyType
+
 from mmlib.guard import fit, modelinfo
-from mmlib.guard.fit import GIB, estimate
-from mmlib.profiles.config import parse_size
+from mmlib.guard.fit import GIB, Card, predict, sized_card
+from mmlib.profiles.memory import parse_size
 from mmlib.guard.modelinfo import Shape
+from mmlib.profiles.profile import Profile
 
 # The random-weight models of /work/shared/gpu/models (config.json only; served with
 # --load-format dummy), copied here so the tests need nothing outside the repository.
@@ -30,6 +34,13 @@ DUMMY_7B_AWQ = {
                             "version": "gemm"},
 }
 H100_TOTAL = 81559 * 1024 * 1024  # what NVML and CUDA report for an H100 80GB HBM3
+H100 = Card(H100_TOTAL, H100_TOTAL, "NVIDIA H100 80GB HBM3", host_ram=0)
+
+
+def estimate(engine, cfg, card, folder=None):
+    """The footprint of a profile that gives vLLM a share of `card`."""
+    p = Profile(name="t", source="t.toml", model="m", engine=MappingProxyType(engine))
+    return predict(p, card if isinstance(card, Card) else sized_card(card, ram=0), cfg, folder)
 
 
 def within(value: float, expected: float, tolerance: float) -> bool:
@@ -62,19 +73,17 @@ MEASURED = {
 @pytest.mark.parametrize("case", sorted(MEASURED))
 def test_estimate_matches_what_vllm_printed(case):
     cfg, engine, kv_gib, tokens, tolerance = MEASURED[case]
-    est = estimate(engine, cfg, H100_TOTAL)
-    assert est.weights_from == "config.json shapes"
-    assert within(est.kv_cache / GIB, kv_gib, tolerance), est.summary()
-    assert within(est.tokens, tokens, tolerance), est.summary()
-    assert est.fits
+    est = estimate(engine, cfg, H100)
+    assert est.form == "share" and est.weights_from == "config.json shapes"
+    assert within(est.parts["kv_cache"] / GIB, kv_gib, tolerance), est.summary()
+    assert within(est.kv_tokens, tokens, tolerance), est.summary()
+    assert est.starts
 
 
 def test_weights_match_vllm_model_loading_figures():
     # vLLM printed "Model loading took 2.68 GiB" and "4.03 GiB"; that includes its per-token buffers.
     for cfg, loaded in ((DUMMY_15B, 2.68), (DUMMY_7B_AWQ, 4.03)):
-        est = estimate({}, cfg, H100_TOTAL)
-        buffers = fit.BUFFER_BYTES_PER_HIDDEN * cfg["hidden_size"] * 8192
-        assert within((est.weights + buffers) / GIB, loaded, 0.02)
+        assert within(estimate({}, cfg, H100).parts["weights"] / GIB, loaded, 0.02)
 
 
 def test_kv_bytes_per_token():
@@ -94,33 +103,35 @@ def test_shapes_of_other_configs():
                              "num_key_value_heads": 4, "num_experts": 64, "moe_intermediate_size": 1024,
                              "intermediate_size": 5632, "vocab_size": 1000})
     assert moe.linear_params()[1] == 3 * 2048 * 1024 * 64
-    assert Shape.from_config({"d_model": 1280, "encoder_layers": 32}) is None  # whisper: not a decoder LM
+    assert Shape.from_config({"d_model": 1280, "encoder_layers": 32}) is None  # not a whole encoder-decoder
+    fp8 = Shape.from_config(DUMMY_15B).served_as("fp8")
+    assert fp8.quant_method == "fp8" and fp8.weight_bytes() < Shape.from_config(DUMMY_15B).weight_bytes()
+    awq = Shape.from_config(DUMMY_7B_AWQ)
+    assert awq.served_as("fp8") is awq  # a quantized checkpoint stays as it is
 
 
 def test_a_12gb_card_and_what_would_fit():
-    engine = {"gpu_memory_utilization": 0.85, "max_model_len": 32768}
-    est = estimate(engine, DUMMY_7B_AWQ, 12 * GIB)
-    assert est.fits and est.kv_dtype == "16-bit"
-    tight = estimate({"gpu_memory_utilization": 0.45, "max_model_len": 32768}, DUMMY_7B_AWQ, 12 * GIB)
-    assert not tight.fits and 0 < tight.tokens < 32768
-    remedies = " | ".join(tight.remedies())
-    assert f"max_model_len = {tight.tokens // 1024 * 1024}" in remedies
-    assert 'kv_cache_dtype = "fp8"' in remedies and "gpu_memory_utilization = " in remedies
-    assert tight.share_needed(32768) > 0.45
+    est = estimate({"gpu_memory_utilization": 0.85, "max_model_len": 32768, "max_num_seqs": 16}, DUMMY_7B_AWQ, 12 * GIB)
+    assert est.starts and est.kv_dtype == "16-bit" and est.awake_bytes < 12 * GIB
+    tight = estimate({"gpu_memory_utilization": 0.45, "max_model_len": 32768, "max_num_seqs": 16}, DUMMY_7B_AWQ,
+                     12 * GIB)
+    assert not tight.starts and 0 < tight.kv_tokens < 32768
+    advice = dict(tight.advice)
+    assert float(advice["engine.gpu_memory_utilization"]) > 0.45 and advice["engine.kv_cache_dtype"] == '"fp8"'
     none_left = estimate({"gpu_memory_utilization": 0.3}, DUMMY_7B_AWQ, 12 * GIB)
-    assert none_left.kv_cache < 0 and none_left.tokens == 0 and not none_left.fits
-    assert "smaller or more quantized model" in " ".join(estimate({"gpu_memory_utilization": 0.9}, DUMMY_7B_AWQ,
-                                                                    4 * GIB).remedies())
+    assert none_left.parts["kv_cache"] == 0 and none_left.kv_tokens == 0 and not none_left.starts
+    small = estimate({"gpu_memory_utilization": 0.9}, DUMMY_7B_AWQ, 4 * GIB)
+    assert "smaller or more quantized model" in dict(small.advice)["model"]
 
 
 def test_defaults_follow_vllm():
-    big, small = estimate({}, DUMMY_15B, H100_TOTAL), estimate({}, DUMMY_15B, 12 * GIB)
-    assert big.activation > small.activation  # 8192 batched tokens on an 80 GB card, 2048 below 70 GiB
-    assert big.max_model_len == 32768 and big.share == 0.9
-    eager = estimate({"enforce_eager": True}, DUMMY_15B, H100_TOTAL)
-    assert eager.overhead == big.overhead - fit.CUDA_GRAPHS
-    assert "7.4 requests of 32,768 tokens" in estimate({"gpu_memory_utilization": 0.125}, DUMMY_15B,
-                                                        H100_TOTAL).summary()
+    big, small = estimate({}, DUMMY_15B, H100), estimate({}, DUMMY_15B, 12 * GIB)
+    assert big.parts["activations"] > small.parts["activations"]  # 8192 batched tokens on an 80 GB card, 2048 below
+    assert big.context == 32768 and big.sequences == 1024 and small.sequences == 256
+    eager = estimate({"enforce_eager": True}, DUMMY_15B, H100)
+    assert eager.parts["cuda_graphs"] == 0
+    assert eager.parts["kv_cache"] == big.parts["kv_cache"] + fit.CUDA_GRAPHS  # vLLM's graph estimate, not taken
+    assert "7.4 requests of 32,768" in estimate({"gpu_memory_utilization": 0.125}, DUMMY_15B, H100).summary()
 
 
 @pytest.mark.parametrize("text,gib", [("12GiB", 12), ("12G", 12), ("12 GB", 12), ("12", 12), ("0.5T", 512),
@@ -156,10 +167,10 @@ def test_weights_from_safetensors_headers(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     files = modelinfo.safetensors_files(tmp_path)
     assert modelinfo.safetensors_bytes(files) == 1024 * 1024 * 2 + 1024 * 2 + 256 * 128 * 4
-    est = estimate({}, DUMMY_15B, H100_TOTAL, folder=tmp_path)
+    est = estimate({}, DUMMY_15B, H100, folder=tmp_path)
     assert est.weights_from == "safetensors headers"
-    assert est.weights == modelinfo.safetensors_bytes(files)
-    dummy = estimate({"load_format": "dummy"}, DUMMY_15B, H100_TOTAL, folder=tmp_path)
+    assert est.parts["weights"] == modelinfo.safetensors_bytes(files) + fit.BUFFER_BYTES_PER_HIDDEN * 1536 * 8192
+    dummy = estimate({"load_format": "dummy"}, DUMMY_15B, H100, folder=tmp_path)
     assert dummy.weights_from == "config.json shapes"  # random weights of the config's size
     (tmp_path / "model-00002-of-00002.safetensors").unlink()  # an interrupted download
     assert modelinfo.safetensors_files(tmp_path) is None

@@ -9,6 +9,7 @@ import pytest
 from mmlib.guard import rules
 from mmlib.guard.modelinfo import model_max_len
 from mmlib.guard.rules import ERROR, INFO, WARN, Facts
+from mmlib.profiles.memory import MemorySpec
 from mmlib.profiles.profile import Profile, SleepSettings, load_profile
 from mmlib.profiles.vllm_cmd import engine_int
 from mmlib.system.nvml import GIB, GpuInfo
@@ -21,10 +22,11 @@ AWQ_CONFIG = {"torch_dtype": "float16", "max_position_embeddings": 32768,
               "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}
 
 
-def profile(engine=None, env=None, sleep=False, port=None, model="Qwen/Qwen2.5-7B-Instruct-AWQ") -> Profile:
+def profile(engine=None, env=None, sleep=False, port=None, model="Qwen/Qwen2.5-7B-Instruct-AWQ",
+            memory=None) -> Profile:
     return Profile(name="t", source="/profiles/t.toml", model=model, served_model_name="t", port=port,
                    engine=MappingProxyType(engine or {}), env=MappingProxyType(env or {}),
-                   sleep=SleepSettings(enabled=sleep))
+                   sleep=SleepSettings(enabled=sleep), memory=memory)
 
 
 def busy(host, port):
@@ -41,8 +43,8 @@ CASES = {
         (profile({"kv_offloading_size": 16, "disable_hybrid_kv_cache_manager": True}), AMPERE)),
     "kv-offload-no-size": (
         (profile({"kv_offloading_backend": "native", "disable_hybrid_kv_cache_manager": True}), AMPERE),
-        (profile({"kv_offloading_backend": "native", "kv_offloading_size": 8,
-                  "disable_hybrid_kv_cache_manager": True}), AMPERE)),
+        (profile({"kv_offloading_backend": "native", "disable_hybrid_kv_cache_manager": True},
+                 memory=MemorySpec(offload_fit=True)), AMPERE)),
     "awq-fp16-fp8kv-fa3": (
         (profile({"kv_cache_dtype": "fp8"}), Facts(gpus=(H100,), model_config=AWQ_CONFIG)),
         (profile({"kv_cache_dtype": "fp8", "dtype": "bfloat16"}), Facts(gpus=(H100,), model_config=AWQ_CONFIG))),
@@ -61,6 +63,9 @@ CASES = {
     "max-model-len-over-model": (
         (profile({"max_model_len": 65536}), Facts(model_config=AWQ_CONFIG)),
         (profile({"max_model_len": "32k"}), Facts(model_config=AWQ_CONFIG))),
+    "memory-context-over-model": (
+        (profile(memory=MemorySpec(context=65536)), Facts(model_config=AWQ_CONFIG)),
+        (profile(memory=MemorySpec(context=32768)), Facts(model_config=AWQ_CONFIG))),
     "model-path-missing": (
         (profile(model="/nowhere/model"), AMPERE),
         (profile(model=str(HERE)), AMPERE)),

@@ -24,11 +24,25 @@ def test_perf_argv(mm_env, monkeypatch):
     joined = " ".join(argv)
     for part in ("--host 127.0.0.1", "--port 8123", "--served-model-name qwen2.5-7b-instruct-perf perf",
                  "--enable-sleep-mode", "--kv-cache-dtype fp8", "--kv-offloading-backend native",
-                 "--kv-offloading-size 62", "--disable-hybrid-kv-cache-manager", "--attention-backend FLASHINFER",
-                 "--async-scheduling", "--max-num-seqs 64", "--quantization awq", "--max-model-len 16384"):
+                 "--disable-hybrid-kv-cache-manager", "--attention-backend FLASHINFER",
+                 "--async-scheduling", "--max-num-seqs 64"):
         assert part in joined
+    # what depends on the card and the model's shapes comes from guard.fit, handed in as `derived`
+    assert "--max-model-len" not in joined and "--kv-offloading-size" not in joined
+    derived = {"max_model_len": 16384, "kv_cache_memory_bytes": 4996121320, "kv_offloading_size": 7,
+               "max_num_seqs": 64}
+    joined = " ".join(server_argv(load_profile("perf"), 8123, python="python", derived=derived))
+    for part in ("--max-model-len 16384", "--kv-cache-memory-bytes 4996121320", "--kv-offloading-size 7"):
+        assert part in joined
+    assert joined.count("--max-num-seqs") == 1
     env = server_env(load_profile("perf"), base={})
     assert env == {"VLLM_SERVER_DEV_MODE": "1"}
+
+
+def test_memory_table_gives_context_and_sequences_without_a_card(mm_env):
+    joined = " ".join(server_argv(load_profile("chat"), 1))
+    assert "--max-model-len 8192" in joined and "--max-num-seqs 16" in joined
+    assert "--gpu-memory-utilization" not in joined  # chat says bytes; only guard.fit knows them
 
 
 def test_cpu_build_gets_cpu_env_and_no_sleep_mode(mm_env, monkeypatch):

@@ -1,0 +1,360 @@
+"""The card mm sees and a server's footprint on it (guard/fit.py: card, predict), against what the GPU
+kit measured on an H100 (shared/gpu/README.md, tests/fixtures/models-gpu/*/README.md), the issue's
+findings on an emulated 12 GiB card, and the shipped profiles. Pure: fake NVML reports, no GPU."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+from click.testing import CliRunner
+
+from mmlib.cli import main
+from mmlib.guard import checks, fit
+from mmlib.guard.fit import GIB, Card, predict, sized_card
+from mmlib.guard.rules import ERROR, INFO, Facts
+from mmlib.profiles.config import Config
+from mmlib.profiles.memory import MemorySpec
+from mmlib.profiles.profile import Profile, SleepSettings, load_profile
+from mmlib.profiles.vllm_args import ArgAction, ArgSpec
+from mmlib.system.nvml import GpuInfo, GpuReport
+
+MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models-gpu"
+# The shipped profiles' models (tests/fixtures/models-gpu: real shapes, no weights) and the embedded one.
+FIXTURES = {"Qwen/Qwen2.5-7B-Instruct-AWQ": "qwen2.5-7b-awq",
+            "nvidia/Llama-3.1-Nemotron-Nano-4B-v1.1": "nemotron-nano-4b",
+            "openai/whisper-large-v3-turbo": "whisper-large-v3-turbo", "lightonai/LightOnOCR-1B-1025": "lightonocr-1b"}
+SMOLLM2_135M = {"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
+                "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3, "vocab_size": 49152,
+                "tie_word_embeddings": True, "max_position_embeddings": 8192, "torch_dtype": "bfloat16"}
+# The kit's random-weight 7B (Qwen2.5-7B layers, SmolLM2's 49,152-entry vocabulary): 4.03 GiB loaded.
+DUMMY_7B_AWQ = {
+    "architectures": ["LlamaForCausalLM"], "dtype": "float16", "head_dim": 128, "hidden_size": 3584,
+    "intermediate_size": 18944, "max_position_embeddings": 32768, "num_attention_heads": 28, "num_hidden_layers": 28,
+    "num_key_value_heads": 4, "tie_word_embeddings": False, "vocab_size": 49152,
+    "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True},
+}
+# Hub models for `mm perf MODEL` (their published config.json shapes).
+QWEN25_3B_AWQ = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 2048, "intermediate_size": 11008,
+                 "num_attention_heads": 16, "num_hidden_layers": 36, "num_key_value_heads": 2, "vocab_size": 151936,
+                 "tie_word_embeddings": True, "max_position_embeddings": 32768, "torch_dtype": "float16",
+                 "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}
+QWEN3_4B_AWQ = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 2560, "intermediate_size": 9728, "head_dim": 128,
+                "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8, "vocab_size": 151936,
+                "tie_word_embeddings": True, "max_position_embeddings": 40960, "torch_dtype": "bfloat16",
+                "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}
+H100_TOTAL = 81559 * 1024 * 1024
+CARD12 = sized_card(12 * GIB, ram=64 * GIB)
+# The kit's emulated card: the H100 with all but 12.00 GiB held, NVML's total still 79.65 GiB.
+EMULATED = Card(capacity=12 * GIB, total=H100_TOTAL, name="NVIDIA H100 80GB HBM3", host_ram=125 * GIB)
+
+
+def config(name: str) -> dict:
+    return json.loads((MODELS / name / "config.json").read_text())
+
+
+def profile(engine=None, memory=None, sleep=True, model="m") -> Profile:
+    return Profile(name="t", source="/profiles/t.toml", model=model, served_model_name="t",
+                   engine=MappingProxyType(engine or {}), memory=memory, sleep=SleepSettings(enabled=sleep))
+
+
+def within(value: float, expected: float, tolerance: float) -> bool:
+    return abs(value - expected) <= tolerance * expected
+
+
+@pytest.fixture
+def shipped_models(monkeypatch):
+    """checks.model_files answers with the fixture folders for the shipped profiles' models."""
+    def model_files(p):
+        if p.model.startswith("embedded:"):
+            return None, SMOLLM2_135M, ""
+        folder = MODELS / FIXTURES.get(p.model, p.model)
+        if (folder / "config.json").is_file():
+            return folder, json.loads((folder / "config.json").read_text()), ""
+        return None, None, f"no config.json for {p.model}"
+    monkeypatch.setattr(checks, "model_files", model_files)
+
+
+# --- the card -----------------------------------------------------------------------------------------
+def report(*gpus: GpuInfo) -> GpuReport:
+    return GpuReport(gpus or None, error=None if gpus else "NVML: no driver")
+
+
+RTX3060 = GpuInfo(0, "NVIDIA GeForce RTX 3060", 12 * GIB, 11 * GIB, (8, 6))
+H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", H100_TOTAL, 12 * GIB, (9, 0))
+
+
+def test_card_capacity_from_nvml_or_the_budget():
+    assert fit.card_capacity(Config(), report(RTX3060)) == 12 * GIB
+    assert fit.card_capacity(Config(gpu_budget=10 * GIB), report(RTX3060)) == 10 * GIB  # a desktop's share
+    assert fit.card_capacity(Config(gpu_budget=16 * GIB), report(RTX3060)) == 12 * GIB  # never more than the card
+    assert fit.card_capacity(Config(gpu_budget=12 * GIB), report(H100)) == 12 * GIB  # an emulated card
+    assert fit.card_capacity(Config(gpu_budget=12 * GIB), report()) == 12 * GIB  # no GPU answers: the budget
+    assert fit.card_capacity(Config(), report()) is None
+    c = fit.card(Config(gpu_budget=12 * GIB), report(H100), ram=0)
+    assert c.budgeted and c.total == H100_TOTAL and c.label() == "12.00 GiB of NVIDIA H100 80GB HBM3"
+    assert c.utilization(0.85) == 0.129  # 0.85 of mm's 12 GiB, as a share of the 79.65 GiB vLLM sees
+
+
+# --- calibration: what the kit measured -----------------------------------------------------------------
+def test_bytes_form_predicted_as_measured_on_the_emulated_card():
+    # --kv-cache-memory-bytes 4000000000 --max-cudagraph-capture-size 16, 16 x 8192, fp8 KV; vLLM chose
+    # 8192 batched tokens from the H100's total. Seen: KV 139,504 tokens, graphs 0.07 GiB, 8.94 GiB in
+    # use per NVML, 0.86 GiB asleep.
+    p = profile({"kv_cache_dtype": "fp8", "dtype": "bfloat16", "max_num_batched_tokens": 8192},
+                MemorySpec(context=8192, sequences=16, kv_cache=4_000_000_000))
+    fp = predict(p, EMULATED, DUMMY_7B_AWQ)
+    assert fp.kv_tokens == 139_504
+    assert within(fp.parts["cuda_graphs"] / GIB, 0.07, 0.05)
+    assert within(fp.steady_bytes / GIB, 8.94, 0.02), fp.summary()
+    assert within(fp.asleep_bytes / GIB, 0.86, 0.05)
+    # awake adds a full batch of prefill activations (8192 tokens: 1.08 GiB) on top of the resting figure
+    assert within((fp.awake_bytes - fp.steady_bytes) / GIB, 0.98, 0.05)
+    assert fp.engine["kv_cache_memory_bytes"] == 4_000_000_000 and fp.engine["max_cudagraph_capture_size"] == 16
+    assert 0.105 < fp.engine["gpu_memory_utilization"] <= 0.125  # passes vLLM's start check with 12 GiB free
+
+
+# Eager starts of the fixture models on the whole H100 (vLLM's defaults: 1024 sequences, 8192 batched
+# tokens): (folder, KV cache vLLM allocated GiB, sequences, max_model_len, engine, NVML GiB awake)
+EAGER = {
+    "qwen2.5-7b-awq": (14.99, 1024, 4096, {"dtype": "bfloat16"}, 23.9),
+    "nemotron-nano-4b": (10.51, 1024, 4096, {}, 21.8),
+    "whisper-large-v3-turbo": (10.14, 8, 448, {}, 13.1),
+    "lightonocr-1b": (17.35, 1024, 8192, {}, 22.2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EAGER))
+def test_steady_footprint_of_the_fixture_models_as_measured(name):
+    kv, seqs, context, engine, seen = EAGER[name]
+    p = profile({**engine, "enforce_eager": True, "max_num_batched_tokens": 8192},
+                MemorySpec(context=context, sequences=seqs, kv_cache=int(kv * GIB)))
+    fp = predict(p, Card(H100_TOTAL, H100_TOTAL, "H100"), config(name))
+    assert within(fp.steady_bytes / GIB, seen, 0.03), fp.summary()
+
+
+@pytest.mark.parametrize("name, loaded", [("qwen2.5-7b-awq", 5.38), ("nemotron-nano-4b", 8.46),
+                                          ("whisper-large-v3-turbo", 1.51), ("lightonocr-1b", 1.88)])
+def test_weights_of_the_fixture_models_as_vllm_loaded_them(name, loaded):
+    # vLLM's "Model loading took"; mm's weights part adds buffers of 8 bytes x hidden x batched tokens.
+    fp = predict(profile({"max_num_batched_tokens": 8192}, MemorySpec(context=256, kv_tokens=4096)),
+                 Card(H100_TOTAL, H100_TOTAL), config(name))
+    assert within(fp.parts["weights"] / GIB, loaded, 0.05)
+
+
+# --- the issue's findings ---------------------------------------------------------------------------------
+def test_chat_old_shape_puts_the_cuda_context_and_graphs_outside_its_share():
+    # 0.85 of 12 GiB, 16 x 8192, fp8 KV: vLLM fills its 10.2 GiB share with KV (162,160 tokens where
+    # 131,072 suffice); the CUDA context and the graphs beyond vLLM's estimate come on top.
+    old = profile({"max_model_len": 8192, "gpu_memory_utilization": 0.85, "kv_cache_dtype": "fp8", "max_num_seqs": 16})
+    fp = predict(old, CARD12, config("qwen2.5-7b-awq"))
+    assert fp.form == "share" and fp.kv_tokens > 131_072 * 1.2
+    outside = fp.awake_bytes - 0.85 * 12 * GIB
+    assert outside > 0.8 * GIB  # outside vLLM's budget
+    assert fp.awake_bytes > 11 * GIB and fp.spare < 1.1 * GIB  # room for one sleeping neighbour at most
+    # with vLLM's default 256 sequences it captures graphs up to 512 tokens: 1.9 GiB more, over the card
+    defaults = profile({"max_model_len": 4096, "gpu_memory_utilization": 0.85, "kv_cache_dtype": "fp8"})
+    over = predict(defaults, CARD12, config("qwen2.5-7b-awq"))
+    assert over.awake_bytes > 12 * GIB and over.parts["cuda_graphs"] > 1.8 * GIB
+    # the same shape in bytes fits with room to spare
+    new = predict(load_profile("chat"), CARD12, config("qwen2.5-7b-awq"))
+    assert new.kv_tokens == 131_072 and new.awake_bytes < 10.5 * GIB
+
+
+def test_voice_llm_in_bf16_cannot_fit_its_share_and_fp8_is_the_fix():
+    old = profile({"gpu_memory_utilization": 0.6, "max_model_len": 8192, "kv_cache_dtype": "fp8", "max_num_seqs": 16})
+    fp = predict(old, CARD12, config("nemotron-nano-4b"))
+    assert not fp.starts and fp.parts["kv_cache"] == 0 and fp.parts["weights"] > 8.4 * GIB
+    assert ("engine.quantization", '"fp8"') in fp.advice
+    fixed = predict(profile({**old.engine, "quantization": "fp8"}), CARD12, config("nemotron-nano-4b"))
+    assert fixed.starts and fixed.parts["weights"] < 5.1 * GIB
+
+
+def test_perf_old_offload_is_flagged_on_a_machine_without_the_ram(shipped_models):
+    old = profile({"kv_offloading_backend": "native", "kv_offloading_size": 62, "disable_hybrid_kv_cache_manager": True,
+                   "kv_cache_dtype": "fp8", "max_model_len": 16384, "max_num_seqs": 64, "gpu_memory_utilization": 0.85},
+                  model="Qwen/Qwen2.5-7B-Instruct-AWQ")
+    facts = Facts(gpus=(RTX3060,), ram_total=32 * GIB, ram_available=20 * GIB)
+    (ram,) = [f for f in checks.check_profile(old, facts, None) if f.rule == "memory-ram"]
+    assert ram.severity == ERROR and ram.key == "engine.kv_offloading_size"
+    assert "62.00 GiB of KV offload" in ram.message and "this machine has 32.00 GiB" in ram.message
+    assert ram.fix == "set engine.kv_offloading_size = 15"  # 32 GiB - 8 for the desktop - 9.2 for the server
+    # the shipped perf sizes its offload to the machine instead
+    perf = checks.footprint(load_profile("perf"), sized_card(12 * GIB, ram=32 * GIB))
+    assert perf.engine["kv_offloading_size"] == 7 and perf.host_ram_bytes < 32 * GIB - fit.RAM_RESERVE
+
+
+# --- the shipped profiles on a 12 GiB card ----------------------------------------------------------------
+SERVERS = ("chat", "baseline", "perf", "voice-stt", "voice-llm", "ocr", "default")
+
+
+@pytest.mark.parametrize("name", SERVERS)
+def test_shipped_profiles_fit_a_12gb_card(mm_env, shipped_models, name):
+    fp = checks.footprint(load_profile(name), CARD12)
+    assert fp.form == "bytes" and fp.starts
+    assert fp.awake_bytes <= 12 * GIB - fit.HEADROOM, fp.summary()
+    assert fp.engine["kv_cache_memory_bytes"] == fp.parts["kv_cache"]
+    assert fp == checks.footprint(load_profile(name), CARD12)  # deterministic
+
+
+def test_voice_members_fit_awake_together(mm_env, shipped_models):
+    stt, llm = (checks.footprint(load_profile(n), CARD12) for n in ("voice-stt", "voice-llm"))
+    assert stt.awake_bytes + llm.awake_bytes <= 12 * GIB - fit.HEADROOM
+    for p, fp in ((load_profile("voice-stt"), stt), (load_profile("voice-llm"), llm)):
+        assert fp.awake_bytes <= p.engine["gpu_memory_utilization"] * 12 * GIB  # within its cap
+    assert checks.predicted_gib("voice", 12 * GIB) == round((stt.awake_bytes + llm.awake_bytes) / GIB, 2)
+    found = checks.check(["voice"], facts=Facts(gpus=(RTX3060,), ram_total=64 * GIB), spec=None)
+    (stack,) = [f for f in found if f.rule == "stack-fit"]
+    assert stack.severity == INFO and "fit NVIDIA GeForce RTX 3060 (12.00 GiB) awake together" in stack.message
+
+
+def test_a_stack_that_does_not_fit_names_the_member_and_value(mm_env, shipped_models):
+    big = profile({"gpu_memory_utilization": 0.65}, MemorySpec(context=8192, sequences=16),
+                  model="nvidia/Llama-3.1-Nemotron-Nano-4B-v1.1")
+    stack = Profile(name="v", source="/profiles/v.toml", stack=("voice-stt", "t"))
+    (f,) = checks.check_stack(stack, [load_profile("voice-stt"), big], CARD12)
+    assert f.severity == ERROR and f.file == "/profiles/t.toml" and "v's members need" in f.message
+    assert f.key in ("memory.sequences", "memory.kv_tokens", "memory.context", "engine.quantization")
+
+
+def test_gpu_script_gets_predicted_gib_per_profile(mm_env, shipped_models):
+    got = {name: checks.predicted_gib(name, 12 * GIB) for name in ("chat", "perf", "ocr", "baseline", "default")}
+    assert all(0 < v <= 11.5 for v in got.values()) and got == {n: checks.predicted_gib(n, 12 * GIB) for n in got}
+
+
+# --- bytes derivation -------------------------------------------------------------------------------------
+def test_tokens_become_exact_bytes_and_flags():
+    p = profile({"kv_cache_dtype": "fp8"}, MemorySpec(context=8192, sequences=16))
+    fp = predict(p, CARD12, config("qwen2.5-7b-awq"))
+    e = fp.engine
+    assert e["kv_cache_memory_bytes"] == 131_072 * 28 * 4 * 128 * 2  # tokens x layers x KV heads x dim x K,V
+    assert e["max_num_seqs"] == e["max_cudagraph_capture_size"] == 16 and e["max_model_len"] == 8192
+    assert e["max_num_batched_tokens"] == 2048  # a 12 GiB card's default, passed so an emulated card agrees
+    assert e["gpu_memory_utilization"] == round((fp.awake_bytes - fit.CUDA_CONTEXT) / (12 * GIB) + 0.0005, 3)
+    # on the emulated card the same bytes, and a utilization of the H100's total that passes the start check
+    em = predict(p, EMULATED, config("qwen2.5-7b-awq"))
+    assert em.parts == fp.parts and em.engine["gpu_memory_utilization"] * H100_TOTAL < 12 * GIB
+
+
+def test_an_encoder_decoder_holds_cross_attention_kv_per_request():
+    fp = predict(profile({}, MemorySpec(context=448, sequences=8)), CARD12, config("whisper-large-v3-turbo"))
+    assert fp.kv_tokens == 8 * (448 + 1500) and fp.full_requests == 8
+    assert fp.kv_per_token == 4 * 1280 * 2 * 2  # 4 decoder layers, 16-bit
+
+
+def test_an_image_model_batches_a_whole_image():
+    fp = predict(profile({}, MemorySpec(context=8192, sequences=8, kv_tokens=32768)), CARD12, config("lightonocr-1b"))
+    assert fp.engine["max_num_batched_tokens"] == 4096  # a 1540 px page is 3025 tokens; vLLM never splits it
+
+
+def test_without_kv_cache_memory_bytes_vllm_gets_a_utilization_instead():
+    old = ArgSpec("vllm", "0.9.0", (ArgAction("gpu_memory_utilization", ("--gpu-memory-utilization",), "value"),))
+    p = profile({"kv_cache_dtype": "fp8"}, MemorySpec(context=8192, sequences=16))
+    fp = predict(p, CARD12, config("qwen2.5-7b-awq"), spec=old)
+    assert "kv_cache_memory_bytes" not in fp.engine and "max_cudagraph_capture_size" not in fp.engine
+    new = predict(p, CARD12, config("qwen2.5-7b-awq"))
+    assert fp.engine["gpu_memory_utilization"] < new.engine["gpu_memory_utilization"]  # its own sizing, ~ the same KV
+    assert any("has no --kv-cache-memory-bytes" in n for n in fp.notes)
+
+
+def test_fill_and_fit_size_the_kv_cache_and_context():
+    p = profile({"kv_cache_dtype": "fp8"}, MemorySpec(sequences=64, kv_fill=True))
+    fp = predict(p, CARD12, config("qwen2.5-7b-awq"))
+    assert fp.awake_bytes == 12 * GIB - fit.HEADROOM
+    assert fp.context == 16384 and fp.full_requests >= fit.FIT_REQUESTS  # perf's own 16K on the 7B
+    tight = predict(p, sized_card(8 * GIB, ram=0), config("qwen2.5-7b-awq"))
+    assert tight.context < 16384
+
+
+def test_share_form_on_a_budgeted_card_is_scaled_to_the_devices_total():
+    p = profile({"gpu_memory_utilization": 0.85, "max_model_len": 8192})
+    fp = predict(p, EMULATED, config("qwen2.5-7b-awq"))
+    assert fp.engine == {"gpu_memory_utilization": 0.129, "max_num_seqs": 256, "max_num_batched_tokens": 2048}
+    assert predict(p, CARD12, config("qwen2.5-7b-awq")).engine == {}  # the whole card: argv as before
+
+
+def test_a_broken_share_never_crashes_the_prediction():
+    for share in ("most", True, 85, -1):  # rules.py reports these; predict carries on without them
+        for memory in (None, MemorySpec(context=8192, sequences=4)):
+            fp = predict(profile({"gpu_memory_utilization": share}, memory), CARD12, config("qwen2.5-7b-awq"))
+            assert fp.awake_bytes > 0
+
+
+def test_no_shapes_on_disk_falls_back_to_a_share():
+    fp = predict(profile({}, MemorySpec(context=8192, sequences=16)), CARD12, None)
+    assert fp.form == "unknown" and fp.engine["gpu_memory_utilization"] == 0.9
+    assert fp.engine["max_model_len"] == 8192 and "kv_cache_memory_bytes" not in fp.engine
+
+
+def test_no_card_derives_the_model_side_only():
+    fp = predict(profile({}, MemorySpec(context=4096, sequences=32, kv_tokens=32768)), None, SMOLLM2_135M)
+    assert fp.engine == {"max_model_len": 4096, "max_num_seqs": 32, "kv_cache_memory_bytes": 32768 * 30 * 3 * 64 * 4}
+    fill = predict(profile({}, MemorySpec(sequences=64, kv_fill=True)), None, SMOLLM2_135M)
+    assert fill.engine == {"max_num_seqs": 64} and fill.starts  # vLLM's own context and KV sizing: no card to fill
+
+
+# --- mm perf MODEL: any model fitted to the card ----------------------------------------------------------------
+def test_perf_fits_another_model_to_the_card(mm_env, shipped_models, monkeypatch):
+    perf = load_profile("perf")
+    seven = checks.footprint(perf, CARD12)
+    assert seven.context == 16384
+    configs = {"Qwen/Qwen2.5-3B-Instruct-AWQ": QWEN25_3B_AWQ, "Qwen/Qwen3-4B-AWQ": QWEN3_4B_AWQ}
+    monkeypatch.setattr(checks, "model_files", lambda p: (None, configs.get(p.model), ""))
+    three = checks.footprint(perf.with_model("Qwen/Qwen2.5-3B-Instruct-AWQ"), CARD12)
+    assert three.context == 32768 > seven.context  # smaller weights and a 2-head KV cache: its whole context
+    four = checks.footprint(perf.with_model("Qwen/Qwen3-4B-AWQ"), CARD12)
+    # 8 KV heads x 36 layers: 2.6x the 7B's KV a token, so less context despite smaller weights
+    assert four.kv_per_token > 2.5 * seven.kv_per_token and four.context == 8192
+    for fp in (three, four):
+        assert fp.awake_bytes == 12 * GIB - fit.HEADROOM and fp.full_requests >= fit.FIT_REQUESTS
+
+
+def test_a_fixed_context_is_clipped_to_a_replacing_models_limit():
+    p = Profile(name="c", source="c.toml", model="a/b", served_model_name="b",
+                memory=MemorySpec(context=65536, sequences=2)).with_model("x/y")
+    fp = predict(p, CARD12, DUMMY_7B_AWQ)
+    assert fp.context == 32768 and any("longer than x/y allows" in n for n in fp.notes)
+
+
+def test_profiles_show_prints_what_was_derived_and_the_argv(mm_env, shipped_models, monkeypatch):
+    monkeypatch.setattr(checks, "load_spec_quietly", lambda announce=None: (None, None))
+    monkeypatch.setattr(checks, "model_files", lambda p: (None, QWEN25_3B_AWQ if "3B" in p.model else
+                                                          config("qwen2.5-7b-awq"), ""))
+    r = CliRunner().invoke(main, ["profiles", "show", "perf", "--model", "Qwen/Qwen2.5-3B-Instruct-AWQ",
+                                  "--gpu-memory", "12GiB"])
+    assert r.exit_code == 0, r.output
+    assert "serving Qwen/Qwen2.5-3B-Instruct-AWQ instead of Qwen/Qwen2.5-7B-Instruct-AWQ" in r.output
+    assert "# predicted on a 12.00 GiB card: 11.50 GiB awake" in r.output
+    assert "max_model_len = 32768" in r.output
+    argv = r.output.strip().splitlines()[-1]
+    assert "--max-model-len 32768" in argv and "--kv-cache-memory-bytes " in argv and "--max-num-seqs 64" in argv
+
+
+def test_predict_never_crashes_on_odd_but_valid_tables():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    specs = st.builds(MemorySpec, context=st.one_of(st.none(), st.integers(16, 1 << 22)),
+                      sequences=st.one_of(st.none(), st.integers(1, 4096)),
+                      kv_tokens=st.one_of(st.none(), st.integers(16, 1 << 30)),
+                      kv_fill=st.booleans(), offload_fit=st.booleans())
+    cards = st.sampled_from([CARD12, EMULATED, sized_card(2 * GIB, ram=0), None])
+
+    @settings(max_examples=200, deadline=None, derandomize=True)
+    @given(spec=specs, card=cards, name=st.sampled_from(sorted(FIXTURES.values())))
+    def check(spec, card, name):
+        fp = predict(profile({"kv_cache_dtype": "fp8"}, spec), card, config(name))
+        assert fp.awake_bytes >= 0 and (fp.context >= 16 if fp.context is not None else card is None or not fp.starts)
+        assert fp.summary() and all(isinstance(v, (int, float)) for v in fp.engine.values())
+
+    check()
+
+
+def test_argv_builder_for_the_supervisor(mm_env, shipped_models):
+    build = checks.argv_builder(CARD12, python="python")
+    argv = build(load_profile("chat"), 8123)
+    fp = checks.footprint(load_profile("chat"), CARD12)
+    assert argv[:4] == ["python", "-m", "vllm.entrypoints.cli.main", "serve"] and "8123" in argv
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(fp.engine["kv_cache_memory_bytes"])
+    assert argv[argv.index("--max-cudagraph-capture-size") + 1] == "16"
