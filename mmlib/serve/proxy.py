@@ -23,6 +23,7 @@ from starlette.routing import Route
 from mmlib.errors import MMError
 from mmlib.profiles.profile import Profile
 from mmlib.serve.auth import bearer_ok
+from mmlib.serve.metrics import Metrics
 from mmlib.serve.scheduler import Scheduler
 from mmlib.serve.states import State
 
@@ -81,9 +82,10 @@ def request_model(body: bytes, content_type: str) -> tuple[str | None, dict | No
 
 class Proxy:
     def __init__(self, scheduler: Scheduler, index: ModelIndex, default_profile: Callable[[], Profile],
-                 api_key: str | None = None):
+                 api_key: str | None = None, metrics: Metrics | None = None):
         self.scheduler, self.index, self.default_profile = scheduler, index, default_profile
         self.api_key = api_key
+        self.metrics = metrics or Metrics()
         self._session = None
         self.routes = Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
@@ -157,8 +159,11 @@ class Proxy:
             known = sorted(self.index.by_name)
             return await error(404, f"unknown model {model!r}; known models: {', '.join(known)}",
                                "model_not_found", known_models=known)(scope, receive, send)
+        meter = self.metrics.request(profile.name, scope["path"], doc, body)  # metrics (issue 14)
+        body, send = meter.body, meter.wrap(send)  # metrics: may ask for a stream's usage
         try:
-            server = await self.scheduler.acquire(profile)
+            with meter.queued():  # metrics: queue wait
+                server = await self.scheduler.acquire(profile)
         except MMError as e:
             return await error(503, str(e), "server_unavailable", headers={"Retry-After": "5"})(scope, receive, send)
         try:
@@ -169,6 +174,7 @@ class Proxy:
         finally:
             server.release()
             server.last_used = time.monotonic()
+            meter.done()  # metrics
 
     async def relay(self, scope, receive, send, server, headers: Headers, body: bytes) -> None:
         out = [(k, v) for k, v in headers.items() if k not in HOP_BY_HOP]

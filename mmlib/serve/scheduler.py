@@ -44,6 +44,7 @@ class Scheduler:
         self._load = load
         self._switch = asyncio.Lock()
         self._pending: dict[tuple[str, ...], _Pending] = {}
+        self.on_switch: Callable[[list[str], list[str], float], None] = lambda before, after, s: None  # metrics
 
     def members(self, profile: Profile) -> list[Profile]:
         if not profile.is_stack:
@@ -155,7 +156,8 @@ class Scheduler:
         for t in targets:
             t.last_switch_s = took
         self.last_switch_s = took
-        self.active = [t.name for t in targets]
+        before, self.active = self.active, [t.name for t in targets]
+        self.on_switch(before, self.active, took)  # metrics (issue 14)
         return targets
 
     @staticmethod
