@@ -6,7 +6,9 @@ Only the model is fake: processes, ports, signals and HTTP are real.
 
 It answers OpenAI chat/completions (streaming or not) with its own served name, keeps sleep state
 like vLLM's dev-mode endpoints, records every control call (GET /calls) and spawns an "engine"
-child process like vLLM does. Environment knobs:
+child process like vLLM does. Answers carry `usage` (a stream's last chunk only when the request
+asks with stream_options.include_usage, as in vLLM), and GET /metrics counts tokens and requests in
+vLLM's own metric names and format (prometheus_client, as vLLM uses). Environment knobs:
   FAKE_TOKENS (default 8)        tokens per answer
   FAKE_TOKEN_DELAY (default 0)   seconds between streamed tokens
   FAKE_START_DELAY (default 0)   seconds before /health answers
@@ -46,9 +48,10 @@ def main() -> None:
     print(f"fake vllm: engine pid {engine.pid}", flush=True)
 
     import uvicorn
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     names = args.served_model_name or [args.model]
@@ -56,6 +59,17 @@ def main() -> None:
     delay = float(os.environ.get("FAKE_TOKEN_DELAY", "0"))
     ready_at = time.monotonic() + float(os.environ.get("FAKE_START_DELAY", "0"))
     state = {"sleeping": False, "calls": []}
+    registry, labels = CollectorRegistry(), {"engine": "0", "model_name": names[0]}
+    prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
+                            list(labels), registry=registry).labels(**labels)
+    generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.",
+                                list(labels), registry=registry).labels(**labels)
+    running = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
+                    list(labels), registry=registry).labels(**labels)
+    ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                     list(labels), buckets=(0.001, 0.01, 0.1, 1.0), registry=registry).labels(**labels)
+    sleep_state = Gauge("vllm:engine_sleep_state", "Engine sleep state", [*labels, "sleep_state"],
+                        registry=registry)
 
     def record(what: str) -> None:
         state["calls"].append({"call": what, "t": time.time()})
@@ -70,11 +84,13 @@ def main() -> None:
             return JSONResponse({"error": "sleep mode is not enabled"}, status_code=400)
         record(f"sleep:{request.query_params.get('level', '1')}")
         state["sleeping"] = True
+        print(f"INFO fake vllm: sleep level {request.query_params.get('level', '1')}: weights offloaded", flush=True)
         return JSONResponse({})
 
     async def wake_up(request: Request):
         record("wake_up")
         state["sleeping"] = False
+        print("INFO fake vllm: woke up", flush=True)
         return JSONResponse({})
 
     async def is_sleeping(request: Request):
@@ -83,8 +99,16 @@ def main() -> None:
     async def calls(request: Request):
         return JSONResponse(state["calls"])
 
+    async def last_body(request: Request):  # what mm sent on (e.g. stream_options it added)
+        return JSONResponse(state.get("last_body"))
+
     async def argv(request: Request):
         return JSONResponse({"argv": sys.argv, "engine_pid": engine.pid})
+
+    async def metrics(request: Request):
+        for name in ("awake", "weights_offloaded"):
+            sleep_state.labels(**labels, sleep_state=name).set(int(state["sleeping"] == (name != "awake")))
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
@@ -98,28 +122,43 @@ def main() -> None:
             record("request-while-asleep")
             return JSONResponse({"error": {"message": "server is sleeping"}}, status_code=500)
         record("request")
+        state["last_body"] = body
         n = min(int(body.get("max_tokens") or tokens), tokens)
+        n_in = len(json.dumps(body.get("messages", body.get("prompt", ""))).split())  # one token a word
+        usage = {"prompt_tokens": n_in, "completion_tokens": n, "total_tokens": n_in + n}
+        prompt_tokens.inc(n_in)
+        generation_tokens.inc(n)
+        print(f"INFO fake vllm: {request.url.path} {n_in} prompt + {n} generated tokens"
+              f"{' (stream)' if body.get('stream') else ''}", flush=True)
+        ttft.observe(delay)
         if not body.get("stream"):
             if delay:
                 await asyncio.sleep(delay * n)
             return JSONResponse({"id": "fake", "object": "chat.completion", "model": names[0], "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": " ".join(["tok"] * n)},
-                 "finish_reason": "length"}], "usage": {"completion_tokens": n}})
+                 "finish_reason": "length"}], "usage": usage})
 
         async def events():
-            for i in range(n):
-                if delay:
-                    await asyncio.sleep(delay)
-                chunk = {"id": "fake", "object": "chat.completion.chunk", "model": names[0],
-                         "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
+            running.inc()
+            try:
+                for i in range(n):
+                    if delay:
+                        await asyncio.sleep(delay)
+                    chunk = {"id": "fake", "object": "chat.completion.chunk", "model": names[0],
+                             "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    yield f"data: {json.dumps({'id': 'fake', 'object': 'chat.completion.chunk', 'model': names[0], 'choices': [], 'usage': usage})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                running.dec()
         return StreamingResponse(events(), media_type="text/event-stream")
 
     app = Starlette(routes=[
         Route("/health", health), Route("/sleep", sleep, methods=["POST"]),
         Route("/wake_up", wake_up, methods=["POST"]), Route("/is_sleeping", is_sleeping),
-        Route("/calls", calls), Route("/argv", argv), Route("/v1/models", models),
+        Route("/calls", calls), Route("/argv", argv), Route("/v1/models", models), Route("/metrics", metrics),
+        Route("/last_body", last_body),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", chat, methods=["POST"]),
     ])
