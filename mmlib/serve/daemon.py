@@ -27,6 +27,8 @@ from mmlib.errors import MMError
 from mmlib.profiles.config import Config, load_config
 from mmlib.profiles.profile import Profile, load_all, load_profile
 from mmlib.serve.auth import bearer_ok
+from mmlib.serve.metrics import Metrics
+from mmlib.serve.page import Page
 from mmlib.serve.proxy import ModelIndex, Proxy
 from mmlib.serve.scheduler import Scheduler
 from mmlib.serve.states import State
@@ -52,10 +54,15 @@ class QuietServer(uvicorn.Server):
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
+        self.metrics = Metrics(status=self._status)  # metrics and page (issue 14)
         self.scheduler = Scheduler(self.make_server)
+        self.scheduler.on_switch = self.metrics.switched  # metrics
         self.index = ModelIndex(load_all)
         self.proxy = Proxy(self.scheduler, self.index, lambda: load_profile(config.default_profile),
-                           api_key=config.api_key)
+                           api_key=config.api_key, metrics=self.metrics)
+        self.page = Page(self._status, {"wake": self._activate, "sleep": self._sleep, "stop": self._stop},
+                         self.metrics, api_key=config.api_key)  # page: /, /metrics, /mm/...
+        self.proxy.app = self.page.around(self.proxy.app)  # page
         self.started_at = time.time()
         self.stopping = asyncio.Event()
         self.control = Starlette(routes=[
@@ -70,7 +77,7 @@ class Daemon:
         ])
 
     def make_server(self, profile: Profile) -> ManagedServer:
-        return ManagedServer(profile)
+        return ManagedServer(profile, on_change=self.metrics.state_changed)  # metrics: on_change
 
     # --- control API -------------------------------------------------------------------------------
     async def _args(self, request: Request) -> dict:
@@ -149,16 +156,18 @@ class Daemon:
         return name
 
     async def sleep(self, request: Request) -> JSONResponse:
-        async def act(args):
-            await self.scheduler.sleep(self._existing(args))
-            return await self._status()
-        return await self._call(request, act)
+        return await self._call(request, self._sleep)
+
+    async def _sleep(self, args: dict) -> dict:  # also the page's sleep button
+        await self.scheduler.sleep(self._existing(args))
+        return await self._status()
 
     async def stop(self, request: Request) -> JSONResponse:
-        async def act(args):
-            stopped = await self.scheduler.stop(None if args.get("all") else self._existing(args))
-            return {"stopped": stopped}
-        return await self._call(request, act)
+        return await self._call(request, self._stop)
+
+    async def _stop(self, args: dict) -> dict:  # also the page's stop button
+        stopped = await self.scheduler.stop(None if args.get("all") else self._existing(args))
+        return {"stopped": stopped}
 
     async def shutdown(self, request: Request) -> JSONResponse:
         async def act(args):
