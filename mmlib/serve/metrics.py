@@ -65,8 +65,8 @@ class Metrics:
                                     registry=r)
         self.duration = Histogram("mm_request_duration_seconds", "From the request reaching mm to "
                                   "the end of its answer", ["model"], buckets=WAIT_BUCKETS, registry=r)
-        self.switches = Counter("mm_switches", "Switches: the servers awake before and after "
-                                "('none' before the first)", ["from", "to"], registry=r)
+        self.switches = Counter("mm_switches", "Switches: the servers awake before ('none' if none "
+                                "was) and the ones made to answer", ["from", "to"], registry=r)
         self.switch_seconds = Histogram("mm_switch_duration_seconds", "How long a switch took, "
                                         "sleeping others and waking or starting the target",
                                         ["to"], buckets=SWITCH_BUCKETS, registry=r)

@@ -136,6 +136,7 @@ class Scheduler:
 
     async def _switch_to(self, profile: Profile) -> list[ManagedServer]:
         t0 = time.perf_counter()
+        awake_before = [s.name for s in self.awake()]  # metrics (issue 14)
         for m in self.members(profile):  # `mm chat OTHER/MODEL` on a running profile: a new server
             old = self.servers.get(m.name)
             if old is not None and old.state in LIVE and old.profile.model != m.model:
@@ -156,8 +157,8 @@ class Scheduler:
         for t in targets:
             t.last_switch_s = took
         self.last_switch_s = took
-        before, self.active = self.active, [t.name for t in targets]
-        self.on_switch(before, self.active, took)  # metrics (issue 14)
+        self.active = [t.name for t in targets]
+        self.on_switch(awake_before, self.active, took)  # metrics (issue 14)
         return targets
 
     @staticmethod

@@ -5,7 +5,7 @@
 
 const WINDOW_S = 3600; // what the daemon keeps and the page holds
 const S = {
-  span: Number(localStorage.getItem("mm.span")) || WINDOW_S, // what the timeline shows
+  span: Number(localStorage.getItem("mm.span")) || 0, // what the timeline shows; 0: auto
   status: null, events: [], key: sessionStorage.getItem("mm.key") || "",
   pending: {}, logFor: null, logsAt: 0, resultsLoaded: false, keyWaiters: [],
 };
@@ -276,7 +276,8 @@ function serverCard(s, fp, peakGpu, peakRam) {
   const ram = memRow("RAM", m.rss_mib, fp[other]?.rss_mib, peakRam, s.state, other);
   const h = lastHour(s.profile);
   const waiting = (S.status.waiting || {})[s.profile] || 0;
-  const names = [s.served_model_name, ...(s.aliases || [])].filter(Boolean).join(", ");
+  // The names clients use, where they are not just the profile's own name.
+  const names = [s.served_model_name, ...(s.aliases || [])].filter((n) => n && n !== s.profile).join(", ");
   const facts = [
     `<span class="${s.in_flight ? "hot" : ""}"><b>${s.in_flight || 0}</b> in flight</span>`,
     `<span class="${waiting ? "hot" : ""}"><b>${waiting}</b> waiting</span>`,
@@ -285,7 +286,7 @@ function serverCard(s, fp, peakGpu, peakRam) {
     h.tokensOut ? `<span><b>${fmtCount(h.tokensOut)}</b> tok out</span>` : "",
     `<span>${esc(s.switch)}${s.last_switch_s != null ? ` <b>${fmtS(s.last_switch_s)}</b>` : ""}</span>`,
     s.uptime_s != null ? `<span>up <b>${fmtAge(s.uptime_s)}</b></span>` : "",
-    s.port ? `<span>port ${s.port}</span>` : "",
+    s.port && s.pid ? `<span>port ${s.port}</span>` : "",
     s.restarts ? `<span>restarts <b>${s.restarts}</b></span>` : "",
     p.share_gpu ? `<span>share ${(p.memory_share ?? 0).toFixed(2)}</span>` : "",
   ].filter(Boolean).join("");
@@ -303,7 +304,7 @@ function serverCard(s, fp, peakGpu, peakRam) {
   return `<div class="card ${s.state}" data-profile="${esc(s.profile)}">
     <div class="card-head"><span class="name" title="${esc(p.description || s.profile)}">${esc(s.profile)}</span>
       <span class="pill ${s.state}" data-state="${s.state}">${s.state}</span><span class="actions">${actions}</span></div>
-    <div class="model" title="${esc(s.model)}">${esc(s.model)}${names ? ` · serves <span class="mono">${esc(names)}</span>` : ""}</div>
+    <div class="model" title="${esc(s.model)}">${esc(s.model)}${names ? ` · as <span class="mono">${esc(names)}</span>` : ""}</div>
     ${gpu || ram ? `<div class="mem">${gpu}${ram}</div>` : ""}
     <div class="facts">${facts}</div>${error}</div>`;
 }
@@ -332,8 +333,15 @@ function setSpan(span) {
   S.span = span;
   localStorage.setItem("mm.span", String(span));
   document.querySelectorAll("button[data-span]").forEach((b) => b.classList.toggle("sel", Number(b.dataset.span) === span));
-  $("#timeline-title").textContent = span === WINDOW_S ? "Last hour" : `Last ${span / 60} minutes`;
   renderTimeline();
+}
+// Auto: the daemon's whole life while it is younger than an hour (there is nothing before it),
+// on a round scale; the last hour after that.
+const SPANS = [60, 120, 300, 600, 900, 1800, 3600];
+function spanNow() {
+  if (S.span) return S.span;
+  const age = now() - ((S.status && S.status.daemon && S.status.daemon.started_at) || now() - WINDOW_S);
+  return SPANS.find((s) => s >= age) || WINDOW_S;
 }
 function stateBands(model, current, t0, t1) {
   const changes = S.events.filter((e) => e.kind === "state" && e.model === model && e.t >= t0);
@@ -352,20 +360,23 @@ function renderTimeline() {
   if (!S.status) return;
   const el = $("#timeline");
   const width = Math.max(500, el.clientWidth || 900);
-  const t1 = now(), t0 = t1 - S.span;
-  const binS = S.span / 120, minutes = S.span / 60, step = minutes <= 10 ? 2 : 10;
+  const span = spanNow();
+  $("#timeline-title").textContent = span === WINDOW_S ? "Last hour" : span < 120 ? "Last minute" : `Last ${span / 60} minutes`;
+  const t1 = now(), t0 = t1 - span;
+  const binS = span / 120, minutes = span / 60, step = { 1: 0.25, 2: 0.5, 5: 1, 10: 2, 15: 5, 30: 5 }[minutes] || 10;
   const known = sortedServers().map((s) => s.profile);
   const seen = new Set(known);
   for (const e of S.events) if (e.model && e.t >= t0 && !seen.has(e.model) && e.kind !== "action") { seen.add(e.model); known.push(e.model); }
   const labelW = 150, laneH = 26, top = 8, axisH = 20;
   const plotW = width - labelW - 10;
-  const x = (t) => labelW + ((t - t0) / S.span) * plotW;
+  const x = (t) => labelW + ((t - t0) / span) * plotW;
   const height = top + Math.max(1, known.length) * laneH + axisH;
   const parts = [];
   for (let m = 0; m <= minutes; m += step) {
     const xx = x(t0 + m * 60);
     parts.push(`<line class="grid" x1="${xx}" x2="${xx}" y1="${top}" y2="${height - axisH}"/>`);
-    parts.push(`<text class="axis" x="${xx}" y="${height - 5}" text-anchor="${m === 0 ? "start" : m === minutes ? "end" : "middle"}">${m === minutes ? "now" : `−${minutes - m} min`}</text>`);
+    const ago = minutes - m, label = ago === 0 ? "now" : ago < 1 ? `−${Math.round(ago * 60)} s` : `−${ago} min`;
+    parts.push(`<text class="axis" x="${xx}" y="${height - 5}" text-anchor="${m === 0 ? "start" : ago === 0 ? "end" : "middle"}">${label}</text>`);
   }
   const bins = 120;
   known.forEach((model, i) => {
@@ -404,7 +415,7 @@ function renderTimeline() {
   renderRecent();
 }
 function renderRecent() {
-  const items = S.events.filter((e) => e.t >= now() - S.span).filter((e) => e.kind === "switch" || (e.kind === "state" && e.state === "failed") ||
+  const items = S.events.filter((e) => e.t >= now() - spanNow()).filter((e) => e.kind === "switch" || (e.kind === "state" && e.state === "failed") ||
     e.kind === "action" || (e.kind === "request" && e.error)).slice(-8).reverse();
   $("#recent").innerHTML = items.map((e) => {
     let text, bad = false;
