@@ -74,6 +74,14 @@ class Metrics:
         self._live = _ScrapeTime()
         r.register(self._live)
         self._states: dict[str, str] = {}
+        self._models: dict[str, _ModelSeries] = {}
+
+    def of(self, model: str) -> "_ModelSeries":
+        """One model's series, looked up once: labels() costs more than the observation itself."""
+        series = self._models.get(model)
+        if series is None:
+            series = self._models[model] = _ModelSeries(self, model)
+        return series
 
     # --- hooks ------------------------------------------------------------------------------------
     def request(self, model: str, path: str, doc: dict | None, body: bytes) -> "RequestMeter":
@@ -230,7 +238,7 @@ class RequestMeter:
         try:
             yield
             self.wait_s = time.perf_counter() - t
-            self.metrics.queue_wait.labels(self.model).observe(self.wait_s)
+            self.metrics.of(self.model).queue_wait.observe(self.wait_s)
         finally:
             waiting[self.model] -= 1
             if not waiting[self.model]:
@@ -272,6 +280,8 @@ class RequestMeter:
         """Read usage and error events from a stream. An event the network cut in two is kept until
         its end arrives: read then, and, while usage is being stripped, held back from the client
         until then (a client cannot use half an event anyway)."""
+        if not self._tail and body.endswith(b"\n\n") and b'"usage"' not in body and b'"error"' not in body:
+            return body  # the common chunk: whole events, nothing to read
         data = self._tail + body if self._tail else body
         cut = len(data) if last or data.endswith(b"\n\n") else _end_of_events(data)
         complete, self._tail = data[:cut], data[cut:]
@@ -313,21 +323,36 @@ class RequestMeter:
 
     def _record(self, code: int, error: bool) -> None:
         self.finished = True
-        m, model = self.metrics, self.model
+        model = self.model
+        series = self.metrics.of(model)
         seconds = time.perf_counter() - self.t0
-        m.requests.labels(model, str(code)).inc()
-        m.duration.labels(model).observe(seconds)
+        series.answered(code).inc()
+        series.duration.observe(seconds)
         if error:
-            m.errors.labels(model).inc()
+            series.errors.inc()
         elif self.first_byte_s is not None and code < 400:
-            m.ttft.labels(model).observe(self.first_byte_s)
+            series.ttft.observe(self.first_byte_s)
         if self.usage:
-            m.tokens.labels(model, "in").inc(self.usage[0])
-            m.tokens.labels(model, "out").inc(self.usage[1])
-        m.events.add("request", model=model, code=code, error=error, seconds=round(seconds, 4),
+            series.tokens_in.inc(self.usage[0])
+            series.tokens_out.inc(self.usage[1])
+        self.metrics.events.add("request", model=model, code=code, error=error, seconds=round(seconds, 4),
                      ttft=_round(self.first_byte_s), wait=_round(self.wait_s), stream=self._stream,
                      tokens_in=self.usage[0] if self.usage else None,
                      tokens_out=self.usage[1] if self.usage else None)
+
+
+class _ModelSeries:
+    def __init__(self, m: Metrics, model: str):
+        self._requests, self.model, self._codes = m.requests, model, {}
+        self.errors, self.duration = m.errors.labels(model), m.duration.labels(model)
+        self.ttft, self.queue_wait = m.ttft.labels(model), m.queue_wait.labels(model)
+        self.tokens_in, self.tokens_out = m.tokens.labels(model, "in"), m.tokens.labels(model, "out")
+
+    def answered(self, code: int) -> Any:
+        child = self._codes.get(code)
+        if child is None:
+            child = self._codes[code] = self._requests.labels(self.model, str(code))
+        return child
 
 
 def usage_of(doc: Any) -> tuple[int, int] | None:
