@@ -20,6 +20,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -159,6 +160,8 @@ class Page:
     async def api_action(self, request: Request) -> Response:
         if not self.authorized(request):
             return denied()
+        if not same_origin(request):
+            return JSONResponse({"error": "a page from another site may not press mm's buttons"}, status_code=403)
         action, name = request.path_params["action"], request.path_params["profile"]
         if action not in self.actions:
             return JSONResponse({"error": f"unknown action {action!r}; one of {', '.join(self.actions)}"},
@@ -246,6 +249,13 @@ class Page:
 def denied() -> Response:
     return JSONResponse({"error": "missing or wrong API key (send Authorization: Bearer <key>)"},
                         status_code=401, headers={"www-authenticate": "Bearer"})
+
+
+def same_origin(request: Request) -> bool:
+    """Whether a browser sent this from mm's own page. Another site's page can make the browser POST
+    here too (no key needed where none is set), but then the Origin header names that site."""
+    origin = request.headers.get("origin")
+    return origin is None or urlsplit(origin).netloc == request.headers.get("host")
 
 
 def sse(event: str, data: Any) -> bytes:

@@ -120,7 +120,11 @@ def test_page_actions_logs_and_profiles(fake_mm):
         status = client.get("/mm/api/status").json()
         names = {p["name"] for p in status["profiles"]}
         assert {"model-a", "model-b", "default", "voice"} <= names  # every profile, stacks too
-        assert client.post("/mm/api/sleep/model-a").json()["ok"]
+        forged = client.post("/mm/api/sleep/model-a", headers={"origin": "http://evil.example"})
+        assert forged.status_code == 403  # another site's page in the user's browser (CSRF)
+        assert fake_mm.server("model-a")["state"] == "awake"
+        own = client.post("/mm/api/sleep/model-a", headers={"origin": fake_mm.proxy})  # as the page sends it
+        assert own.json()["ok"]
         assert fake_mm.server("model-a")["state"] == "asleep"
         woke = client.post("/mm/api/wake/model-b")  # a cold start: 202 if it takes over 2 s
         assert woke.status_code in (200, 202)

@@ -7,7 +7,7 @@ const WINDOW_S = 3600; // what the daemon keeps and the page holds
 const S = {
   span: Number(localStorage.getItem("mm.span")) || 0, // what the timeline shows; 0: auto
   status: null, events: [], key: sessionStorage.getItem("mm.key") || "",
-  pending: {}, logFor: null, logsAt: 0, resultsLoaded: false, keyWaiters: [],
+  pending: {}, logFor: null, logChosen: null, resultsLoaded: false, keyWaiters: [],
 };
 const $ = (sel) => document.querySelector(sel);
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -337,7 +337,8 @@ function setSpan(span) {
 }
 // Auto: the daemon's whole life while it is younger than an hour (there is nothing before it),
 // on a round scale; the last hour after that.
-const SPANS = [60, 120, 300, 600, 900, 1800, 3600];
+const SPANS = [30, 60, 120, 300, 600, 900, 1800, 3600];
+const TICK_S = { 30: 5, 60: 15, 120: 30, 300: 60, 600: 120, 900: 300, 1800: 300, 3600: 600 };
 function spanNow() {
   if (S.span) return S.span;
   const age = now() - ((S.status && S.status.daemon && S.status.daemon.started_at) || now() - WINDOW_S);
@@ -361,9 +362,10 @@ function renderTimeline() {
   const el = $("#timeline");
   const width = Math.max(500, el.clientWidth || 900);
   const span = spanNow();
-  $("#timeline-title").textContent = span === WINDOW_S ? "Last hour" : span < 120 ? "Last minute" : `Last ${span / 60} minutes`;
+  $("#timeline-title").textContent = span === WINDOW_S ? "Last hour" : span < 60 ? `Last ${span} seconds`
+    : span < 120 ? "Last minute" : `Last ${span / 60} minutes`;
   const t1 = now(), t0 = t1 - span;
-  const binS = span / 120, minutes = span / 60, step = { 1: 0.25, 2: 0.5, 5: 1, 10: 2, 15: 5, 30: 5 }[minutes] || 10;
+  const binS = span / 120, tick = TICK_S[span] || span / 6;
   const known = sortedServers().map((s) => s.profile);
   const seen = new Set(known);
   for (const e of S.events) if (e.model && e.t >= t0 && !seen.has(e.model) && e.kind !== "action") { seen.add(e.model); known.push(e.model); }
@@ -372,11 +374,11 @@ function renderTimeline() {
   const x = (t) => labelW + ((t - t0) / span) * plotW;
   const height = top + Math.max(1, known.length) * laneH + axisH;
   const parts = [];
-  for (let m = 0; m <= minutes; m += step) {
-    const xx = x(t0 + m * 60);
+  for (let at = 0; at <= span; at += tick) {
+    const xx = x(t0 + at);
     parts.push(`<line class="grid" x1="${xx}" x2="${xx}" y1="${top}" y2="${height - axisH}"/>`);
-    const ago = minutes - m, label = ago === 0 ? "now" : ago < 1 ? `−${Math.round(ago * 60)} s` : `−${ago} min`;
-    parts.push(`<text class="axis" x="${xx}" y="${height - 5}" text-anchor="${m === 0 ? "start" : ago === 0 ? "end" : "middle"}">${label}</text>`);
+    const ago = span - at, label = ago === 0 ? "now" : ago < 60 ? `−${ago} s` : `−${ago / 60} min`;
+    parts.push(`<text class="axis" x="${xx}" y="${height - 5}" text-anchor="${at === 0 ? "start" : ago === 0 ? "end" : "middle"}">${label}</text>`);
   }
   const bins = 120;
   known.forEach((model, i) => {
@@ -435,14 +437,16 @@ function renderLogChoices() {
   if (have !== names.join("\n")) {
     sel.innerHTML = names.map((n) => `<option value="${esc(n)}">${esc(n)}</option>`).join("");
   }
-  if (!S.logFor || !names.includes(S.logFor)) {
-    S.logFor = (S.status.active || [])[0] || names[0] || null;
+  // Follow the active server until the user picks one.
+  const follow = S.logChosen && names.includes(S.logChosen) ? S.logChosen : (S.status.active || [])[0] || names[0] || null;
+  if (follow !== S.logFor) {
+    S.logFor = follow;
     if (S.logFor) setTimeout(() => refreshLog(true));
   }
   if (S.logFor) sel.value = S.logFor;
 }
 $("#log-select").addEventListener("change", (e) => {
-  S.logFor = e.target.value;
+  S.logFor = S.logChosen = e.target.value;
   refreshLog(true);
 });
 async function refreshLog(force) {
