@@ -60,11 +60,11 @@ class Daemon:
         self.index = ModelIndex(load_all)
         self.proxy = Proxy(self.scheduler, self.index, lambda: load_profile(config.default_profile),
                            api_key=config.api_key, metrics=self.metrics)
-        self.page = Page(self._status, {"wake": self._activate, "sleep": self._sleep, "stop": self._stop},
-                         self.metrics, api_key=config.api_key)  # page: /, /metrics, /mm/...
-        self.proxy.app = self.page.around(self.proxy.app)  # page
         self.started_at = time.time()
         self.stopping = asyncio.Event()
+        self.page = Page(self._status, {"wake": self._activate, "sleep": self._sleep, "stop": self._stop},
+                         self.metrics, api_key=config.api_key, stopping=self.stopping)  # page: /, /metrics, /mm/...
+        self.proxy.app = self.page.around(self.proxy.app)  # page
         self.control = Starlette(routes=[
             Route("/ping", self.ping, methods=["GET"]),
             Route("/status", self.status, methods=["GET"]),

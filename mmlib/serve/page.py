@@ -11,7 +11,6 @@ handlers, so the page shows and does exactly what `mm status`, `mm wake`, `mm sl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -54,9 +53,11 @@ ActionFn = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 class Page:
     def __init__(self, status: StatusFn, actions: dict[str, ActionFn], metrics: Metrics,
-                 api_key: str | None = None, profiles: Callable[[], list[Profile]] = lambda: load_all()[0]):
+                 api_key: str | None = None, profiles: Callable[[], list[Profile]] = lambda: load_all()[0],
+                 stopping: asyncio.Event | None = None):
         self.status, self.actions, self.metrics = status, actions, metrics
         self.api_key = api_key
+        self.stopping = stopping or asyncio.Event()  # set: event streams end (the daemon waits for them)
         self._load_profiles = profiles
         self._profiles: tuple[float, list[Profile]] = (0.0, [])
         self._footprints: dict[str, dict[str, dict]] = {}
@@ -141,9 +142,8 @@ class Page:
             yield sse("snapshot", {"status": await self.page_status(), "events": batch,
                                    "seq": events.last_seq})
             seq, next_status = events.last_seq, time.monotonic() + STATUS_EVERY_S
-            while True:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(waiter.wait(), max(0.0, next_status - time.monotonic()))
+            while not self.stopping.is_set():
+                await first_of(waiter, self.stopping, timeout=max(0.0, next_status - time.monotonic()))
                 waiter.clear()
                 batch = events.after(seq)
                 if batch:
@@ -244,6 +244,15 @@ class Page:
             return JSONResponse({"error": "no such markdown result"}, status_code=404)
         text = await asyncio.to_thread(path.read_text, errors="replace")
         return JSONResponse({"path": rel, "html": render_markdown(text, posixpath.dirname(rel))}, headers=NO_STORE)
+
+
+async def first_of(*events: asyncio.Event, timeout: float) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 def denied() -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -166,3 +167,24 @@ def test_results_are_browsable_read_only_and_nothing_outside_them(fake_mm, tmp_p
                      "%2Fetc%2Fpasswd", "nothing.json"):
             assert client.get(f"/mm/results/{path}").status_code == 404, path
         assert client.put("/mm/results/summary.md", content=b"x").status_code == 405
+
+
+def test_an_open_page_does_not_keep_the_daemon_from_stopping(fake_mm):
+    fake_mm.add_profile("model-a")
+    fake_mm.mm("up", "model-a", "--force")
+    ended = threading.Event()
+
+    def watch():  # a page left open: its event stream never ends by itself
+        with httpx.stream("GET", f"{fake_mm.proxy}/mm/api/events", timeout=60) as r:
+            for _ in r.iter_lines():
+                pass
+        ended.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    time.sleep(1)
+    fake_mm.mm("daemon", "stop")
+    sock = Path(fake_mm.env["MM_HOME"]) / "state" / "mm.sock"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and sock.exists():
+        time.sleep(0.05)
+    assert not sock.exists() and ended.wait(5)
