@@ -28,6 +28,8 @@ from mmlib.profiles.config import Config, load_config
 from mmlib.profiles.profile import Profile, load_all, load_profile
 from mmlib.serve import records
 from mmlib.serve.auth import bearer_ok
+from mmlib.serve.metrics import Metrics
+from mmlib.serve.page import Page
 from mmlib.serve.proxy import ModelIndex, Proxy
 from mmlib.serve.memory import CardMemory, Footprint
 from mmlib.serve.scheduler import Policy, Scheduler
@@ -53,16 +55,21 @@ class QuietServer(uvicorn.Server):
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
+        self.metrics = Metrics(status=self._status)  # metrics and page (issue 14)
         self.scheduler = Scheduler(self.make_server, drain_limit_s=config.upstream_timeout,
                                    memory=CardMemory(config.gpu_budget, predict=self._predict),
                                    policy=Policy(max_wait_s=config.switch_max_wait))
+        self.scheduler.on_switch = self.metrics.switched
         self.index = ModelIndex(load_all)
         self.proxy = Proxy(self.scheduler, self.index, lambda: load_profile(config.default_profile),
                            api_key=config.api_key, upstream_timeout=config.upstream_timeout,
-                           max_body=config.max_body_mib * 2**20)
+                           max_body=config.max_body_mib * 2**20, metrics=self.metrics)
         self.started_at = time.time()
         self.stopping = asyncio.Event()
         self._spec: asyncio.Future | None = None
+        self.page = Page(self._status, {"wake": self._activate, "sleep": self._sleep, "stop": self._stop},
+                         self.metrics, api_key=config.api_key, stopping=self.stopping)  # page: /, /metrics, /mm/...
+        self.proxy.app = self.page.around(self.proxy.app)
         self.control = Starlette(routes=[
             Route("/ping", self.ping, methods=["GET"]),
             Route("/status", self.status, methods=["GET"]),
@@ -75,7 +82,8 @@ class Daemon:
         ])
 
     def make_server(self, profile: Profile) -> ManagedServer:
-        return ManagedServer(profile, uds_supported=self.uds_supported, argv_builder=self._argv)
+        return ManagedServer(profile, uds_supported=self.uds_supported, argv_builder=self._argv,
+                             on_change=self.metrics.state_changed)
 
     async def _vllm_spec(self):
         """The installed vLLM's own argument parser, asked once (in a thread: the first time it
@@ -162,8 +170,11 @@ class Daemon:
             snap["memory"] = await asyncio.to_thread(tree_memory, s.pid)
             snap["waiting"] = self.scheduler.waiting(s.name)
             servers.append(snap)
-        memory = self.scheduler.memory
-        card = {"capacity": memory.capacity(), "free": memory.free(), "budget": memory.budget}
+        memory, mib = self.scheduler.memory, lambda n: round(n / 2**20) if n else None
+        capacity = memory.capacity()
+        # bytes for scripts; MiB and the GPU's name for the page
+        card = {"capacity": capacity, "free": memory.free(), "budget": memory.budget,
+                "total_mib": mib(capacity), "budget_mib": mib(memory.budget), "name": memory.name()}
         return {"daemon": await self._ping(), "active": self.scheduler.active, "card": card,
                 "last_switch_s": self.scheduler.last_switch_s,
                 "switches_per_min": self.scheduler.switches_per_minute(), "servers": servers}
@@ -201,19 +212,21 @@ class Daemon:
         return name
 
     async def sleep(self, request: Request) -> JSONResponse:
-        async def act(args):
-            level = args.get("level")
-            if level is not None and level not in (1, 2):
-                raise ValueError("level must be 1 or 2")
-            await self.scheduler.sleep(self._existing(args), level)
-            return await self._status()
-        return await self._call(request, act)
+        return await self._call(request, self._sleep)
+
+    async def _sleep(self, args: dict) -> dict:  # also the page's sleep button
+        level = args.get("level")
+        if level is not None and level not in (1, 2):
+            raise ValueError("level must be 1 or 2")
+        await self.scheduler.sleep(self._existing(args), level)
+        return await self._status()
 
     async def stop(self, request: Request) -> JSONResponse:
-        async def act(args):
-            stopped = await self.scheduler.stop(None if args.get("all") else self._existing(args))
-            return {"stopped": stopped}
-        return await self._call(request, act)
+        return await self._call(request, self._stop)
+
+    async def _stop(self, args: dict) -> dict:  # also the page's stop button
+        stopped = await self.scheduler.stop(None if args.get("all") else self._existing(args))
+        return {"stopped": stopped}
 
     async def shutdown(self, request: Request) -> JSONResponse:
         async def act(args):

@@ -58,6 +58,10 @@ class CardMemory:
             return None
         return min(self.budget, gpu.total) if self.budget else gpu.total
 
+    def name(self) -> str | None:
+        gpu = self._device()
+        return gpu.name if gpu else None
+
     def free(self) -> int | None:
         """Bytes free on the card now (what vLLM checks when it starts). The budget is kept by the
         scheduler's fit decisions, not here: other programs' use is already out of this figure."""
@@ -92,6 +96,9 @@ class NoCard:
         return None
 
     def free(self) -> None:
+        return None
+
+    def name(self) -> None:
         return None
 
     def held(self, pid: Any) -> None:

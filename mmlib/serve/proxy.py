@@ -25,6 +25,7 @@ from starlette.routing import Route
 from mmlib.errors import MMError
 from mmlib.profiles.profile import Profile
 from mmlib.serve.auth import bearer_ok
+from mmlib.serve.metrics import Metrics
 from mmlib.serve.scheduler import Scheduler
 from mmlib.serve.states import LIVE, State
 
@@ -84,10 +85,12 @@ def request_model(body: bytes, content_type: str) -> tuple[str | None, dict | No
 
 class Proxy:
     def __init__(self, scheduler: Scheduler, index: ModelIndex, default_profile: Callable[[], Profile],
-                 api_key: str | None = None, upstream_timeout: float = 600.0, max_body: int = 100 * 2**20):
+                 api_key: str | None = None, upstream_timeout: float = 600.0, max_body: int = 100 * 2**20,
+                 metrics: Metrics | None = None):
         self.scheduler, self.index, self.default_profile = scheduler, index, default_profile
         self.api_key = api_key
         self.upstream_timeout, self.max_body = upstream_timeout, max_body
+        self.metrics = metrics or Metrics()
         self._sessions: dict[str | None, aiohttp.ClientSession] = {}
         self.routes = Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
@@ -171,11 +174,14 @@ class Proxy:
             known = sorted(self.index.by_name)
             return await error(404, f"unknown model {model!r}; known models: {', '.join(known)}",
                                "model_not_found", known_models=known)(scope, receive, send)
+        meter = self.metrics.request(profile.name, scope["path"], doc, body)  # metrics (issue 14)
+        body, send = meter.body, meter.wrap(send)  # metrics: may ask for a stream's usage
         # From here on a client that goes away must free what it holds: its place in a switch's
         # queue, the server's count, the upstream request (vLLM aborts it when the connection drops).
         gone = asyncio.ensure_future(receive())
         try:
-            server = await self._acquire(profile, gone)
+            with meter.queued():  # metrics: queue wait
+                server = await self._acquire(profile, gone)
             if server is None:
                 return
             try:
@@ -190,6 +196,7 @@ class Proxy:
             await e.response(scope, receive, send)
         finally:
             gone.cancel()
+            meter.done()  # metrics
 
     async def _acquire(self, profile: Profile, gone: asyncio.Future):
         """The server for this request, or None when the client left while it waited."""

@@ -92,6 +92,7 @@ class Scheduler:
         self._pending: dict[tuple[str, ...], _Pending] = {}
         self._restarts: dict[str, asyncio.Task] = {}
         self.closed = False  # a daemon shutting down takes no new work
+        self.on_switch: Callable[[list[str], list[str], float], None] = lambda before, after, s: None  # metrics
 
     # --- which servers ---------------------------------------------------------------------------------
     def members(self, profile: Profile) -> list[Profile]:
@@ -289,6 +290,7 @@ class Scheduler:
     # --- the switch ------------------------------------------------------------------------------------
     async def _switch_to(self, profile: Profile) -> list[Any]:
         t0 = time.perf_counter()
+        awake_before = [s.name for s in self.awake()]  # metrics (issue 14)
         for m in self.members(profile):  # `mm chat OTHER/MODEL` on a running profile: a new server
             old = self.servers.get(m.name)
             if old is not None and old.state in LIVE and old.profile.model != m.model:
@@ -312,6 +314,7 @@ class Scheduler:
         self.last_switch_s = took
         self.switch_times.append(time.monotonic())
         self.active = [t.name for t in targets]
+        self.on_switch(awake_before, self.active, took)  # metrics (issue 14)
         return targets
 
     async def _make_room(self, targets: list[Any]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -41,6 +42,42 @@ def test_openai_client_streams_through_mm(live_mm):
     assert "Paris" in "".join(chunks)
     models = [m.id for m in client.models.list().data]
     assert "smollm2" in models
+
+
+def vllm_and_mm_tokens(live_mm, model: str) -> tuple[float, float]:
+    """(tokens out as mm counted them from usage, as vLLM's own /metrics counted them), one scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {(s.name, s.labels.get("direction")): s.value
+             for f in text_string_to_metric_families(httpx.get(f"{live_mm.proxy}/metrics").text)
+             for s in f.samples if s.labels.get("model") == model}
+    return found.get(("mm_tokens_total", "out"), 0.0), found.get(("vllm:generation_tokens_total", None), 0.0)
+
+
+def test_metrics_count_the_tokens_vllm_counts(live_mm):
+    """mm asks real vLLM for a stream's usage, keeps it from a client that did not ask, and counts
+    exactly the tokens vLLM itself counts."""
+    from openai import OpenAI
+
+    profile = live_mm.status()["active"][-1]
+    mm_before, vllm_before = vllm_and_mm_tokens(live_mm, profile)
+    body = {"model": "smollm2", "stream": True, "max_tokens": 12, "messages": [{"role": "user", "content": "Hi"}]}
+    with httpx.stream("POST", f"{live_mm.proxy}/v1/chat/completions", json=body, timeout=300) as r:
+        text = r.read().decode()
+    assert '"usage"' not in text and text.rstrip().endswith("data: [DONE]")
+    client = OpenAI(base_url=f"{live_mm.proxy}/v1", api_key="unused")
+    asked = list(client.chat.completions.create(model="smollm2", stream=True, max_tokens=12,
+                                                stream_options={"include_usage": True},
+                                                messages=[{"role": "user", "content": "Hello"}]))
+    assert asked[-1].usage is not None and asked[-1].usage.completion_tokens > 0
+    live_mm.chat("One more", max_tokens=12)
+    deadline = time.monotonic() + 10  # vLLM records its counters just after it answers
+    while time.monotonic() < deadline:
+        mm_after, vllm_after = vllm_and_mm_tokens(live_mm, profile)
+        if mm_after - mm_before == vllm_after - vllm_before:
+            break
+        time.sleep(0.2)
+    assert mm_after - mm_before == vllm_after - vllm_before > 0
 
 
 def test_twenty_concurrent_requests_across_a_switch(two_models):

@@ -8,7 +8,9 @@ It answers OpenAI chat/completions (streaming or not) with its own served name, 
 like vLLM's dev-mode endpoints (level 2 drops the "weights": a plain /wake_up after it answers with
 empty text, as real vLLM answers garbage, until /collective_rpc reload_weights), listens on TCP or a
 unix socket (--uds), records every control call (GET /calls) and spawns an "engine" child process
-like vLLM does. Environment knobs:
+like vLLM does. Answers carry `usage` (a stream's last chunk only when the request asks with
+stream_options.include_usage, as in vLLM), and GET /metrics counts tokens and requests in vLLM's own
+metric names and format (prometheus_client, as vLLM uses). Environment knobs:
   FAKE_TOKENS (default 8)        tokens per answer
   FAKE_TOKEN_DELAY (default 0)   seconds between streamed tokens
   FAKE_START_DELAY (default 0)   seconds before /health answers
@@ -54,9 +56,10 @@ def main() -> None:
     print(f"fake vllm: engine pid {engine.pid}", flush=True)
 
     import uvicorn
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     names = args.served_model_name or [args.model]
@@ -64,6 +67,17 @@ def main() -> None:
     delay = float(os.environ.get("FAKE_TOKEN_DELAY", "0"))
     ready_at = time.monotonic() + float(os.environ.get("FAKE_START_DELAY", "0"))
     state = {"sleeping": False, "weights": True, "calls": [], "level": 0}
+    registry, labels = CollectorRegistry(), {"engine": "0", "model_name": names[0]}
+    prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
+                            list(labels), registry=registry).labels(**labels)
+    generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.",
+                                list(labels), registry=registry).labels(**labels)
+    running = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
+                    list(labels), registry=registry).labels(**labels)
+    ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                     list(labels), buckets=(0.001, 0.01, 0.1, 1.0), registry=registry).labels(**labels)
+    sleep_state = Gauge("vllm:engine_sleep_state", "Engine sleep state", [*labels, "sleep_state"],
+                        registry=registry)
     hang = bool(os.environ.get("FAKE_HANG"))
     control_fail = bool(os.environ.get("FAKE_CONTROL_FAIL"))
     api_key = (args.api_key or [os.environ.get("VLLM_API_KEY")])[0]
@@ -94,6 +108,7 @@ def main() -> None:
             return JSONResponse({"error": "engine is gone"}, status_code=500)
         level = int(request.query_params.get("level", "1"))
         record(f"sleep:{level}")
+        print(f"INFO fake vllm: sleep level {level}: weights offloaded", flush=True)
         state["sleeping"], state["level"] = True, level
         if level == 2:
             state["weights"] = False  # level 2 discards the weights
@@ -104,6 +119,7 @@ def main() -> None:
             return JSONResponse({"error": "engine is gone"}, status_code=500)
         tags = request.query_params.getlist("tags")
         record("wake_up" + (f":{','.join(tags)}" if tags else ""))
+        print("INFO fake vllm: woke up", flush=True)
         if not tags or "kv_cache" in tags:
             state["sleeping"] = False
         return JSONResponse({})
@@ -121,8 +137,16 @@ def main() -> None:
     async def calls(request: Request):
         return JSONResponse(state["calls"])
 
+    async def last_body(request: Request):  # what mm sent on (e.g. stream_options it added)
+        return JSONResponse(state.get("last_body"))
+
     async def argv(request: Request):
         return JSONResponse({"argv": sys.argv, "engine_pid": engine.pid})
+
+    async def metrics(request: Request):
+        for name in ("awake", "weights_offloaded"):
+            sleep_state.labels(**labels, sleep_state=name).set(int(state["sleeping"] == (name != "awake")))
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
@@ -142,33 +166,44 @@ def main() -> None:
             return JSONResponse({}, status_code=499)
         n = min(int(body.get("max_tokens") or tokens), tokens)
         word = "tok" if state["weights"] else ""  # after a level-2 wake without a reload: empty text
+        state["last_body"] = body
+        n_in = len(json.dumps(body.get("messages", body.get("prompt", ""))).split())  # one token a word
+        usage = {"prompt_tokens": n_in, "completion_tokens": n, "total_tokens": n_in + n}
+        prompt_tokens.inc(n_in)
+        generation_tokens.inc(n)
+        print(f"INFO fake vllm: {request.url.path} {n_in} prompt + {n} generated tokens"
+              f"{' (stream)' if body.get('stream') else ''}", flush=True)
+        ttft.observe(delay)
         if not body.get("stream"):
             if delay and not await busy(request, delay * n):
                 return JSONResponse({}, status_code=499)
             return JSONResponse({"id": "fake", "object": "chat.completion", "model": names[0], "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": " ".join([word] * n).strip()},
-                 "finish_reason": "length"}], "usage": {"completion_tokens": n}})
+                 "finish_reason": "length"}], "usage": usage})
 
         async def events():
-            for i in range(n):
-                if delay:
-                    await asyncio.sleep(delay)
-                chunk = {"id": "fake", "object": "chat.completion.chunk", "model": names[0],
-                         "choices": [{"index": 0, "delta": {"content": f"{word}{i} " if word else ""},
-                                      "finish_reason": None}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-            if (body.get("stream_options") or {}).get("include_usage"):
-                usage = {"id": "fake", "object": "chat.completion.chunk", "model": names[0], "choices": [],
-                         "usage": {"completion_tokens": n}}
-                yield f"data: {json.dumps(usage)}\n\n"
-            yield "data: [DONE]\n\n"
+            running.inc()
+            try:
+                for i in range(n):
+                    if delay:
+                        await asyncio.sleep(delay)
+                    chunk = {"id": "fake", "object": "chat.completion.chunk", "model": names[0],
+                             "choices": [{"index": 0, "delta": {"content": f"{word}{i} " if word else ""},
+                                          "finish_reason": None}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    yield f"data: {json.dumps({'id': 'fake', 'object': 'chat.completion.chunk', 'model': names[0], 'choices': [], 'usage': usage})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                running.dec()
         return StreamingResponse(events(), media_type="text/event-stream")
 
     app = Starlette(routes=[
         Route("/health", health), Route("/sleep", sleep, methods=["POST"]),
         Route("/wake_up", wake_up, methods=["POST"]), Route("/is_sleeping", is_sleeping),
         Route("/collective_rpc", collective_rpc, methods=["POST"]),
-        Route("/calls", calls), Route("/argv", argv), Route("/v1/models", models),
+        Route("/calls", calls), Route("/argv", argv), Route("/v1/models", models), Route("/metrics", metrics),
+        Route("/last_body", last_body),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", chat, methods=["POST"]),
     ])
