@@ -44,6 +44,7 @@ GPU_SHARE_LIMIT = 1.0
 DRAIN_POLL_S = 0.002
 HOLD_POLL_S = 0.005
 SETTLE_POLL_S = 0.1
+MEASURE_DELAY_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,11 @@ class Scheduler:
             fp.asleep = held
         self.footprints[key] = fp
 
+    def _measure_soon(self, server: Any) -> None:
+        """Measure once the switch's waiters run: walking a process tree and asking NVML takes
+        milliseconds that a switch should not wait for."""
+        asyncio.get_running_loop().call_later(MEASURE_DELAY_S, self.measure, server)
+
     async def _await_room(self, need: int) -> None:
         """Until the card shows `need` bytes free (a stopped or sleeping vLLM lets go of its memory
         a moment after its request returns), at most policy.settle_timeout_s."""
@@ -271,8 +277,10 @@ class Scheduler:
 
     async def _stop_released(self, server: Any) -> None:
         """Stop a server and return once the card shows its memory free again."""
-        before, fp = self.memory.free(), self.footprints.get((server.name, server.profile.model))
-        held = (fp.asleep if server.state == State.ASLEEP else fp.awake) if fp else None
+        before, fp = self.memory.free(), self.footprint(server.profile)
+        held = None
+        if fp and server.state in LIVE and server.pid:
+            held = fp.asleep if server.state == State.ASLEEP else fp.awake
         await server.stop()
         if before is not None and held:
             await self._await_room(before + int(held * 0.9))
@@ -307,7 +315,7 @@ class Scheduler:
             self._cancel_restart(t.name)
             await self._await_room(self._room_needed([t]))
             await t.wake()
-            self.measure(t)
+            self._measure_soon(t)
         took = time.perf_counter() - t0
         for t in targets:
             t.last_switch_s = took
@@ -326,7 +334,7 @@ class Scheduler:
         if not self._fits(tp, [s.profile for s in others], self._asleep_profiles(names)):
             await asyncio.gather(*(self._drain_then_sleep(s) for s in others))
             for s in others:
-                self.measure(s)
+                self._measure_soon(s)
         sleepers = sorted((s for s in self.servers.values()
                            if s.state == State.ASLEEP and s.name not in names), key=lambda s: s.last_used)
         for s in sleepers:
