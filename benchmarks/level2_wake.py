@@ -18,15 +18,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, finish, mm
 PROMPT = "List the first ten prime numbers, then explain why 1 is not prime."
 PROFILE = """
 model = "{path}"
@@ -43,12 +40,6 @@ kv_cache_memory_bytes = 1000000000
 max_model_len = 2048
 """
 
-
-def mm(env: dict, *args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "mmlib", *args], env=env, cwd=ROOT, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"mm {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
-    return r.stdout
 
 
 def random_checkpoint(folder: Path, tokenizer: Path) -> None:
@@ -119,13 +110,7 @@ def main() -> None:
                 f"(wake_up weights + reload_weights + wake_up kv_cache + 32 tokens)",
                 f"asleep: state {asleep['state']}, GPU {calls.get('gpu_mib')} MiB, RAM {calls.get('rss_mib')} MiB"]
     finally:
-        text = "\n".join(out) + "\n"
-        print(text, flush=True)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "a") as f:
-                f.write(text)
-        subprocess.run([sys.executable, "-m", "mmlib", "daemon", "stop"], env=env, cwd=ROOT, capture_output=True)
+        finish(out, args.out, env)
 
 
 if __name__ == "__main__":

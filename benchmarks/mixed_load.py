@@ -30,15 +30,12 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, finish, mm
 
 GPU_PROFILE = """
 model = "{path}"
@@ -66,12 +63,6 @@ FAKE_TOKENS = "64"
 FAKE_TOKEN_DELAY = "0.002"
 """
 
-
-def mm(env: dict, *args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "mmlib", *args], env=env, cwd=ROOT, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"mm {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
-    return r.stdout
 
 
 class Load:
@@ -265,13 +256,7 @@ def main() -> None:
                    + ", ".join(f"{s['profile']}={s['state']}" for s in status["servers"]))
         out.append(f"# card: {status.get('card')}")
     finally:
-        text = "\n".join(out) + "\n"
-        print(text, flush=True)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "a") as f:
-                f.write(text)
-        subprocess.run([sys.executable, "-m", "mmlib", "daemon", "stop"], env=env, cwd=ROOT, capture_output=True)
+        finish(out, args.out, env)
 
 
 if __name__ == "__main__":

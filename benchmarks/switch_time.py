@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
-
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, mm
 
 PROFILE = """
 model = "{path}"
@@ -38,12 +37,6 @@ enforce_eager = true
 {extra}
 """
 
-
-def mm(env: dict, *args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "mmlib", *args], env=env, cwd=ROOT, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"mm {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
-    return r.stdout
 
 
 def first_token_s(base: str, model: str) -> float:
