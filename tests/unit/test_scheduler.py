@@ -476,3 +476,23 @@ def test_under_a_steady_mix_no_model_starves_and_every_request_gets_its_model():
         switches = sum(1 for e in w.log if e.startswith(("start", "wake")))
         assert switches < 100  # far fewer than the ~70 rare requests x 2 of a switch per request
     run(go())
+
+
+def test_the_proxy_does_not_route_by_a_stopped_servers_old_model_name():
+    from mmlib.serve.proxy import Proxy
+
+    async def go():
+        w = World(profile("chat"))
+        override = dataclasses.replace(w.profiles["chat"], model="org/other", served_model_name="other")
+        await w.sched.activate(override)
+
+        class Index:
+            by_name = {}
+
+            def lookup(self, name):
+                return None
+        proxy = Proxy(w.sched, Index(), lambda: w.profiles["chat"])
+        assert proxy.resolve("other") is override  # live: `mm chat org/other` is served by name
+        await w.sched.stop("chat")
+        assert proxy.resolve("other") is None  # stopped: the name no longer routes anywhere
+    run(go())
