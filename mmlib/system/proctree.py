@@ -52,9 +52,15 @@ def create_time(pid: int | None) -> float | None:
 
 
 def same_process(pid: int, created: float | None) -> bool:
-    """Whether pid is still the process that was recorded (a reused pid is someone else)."""
+    """Whether pid is still the process that was recorded, and alive (a reused pid is someone else;
+    a zombie waits only to be reaped)."""
     now = create_time(pid)
-    return now is not None and (created is None or abs(now - created) < 1)
+    if now is None or (created is not None and abs(now - created) >= 1):
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def signal_group(pgid: int | None, procs: list[psutil.Process], sig: int) -> None:

@@ -39,7 +39,7 @@ def test_a_scripted_run_reads_back_from_the_counters(fake_mm):
             assert '"usage"' not in r.text  # mm asked vLLM for usage; this client never sees it
     asked = chat(fake_mm, "model-b", stream=True, stream_options={"include_usage": True})  # N = 8
     assert '"usage"' in asked.text  # a client that asks gets it
-    assert httpx.get(f"{fake_mm.server('model-b')['url']}/last_body").json()["stream_options"] == {"include_usage": True}
+    assert fake_mm.direct('model-b').get("/last_body").json()["stream_options"] == {"include_usage": True}
 
     found = samples(httpx.get(f"{fake_mm.proxy}/metrics").text)
     n = len(script) + 1
