@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from mmlib.models.cache import hf_hub_cache, model_dir  # noqa: F401 (re-exported)
 
 # Bytes per element of safetensors dtypes (headers say "BF16", "I32", ...).
 ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -101,30 +102,7 @@ class Shape:
 
 
 
-# --- finding the model's files without downloading ---------------------------------------------------
-def hf_hub_cache() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def model_dir(model: str) -> Path | None:
-    """A local folder with the model's config.json: the path itself, or its hub cache snapshot."""
-    local = Path(model).expanduser()
-    if local.is_dir():
-        return local if (local / "config.json").is_file() else None
-    if model.count("/") != 1 or model.startswith((".", "/", "~")):
-        return None
-    repo = hf_hub_cache() / f"models--{model.replace('/', '--')}"
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        snap = repo / "snapshots" / ref.read_text().strip()
-        if (snap / "config.json").is_file():
-            return snap
-    snaps = sorted((p for p in (repo / "snapshots").glob("*") if (p / "config.json").is_file()),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
-    return snaps[0] if snaps else None
+# --- finding the model's files without downloading: mmlib.models.cache (re-exported) ------------------
 
 
 def read_config(folder: Path) -> dict[str, Any] | None:
