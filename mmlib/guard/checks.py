@@ -10,6 +10,7 @@ import math
 import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from mmlib.errors import MMError, ProfileError
@@ -165,10 +166,26 @@ def model_files(p: Profile) -> tuple[Any, dict[str, Any] | None, str]:
         return None, None, "the embedded model is converted on its first start"
     folder = modelinfo.model_dir(resolve_model(p.model))
     if folder is None:
-        return None, None, (f"no config.json for {p.model} on this machine (mm reads the Hugging Face cache, "
-                            "never downloads)")
+        return remote_model_files(p.model)
     cfg = modelinfo.read_config(folder)
     return folder, cfg, "" if cfg else f"cannot read {folder / 'config.json'}"
+
+
+# --- fit before download: the hub's config.json and safetensors headers ----------------------------------
+def remote_model_files(model: str) -> tuple[Any, dict[str, Any] | None, str]:
+    """(the hub's metadata, its config.json, why not) for a model not on this machine: config.json and
+    the safetensors headers by small (range) requests, so the fit is known before the download."""
+    from mmlib.models import cache, hub
+
+    if not cache.is_hub_id(model):
+        return None, None, f"no config.json for {model} on this machine"
+    if hub.offline():
+        return None, None, f"{model} is not on this machine and HF_HUB_OFFLINE is set"
+    try:
+        remote = hub.remote_model(model)
+    except MMError as e:
+        return None, None, f"{model} is not on this machine and the hub did not say more: {e}"
+    return remote, remote.config, ""
 
 
 def _holders(gpu: Any) -> str:
@@ -196,7 +213,8 @@ def check_fit(p: Profile, facts: Facts, folder: Any, cfg: dict[str, Any] | None,
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
         return []  # rules.py reports the share itself
     total = gpu_memory or gpu.total
-    est = fitmod.estimate(p.engine, cfg, total, folder)
+    est = fitmod.estimate(p.engine, cfg, total, folder if isinstance(folder, Path) else None,
+                          hub_counts=getattr(folder, "parameter_counts", None))
     if est is None:
         return [finding(INFO, "memory fit not estimated: config.json lacks the shapes (an encoder-decoder?)")]
     card = f"{fitmod.gib(total)} card" if gpu_memory else gpu.name

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mmlib.guard.modelinfo import (
+    FLOAT_ST,
+    ST_BYTES,
     Shape,
     model_max_len,
     safetensors_bytes,
@@ -146,8 +148,17 @@ def default_batched_tokens(total: int) -> int:
     return 8192 if total >= 70 * GIB else 2048
 
 
+def hub_weight_bytes(parameter_counts: Mapping[str, int], float_bytes: int = 2) -> int:
+    """Parameter bytes from the hub's safetensors headers ({"BF16": n, "I32": m}, as
+    huggingface_hub's get_safetensors_metadata counts them), the way safetensors_bytes counts a
+    local checkpoint: floating-point tensors at the served dtype's size, others as stored."""
+    return int(sum(n * (float_bytes if dtype in FLOAT_ST else ST_BYTES.get(dtype, 2))
+                   for dtype, n in parameter_counts.items()))
+
+
 def estimate(engine: Mapping[str, Any], cfg: Mapping[str, Any], total: int,
-             folder: Path | None = None, load_format: str | None = None) -> Fit | None:
+             folder: Path | None = None, load_format: str | None = None,
+             hub_counts: Mapping[str, int] | None = None) -> Fit | None:
     """The fit of a model (its config.json, and its folder for safetensors) under an [engine] table
     on a card of `total` bytes; None where the config lacks the shapes to say."""
     shape = Shape.from_config(cfg)
@@ -162,6 +173,8 @@ def estimate(engine: Mapping[str, Any], cfg: Mapping[str, Any], total: int,
     if files:
         weights = safetensors_bytes(files)
         source = "safetensors headers"
+    if weights is None and hub_counts and (load_format or engine.get("load_format")) != "dummy":
+        weights, source = hub_weight_bytes(hub_counts), "safetensors headers on the hub"
     if weights is None:
         weights, source = shape.weight_bytes(), "config.json shapes"
     batched = engine_int(engine.get("max_num_batched_tokens")) or default_batched_tokens(total)
