@@ -216,3 +216,25 @@ def test_check_says_why_when_the_hub_is_not_there(env):
                check=False)
     fit = [f for f in json.loads(r.stdout) if f["rule"] == "memory-fit"]
     assert "not on this machine" in fit[0]["message"] and "cannot reach the hub" in fit[0]["message"]
+
+
+@pytest.mark.slow
+def test_up_of_a_hub_model_pulls_first_and_vllm_finds_it_in_the_cache(env):
+    """The real path: `mm up` of a profile whose model is a hub id not on disk pulls it (with
+    progress) before the daemon starts vLLM, which then loads it from the cache without a download."""
+    from mmlib.profiles import embedded
+
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    user_profile(env, "smolhub", f'extends = "default"\nmodel = "{hub_id}"\nserved_model_name = "smolhub"\n'
+                                 "aliases = []\n")
+    with LocalHub({hub_id: embedded.ensure_converted()}) as hub:
+        env["HF_ENDPOINT"] = hub.url
+        try:
+            up = run_mm("up", "smolhub", env=env)
+            answer = run_mm("chat", "smolhub", "--once", "What is the capital of France?", env=env).stdout
+        finally:
+            run_mm("daemon", "stop", env=env, check=False)
+        full_gets = [g for g in hub.served("/model.safetensors") if not g["range"]]
+    assert f"pulling {hub_id}" in up.stderr and "smolhub: awake" in up.stdout
+    assert len(full_gets) == 1  # the pull's; vLLM read the cache (and at most the header by range)
+    assert answer.strip()
