@@ -51,7 +51,9 @@ def pull_model(model: str, console: Any = None, quiet_if_cached: bool = False) -
                 console.print(f"{model} ships with mm and is ready ({embedded.model_dir()})")
             return embedded.model_dir()
         with console.status(f"preparing {model} (ships with mm; converted once, offline after)"):
-            return embedded.ensure_converted()
+            folder = embedded.ensure_converted()
+        console.print(f"{model} ships with mm: prepared in {folder}")
+        return folder
     if not cache.is_hub_id(model):
         if Path(model).expanduser().exists():
             if not quiet_if_cached:

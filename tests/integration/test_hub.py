@@ -238,3 +238,9 @@ def test_up_of_a_hub_model_pulls_first_and_vllm_finds_it_in_the_cache(env):
     assert f"pulling {hub_id}" in up.stderr and "smolhub: awake" in up.stdout
     assert len(full_gets) == 1  # the pull's; vLLM read the cache (and at most the header by range)
     assert answer.strip()
+
+
+def test_the_embedded_model_is_not_pulled(env):
+    out = run_mm("pull", "default", env=env)  # converts it where the shared test cache lacks it
+    assert "ships with mm" in out.stderr
+    assert "embedded:SmolLM2-135M-Instruct" in run_mm("models", env=env).stdout
