@@ -7,6 +7,8 @@ import os
 import re
 from pathlib import Path
 
+from mmlib.paths import PROJECT_ROOT
+
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Weight formats vLLM loads, in the order it prefers them (a repo with several ships one set to use).
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
@@ -22,8 +24,9 @@ def hf_hub_cache() -> Path:
 
 
 def is_hub_id(model: str) -> bool:
-    """ORG/NAME that is not a folder here (a local path wins, as in vLLM)."""
-    return bool(HUB_ID.fullmatch(model)) and not Path(model).expanduser().exists()
+    """ORG/NAME that is not a folder here or in the project root, where the daemon starts vLLM (a
+    local path wins, as in vLLM)."""
+    return bool(HUB_ID.fullmatch(model)) and not any(p.exists() for p in (Path(model), PROJECT_ROOT / model))
 
 
 def repo_folder(model: str) -> Path:
