@@ -28,7 +28,6 @@ def serve(profile: Any, force: bool) -> dict[str, Any]:
     """Make the profile's server answer (through the daemon); its snapshot, with mm's endpoint to
     measure it through."""
     from mmlib.cli.servers import activate
-
     from mmlib.profiles.config import client_api_key
 
     result = activate(profile.name, force=force, quiet=True)

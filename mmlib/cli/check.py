@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from mmlib.cli.models_cmd import complete_profiles
+
 STYLE = {"error": "red", "fail": "red", "warn": "yellow", "info": "cyan", "ok": "green"}
 
 
@@ -25,7 +27,7 @@ def _size(text: str | None) -> int | None:
 
 
 @click.command("check")
-@click.argument("profile", required=False)
+@click.argument("profile", required=False, shell_complete=complete_profiles)
 @click.option("--gpu-memory", metavar="SIZE", help="Check the fit for a card of this size (e.g. 12GiB) instead of "
               "this machine's GPU.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -84,8 +86,10 @@ def doctor(as_json: bool) -> None:
     Python, disk for models, and the daemon. Exits 1 when something would stop mm from serving."""
     from mmlib.guard import doctor as doctor_mod
     from mmlib.serve.client import Client, socket_path
+    from mmlib.system import systemd
 
-    lines = doctor_mod.run(daemon_alive=Client(timeout=2.0).alive, daemon_socket=str(socket_path()))
+    lines = doctor_mod.run(daemon_alive=Client(timeout=2.0).alive, daemon_socket=str(socket_path()),
+                           service_state=systemd.state)
     if as_json:
         click.echo(json.dumps([line.__dict__ for line in lines], indent=2))
     elif _terminal():

@@ -6,7 +6,12 @@ from typing import Any
 import click
 
 from mmlib.cli.bench import RichUI, interrupted, print_memory, resolve_profile, serve
-from mmlib.measure.evals import CHAT_MAX_GEN_TOKS, DEFAULT_TASKS, LOCAL_TASKS, QUICK_LIMIT
+from mmlib.measure.evals import (
+    CHAT_MAX_GEN_TOKS,
+    DEFAULT_TASKS,
+    LOCAL_TASKS,
+    QUICK_LIMIT,
+)
 from mmlib.measure.scenarios import FULL, QUICK
 
 EXAMPLES_SHOWN = 2

@@ -38,9 +38,15 @@ def profiles(ctx: click.Context) -> None:
 def show(name: str, model: str | None, gpu_memory: str | None) -> None:
     """Print NAME merged with what it extends, what mm derives for the card (KV cache bytes, CUDA
     graphs, the predicted footprint), and the vLLM command line mm would run."""
-    from mmlib.cli.check import _size
     from mmlib import paths
-    from mmlib.profiles.vllm_cmd import masked_env, server_argv, server_env, shell_line, wants_tcp
+    from mmlib.cli.check import _size
+    from mmlib.profiles.vllm_cmd import (
+        masked_env,
+        server_argv,
+        server_env,
+        shell_line,
+        wants_tcp,
+    )
 
     size = _size(gpu_memory)
     p = load_profile(name)

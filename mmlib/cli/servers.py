@@ -5,9 +5,11 @@ import json
 import os
 import sys
 import time
+from typing import Callable
 
 import click
 
+from mmlib.cli.models_cmd import complete_profiles
 from mmlib.errors import MMError
 from mmlib.serve.client import Client
 
@@ -47,17 +49,21 @@ def preflight(profile: str, force: bool, model: str | None = None) -> None:
 
 def activate(profile: str | None, model: str | None = None, force: bool = False, verb: str = "starting",
              quiet: bool = False) -> dict:
-    """Ask the daemon to make a profile answer, with a spinner while it loads."""
+    """Ask the daemon to make a profile answer: pull its hub models first (with progress), then
+    show what the server is doing (its start phase) until it answers."""
     from rich.console import Console
 
-    from mmlib.profiles.config import load_config
+    from mmlib.cli.models_cmd import profile_models, pull_missing
 
-    preflight(profile or load_config().default_profile, force, model)
-    client = Client().ensure_daemon()
+    name = profile or default_profile()
+    preflight(name, force, model)
     console = Console(stderr=True)
+    pull_missing([model] if model else profile_models(name), console)
+    client = Client().ensure_daemon()
     what = (profile or "default") + (f" ({model})" if model else "")
-    with console.status(f"{verb} {what}: the first start of a model can take minutes"):
-        result = client.post("/up", {"profile": profile, "model": model}, timeout=None)
+    poller = Client(timeout=2.0, sock=client.sock)
+    result = wait_for_up(lambda: client.post("/up", {"profile": profile, "model": model}, timeout=None),
+                         lambda: poller.get("/status"), f"{verb} {what}", console)
     proxy = result["proxy"]
     for s in result["servers"]:
         click.echo(f"{s['profile']}: {s['state']}, model '{s['served_model_name']}' at {proxy}/v1 "
@@ -65,11 +71,88 @@ def activate(profile: str | None, model: str | None = None, force: bool = False,
     return result
 
 
+def default_profile() -> str:
+    from mmlib.profiles.config import load_config
+
+    return load_config().default_profile
+
+
+# --- waiting for a start, showing its phase --------------------------------------------------------
+FALLBACK_TEXT = "the first start of a model can take minutes"
+
+
+def starting_phase(doc: dict) -> dict | None:
+    """The phase of a server that is starting or waking ({"name", "detail", "percent", "since"}),
+    where the daemon reports one."""
+    for s in doc.get("servers", []):
+        if s.get("state") in ("starting", "waking") and isinstance(s.get("phase"), dict):
+            return {**s["phase"], "profile": s.get("profile")}
+    return None
+
+
+def phase_text(phase: dict | None) -> str:
+    if not phase:
+        return FALLBACK_TEXT
+    text = str(phase.get("name") or "starting")
+    if phase.get("percent") is not None:
+        text += f" {float(phase['percent']):.0f}%"
+    if phase.get("detail"):
+        text += f" ({phase['detail']})"
+    return text
+
+
+def phase_line(action: str, phase: dict | None, elapsed: float):
+    """spinner, what, phase (and its detail), a bar where vLLM prints a percentage, elapsed time."""
+    from rich.progress_bar import ProgressBar
+    from rich.spinner import Spinner
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 1))
+    grid.add_row(Spinner("dots", style="cyan"), f"{action}: {phase_text(phase)}",
+                 ProgressBar(total=100, completed=float(phase["percent"]), width=24)
+                 if phase and phase.get("percent") is not None else "",
+                 f"[dim]{human_duration(elapsed)}[/]")
+    return grid
+
+
+def wait_for_up(up: Callable[[], dict], status: Callable[[], dict], action: str, console,
+                poll_s: float = 0.5) -> dict:
+    """Run `up` (the daemon's /up returns once the server answers) while `status` is polled for the
+    start phase, drawn as one live line."""
+    import threading
+
+    from rich.live import Live
+
+    outcome: dict = {}
+
+    def call() -> None:
+        try:
+            outcome["result"] = up()
+        except BaseException as e:  # handed to the main thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    started = time.monotonic()
+    phase = None
+    with Live(phase_line(action, None, 0), console=console, transient=True, refresh_per_second=8) as live:
+        while worker.is_alive():
+            worker.join(poll_s)
+            try:
+                phase = starting_phase(status())
+            except MMError:
+                pass  # the daemon is busy; keep the last phase shown
+            live.update(phase_line(action, phase, time.monotonic() - started))
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 FORCE = click.option("--force", is_flag=True, help="Skip the checks that run before a start.")
 
 
 @click.command("up")
-@click.argument("profile", required=False)
+@click.argument("profile", required=False, shell_complete=complete_profiles)
 @click.option("--model", help="Serve this model (hub id or path) instead of the profile's.")
 @FORCE
 def up(profile: str | None, model: str | None, force: bool) -> None:
@@ -78,7 +161,7 @@ def up(profile: str | None, model: str | None, force: bool) -> None:
 
 
 @click.command("switch")
-@click.argument("profile")
+@click.argument("profile", shell_complete=complete_profiles)
 @FORCE
 def switch(profile: str, force: bool) -> None:
     """Make PROFILE the awake one: others sleep (or stop, where sleep mode is unavailable)."""
@@ -102,7 +185,7 @@ def perf(model: str | None, force: bool) -> None:
 
 
 @click.command("sleep")
-@click.argument("profile", required=False)
+@click.argument("profile", required=False, shell_complete=complete_profiles)
 def sleep(profile: str | None) -> None:
     """Put PROFILE (or every awake server) to sleep; servers without sleep mode are stopped."""
     client = Client()
@@ -116,7 +199,7 @@ def sleep(profile: str | None) -> None:
 
 
 @click.command("wake")
-@click.argument("profile")
+@click.argument("profile", shell_complete=complete_profiles)
 @FORCE
 def wake(profile: str, force: bool) -> None:
     """Wake PROFILE (starting it if needed); others sleep if it does not fit beside them."""
@@ -124,7 +207,7 @@ def wake(profile: str, force: bool) -> None:
 
 
 @click.command("stop")
-@click.argument("profile", required=False)
+@click.argument("profile", required=False, shell_complete=complete_profiles)
 @click.option("--all", "all_", is_flag=True, help="Stop every server.")
 def stop(profile: str | None, all_: bool) -> None:
     """Stop PROFILE's server (SIGTERM to its process group, SIGKILL after a grace period)."""
@@ -142,6 +225,14 @@ def stop(profile: str | None, all_: bool) -> None:
 
 STATE_STYLE = {"awake": "green", "asleep": "cyan", "starting": "yellow", "waking": "yellow", "falling asleep": "yellow",
                "stopping": "yellow", "failed": "red", "stopped": "dim"}
+
+
+def state_cell(s: dict) -> str:
+    """The state, and for a starting server what it is doing (its phase, where the daemon says)."""
+    cell = f"[{STATE_STYLE.get(s['state'], '')}]{s['state']}[/]"
+    if s["state"] in ("starting", "waking") and isinstance(s.get("phase"), dict):
+        cell += f": {phase_text(s['phase'])}"
+    return cell
 
 
 def memory_cells(mem: dict) -> tuple[str, str]:
@@ -178,9 +269,8 @@ def status(as_json: bool) -> None:
     for col in ("profile", "model", "state", "URL", "pid", "uptime", "GPU", "RAM", "queue", "switch", "last switch"):
         table.add_column(col)
     for s in doc["servers"]:
-        state = f"[{STATE_STYLE.get(s['state'], '')}]{s['state']}[/]"
         last = f"{s['last_switch_s']:.2f}s" if s.get("last_switch_s") is not None else "-"
-        table.add_row(s["profile"], s["served_model_name"], state, s["url"] or "-", str(s["pid"] or "-"),
+        table.add_row(s["profile"], s["served_model_name"], state_cell(s), s["url"] or "-", str(s["pid"] or "-"),
                       human_duration(s["uptime_s"]), *memory_cells(s.get("memory") or {}),
                       f"{s.get('in_flight', 0)} / {s.get('waiting', 0)}", s["switch"], last)
     console = Console()
@@ -207,7 +297,7 @@ def leftover_servers() -> list[dict]:
 
 
 @click.command("logs")
-@click.argument("profile")
+@click.argument("profile", shell_complete=complete_profiles)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("-n", "--lines", default=40, show_default=True, help="How many lines from the end.")
 def logs(profile: str, follow: bool, lines: int) -> None:

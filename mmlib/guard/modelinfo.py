@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -164,30 +163,7 @@ def _vision_tower(cfg: Mapping[str, Any], text_hidden: int) -> dict[str, int]:
             "encoder_tokens": patches, "mm_item_tokens": patches // (merge * merge)}
 
 
-# --- finding the model's files without downloading ---------------------------------------------------
-def hf_hub_cache() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def model_dir(model: str) -> Path | None:
-    """A local folder with the model's config.json: the path itself, or its hub cache snapshot."""
-    local = Path(model).expanduser()
-    if local.is_dir():
-        return local if (local / "config.json").is_file() else None
-    if model.count("/") != 1 or model.startswith((".", "/", "~")):
-        return None
-    repo = hf_hub_cache() / f"models--{model.replace('/', '--')}"
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        snap = repo / "snapshots" / ref.read_text().strip()
-        if (snap / "config.json").is_file():
-            return snap
-    snaps = sorted((p for p in (repo / "snapshots").glob("*") if (p / "config.json").is_file()),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
-    return snaps[0] if snaps else None
+# --- finding the model's files without downloading: mmlib.models.cache (re-exported) ------------------
 
 
 def read_config(folder: Path) -> dict[str, Any] | None:

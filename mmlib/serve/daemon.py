@@ -28,10 +28,10 @@ from mmlib.profiles.config import Config, load_config
 from mmlib.profiles.profile import Profile, load_all, load_profile
 from mmlib.serve import records
 from mmlib.serve.auth import bearer_ok
+from mmlib.serve.memory import CardMemory, Footprint
 from mmlib.serve.metrics import Metrics
 from mmlib.serve.page import Page
 from mmlib.serve.proxy import ModelIndex, Proxy
-from mmlib.serve.memory import CardMemory, Footprint
 from mmlib.serve.scheduler import Policy, Scheduler
 from mmlib.serve.states import State
 from mmlib.serve.supervisor import ManagedServer
@@ -67,6 +67,7 @@ class Daemon:
         self.started_at = time.time()
         self.stopping = asyncio.Event()
         self._spec: asyncio.Future | None = None
+        self._predicted: dict[str, tuple[Profile, Footprint | None]] = {}
         self.page = Page(self._status, {"wake": self._activate, "sleep": self._sleep, "stop": self._stop},
                          self.metrics, api_key=config.api_key, stopping=self.stopping)  # page: /, /metrics, /mm/...
         self.proxy.app = self.page.around(self.proxy.app)
@@ -114,14 +115,17 @@ class Daemon:
         """What a profile never seen running will hold, from its model's shapes (guard's estimate)."""
         from mmlib.guard import checks
 
+        known = self._predicted.get(profile.name)
+        if known is not None and known[0] == profile:
+            return known[1]  # the scheduler asks often; the model's files (or the hub) once
         try:
             fp = checks.footprint(profile, self._card())
         except Exception as e:  # a guess gone wrong must not stop a start: shares decide then
             log.warning("%s: no footprint estimate (%s)", profile.name, e)
             return None
-        if not fp.awake_bytes:
-            return None
-        return Footprint(awake=fp.awake_bytes, asleep=fp.asleep_bytes)
+        found = Footprint(awake=fp.awake_bytes, asleep=fp.asleep_bytes) if fp.awake_bytes else None
+        self._predicted[profile.name] = (profile, found)
+        return found
 
     # --- control API -------------------------------------------------------------------------------
     async def _args(self, request: Request) -> dict:

@@ -38,6 +38,7 @@ class FakeMM(LiveMM):
 def fake_mm(tmp_path):
     env = {"MM_HOME": str(tmp_path / "home"), "MM_PROXY_PORT": str(free_port()), "MM_RUNTIME_DIR": runtime_dir(),
            "MM_RESULTS_DIR": str(tmp_path / "results"),
+           "HF_HUB_OFFLINE": "1",  # the fake models (fake/NAME) are on no hub: mm must not pull them first
            "PYTHONPATH": os.pathsep.join([str(FAKE_VLLM), str(Path(__file__).resolve().parents[2])])}
     fake = FakeMM(env)
     yield fake

@@ -198,8 +198,9 @@ def test_fit_skipped_with_reasons(local_7b, monkeypatch, tmp_path):
     assert f.severity == INFO and "CPU build" in f.message and "--gpu-memory" in f.fix
     (f,) = fit_findings(profile(model=str(local_7b)), Facts())
     assert f.severity == WARN and "no GPU answered" in f.message
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # not on disk, and the hub not asked (tests/integration/test_hub.py asks)
     (f,) = fit_findings(profile(), Facts(gpus=(A3060,)))
-    assert f.severity == INFO and "no config.json" in f.message and "never downloads" in f.message
+    assert f.severity == INFO and "not on this machine" in f.message and "HF_HUB_OFFLINE" in f.message
 
 
 # --- whole profiles, preflight and the CLI --------------------------------------------------------------

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import struct
+from types import MappingProxyType
 
 import pytest
 
-from types import MappingProxyType
-
 from mmlib.guard import fit, modelinfo
 from mmlib.guard.fit import GIB, Card, predict, sized_card
-from mmlib.profiles.memory import parse_size
 from mmlib.guard.modelinfo import Shape
+from mmlib.models import cache
+from mmlib.profiles.memory import parse_size
 from mmlib.profiles.profile import Profile
 
 # The random-weight models of /work/shared/gpu/models (config.json only; served with
@@ -178,7 +178,7 @@ def test_weights_from_safetensors_headers(tmp_path):
 
 def test_model_dir_finds_local_folders_and_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert modelinfo.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") is None
+    assert cache.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") is None
     repo = tmp_path / "hub" / "models--Qwen--Qwen2.5-7B-Instruct-AWQ"
     old, new = repo / "snapshots" / "aaa", repo / "snapshots" / "bbb"
     for snap in (old, new):
@@ -186,14 +186,14 @@ def test_model_dir_finds_local_folders_and_the_hub_cache(tmp_path, monkeypatch):
         (snap / "config.json").write_text(json.dumps(DUMMY_7B_AWQ))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("aaa\n")
-    assert modelinfo.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") == old
+    assert cache.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") == old
     (repo / "refs" / "main").unlink()
-    assert modelinfo.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") in (old, new)
+    assert cache.model_dir("Qwen/Qwen2.5-7B-Instruct-AWQ") in (old, new)
     local = tmp_path / "mymodel"
     local.mkdir()
-    assert modelinfo.model_dir(str(local)) is None  # no config.json
+    assert cache.model_dir(str(local)) is None  # no config.json
     (local / "config.json").write_text("{}")
-    assert modelinfo.model_dir(str(local)) == local
+    assert cache.model_dir(str(local)) == local
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert modelinfo.hf_hub_cache() == tmp_path / "hf" / "hub"
+    assert cache.hf_hub_cache() == tmp_path / "hf" / "hub"
