@@ -27,6 +27,7 @@ from mmlib.profiles import embedded
 from mmlib.profiles.profile import Profile
 from mmlib.profiles.vllm_cmd import server_argv, server_env, sleep_available, wants_tcp
 from mmlib.serve import records
+from mmlib.serve.phases import PhaseTracker
 from mmlib.serve.states import LIVE, State, check_transition
 from mmlib.system import proctree
 from mmlib.system.files import tail_lines
@@ -86,6 +87,8 @@ class ManagedServer:
     _watch: asyncio.Task | None = None
     _starting: asyncio.Task | None = None
     _http: httpx.AsyncClient | None = None
+    _phases: PhaseTracker | None = None  # what a starting server is doing, read from its log
+    _log_read: int = 0
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -160,6 +163,7 @@ class ManagedServer:
             "sleep_level": self.profile.sleep.level if self.can_sleep else None,
             "switch": "sleep/wake" if self.can_sleep else "stop/start",
             "last_switch_s": self.last_switch_s, "in_flight": self.in_flight,
+            "phase": self._phases.phase.to_dict() if self._phases and self.state == State.STARTING else None,
         }
 
     # --- start -----------------------------------------------------------------------------------
@@ -197,6 +201,7 @@ class ManagedServer:
         if self.uds:
             Path(self.uds).unlink(missing_ok=True)
         self.log_path = self._rotate_log()
+        self._follow_log(from_start=False)
         self.started_at, self.ready_at, self.error_log, self.slept_level = time.time(), None, [], None
         try:
             if p.model and embedded.is_embedded(p.model):
@@ -224,21 +229,48 @@ class ManagedServer:
         except httpx.HTTPError:
             return False
 
+    def _follow_log(self, from_start: bool) -> None:
+        """Start reading the server's log for its phases (from its start when adopting it)."""
+        self._phases = PhaseTracker()
+        size = self.log_path.stat().st_size if self.log_path and self.log_path.exists() else 0
+        self._log_read = 0 if from_start else size
+
+    def _read_phase(self) -> None:
+        """Feed what the log gained since the last look to the phase tracker."""
+        if not self._phases or not self.log_path:
+            return
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_read)
+                data = f.read(1 << 20)
+        except OSError:
+            return
+        self._log_read += len(data)
+        self._phases.feed(data)
+
     async def _await_health(self, timeout: float) -> None:
-        """Poll /health fast at first, backing off, while watching the process for an early exit."""
-        deadline, delay = time.monotonic() + timeout, 0.05
-        while time.monotonic() < deadline:
+        """Poll /health fast at first, backing off, while watching the process for an early exit
+        and reading its log for the phase it is in. The timeout applies per phase: a start that
+        keeps moving (downloading, loading, compiling, capturing graphs) is not cut off for being
+        long, one stuck in a phase for `timeout` seconds is."""
+        delay = 0.05
+        if self._phases is None:
+            self._follow_log(from_start=True)
+        while True:
             if self._exited():
-                await self._fail(f"exited during start-up (code {self._proc.returncode})")
+                await self._fail(f"exited during start-up (code {self._proc.returncode if self._proc else '?'})")
                 raise MMError(self._failure_message())
             if await self._healthy():
                 break
+            self._read_phase()
+            phase = self._phases.phase
+            if time.time() - phase.since > timeout:
+                await self._kill_family()
+                await self._fail(f"no progress for {timeout:.0f} s while {phase.name} "
+                                 f"(startup_timeout, which applies to each phase of a start)")
+                raise MMError(self._failure_message())
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 1.0)
-        else:
-            await self._kill_family()
-            await self._fail(f"not healthy after {timeout:.0f} s (startup_timeout)")
-            raise MMError(self._failure_message())
         self._family = self._process_family()
         self.ready_at = time.time()
         self.last_used = time.monotonic()
@@ -278,8 +310,7 @@ class ManagedServer:
         self._family = self._process_family()
         if not await self._healthy():
             await self._set_state(State.STARTING)
-            left = self.profile.startup_timeout - (time.time() - (self.started_at or time.time()))
-            self._starting = asyncio.ensure_future(self._await_health(max(left, 30.0)))
+            self._starting = asyncio.ensure_future(self._await_health(self.profile.startup_timeout))
             return True
         sleeping = False
         if self.can_sleep:

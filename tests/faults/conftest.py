@@ -14,7 +14,7 @@ FAKE_VLLM = Path(__file__).resolve().parent / "fakevllm"
 FAKE_PROFILE = """
 model = "fake/{name}"
 served_model_name = "{name}"
-startup_timeout = 30
+startup_timeout = {startup_timeout}
 {extra}
 [sleep]
 enabled = {sleep}
@@ -22,10 +22,11 @@ enabled = {sleep}
 
 
 class FakeMM(LiveMM):
-    def add_profile(self, name: str, sleep: bool = True, extra: str = "") -> None:
+    def add_profile(self, name: str, sleep: bool = True, extra: str = "", startup_timeout: float = 30) -> None:
         d = Path(self.env["MM_HOME"]) / "config" / "profiles"
         d.mkdir(parents=True, exist_ok=True)
-        (d / f"{name}.toml").write_text(FAKE_PROFILE.format(name=name, sleep=str(sleep).lower(), extra=extra))
+        (d / f"{name}.toml").write_text(FAKE_PROFILE.format(name=name, sleep=str(sleep).lower(), extra=extra,
+                                                                       startup_timeout=startup_timeout))
 
     def server(self, profile: str) -> dict:
         return {s["profile"]: s for s in self.status()["servers"]}[profile]

@@ -199,3 +199,32 @@ def test_listening_on_all_interfaces_without_a_key_is_refused(fake_mm):
     r = run_mm("daemon", env={**fake_mm.env, "MM_PROXY_HOST": "0.0.0.0"}, check=False, timeout=30)
     assert r.returncode == 1 and "proxy_host" in r.stderr and "api_key" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_startup_timeout_applies_to_each_phase_and_status_shows_it(fake_mm):
+    # Six seconds of start in four phases, none longer than 2 s: not cut off by a 3 s timeout.
+    fake_mm.add_profile("phased", startup_timeout=3, extra='[env]\nFAKE_START_DELAY = "6"\nFAKE_START_PHASES = "1"\n')
+    up = spawn_mm(fake_mm, "up", "phased", "--force")
+    seen = set()
+
+    def phase():
+        from mmlib.errors import MMError
+
+        try:
+            s = {s["profile"]: s for s in fake_mm.status()["servers"]}.get("phased") or {}
+        except MMError:
+            return None
+        if s.get("phase"):
+            seen.add(s["phase"]["name"])
+        return s.get("state") == "awake"
+    wait_for(phase, timeout=40, step=0.2)
+    up.communicate(timeout=20)
+    assert up.returncode == 0 and {"loading weights", "KV cache"} & seen
+
+
+def test_a_start_stuck_in_one_phase_fails_after_startup_timeout(fake_mm):
+    fake_mm.add_profile("stuck", startup_timeout=2, extra='restart = "no"\n[env]\nFAKE_START_DELAY = "60"\n')
+    t0 = time.monotonic()
+    r = fake_mm.mm("up", "stuck", "--force", check=False)
+    assert r.returncode == 1 and "no progress for 2 s while starting" in r.stderr
+    assert time.monotonic() - t0 < 30

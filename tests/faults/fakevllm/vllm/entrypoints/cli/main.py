@@ -14,6 +14,7 @@ metric names and format (prometheus_client, as vLLM uses). Environment knobs:
   FAKE_TOKENS (default 8)        tokens per answer
   FAKE_TOKEN_DELAY (default 0)   seconds between streamed tokens
   FAKE_START_DELAY (default 0)   seconds before /health answers
+  FAKE_START_PHASES (unset)      print vLLM's start lines (loading, KV cache, ...) over that time
   FAKE_EXIT_AT_START (unset)     exit with this code during start-up
   FAKE_HANG (unset)              never answer a request (a hung engine)
   FAKE_STOP_DELAY (0)            seconds the engine process takes to exit after SIGTERM
@@ -71,7 +72,19 @@ def main() -> None:
     names = args.served_model_name or [args.model]
     tokens = int(os.environ.get("FAKE_TOKENS", "8"))
     delay = float(os.environ.get("FAKE_TOKEN_DELAY", "0"))
-    ready_at = time.monotonic() + float(os.environ.get("FAKE_START_DELAY", "0"))
+    start_delay = float(os.environ.get("FAKE_START_DELAY", "0"))
+    ready_at = time.monotonic() + start_delay
+    if os.environ.get("FAKE_START_PHASES"):  # vLLM's own start lines, spread over the start
+        import threading
+
+        def phases() -> None:
+            lines = ["Starting to load model fake...", "Loading weights took 0.50 seconds",
+                     "Memory profiling takes 0.40 seconds", "GPU KV cache size: 131,072 tokens",
+                     "Warming up sampler."]
+            for line in lines:
+                time.sleep(start_delay / (len(lines) + 1))
+                print(f"(EngineCore pid={os.getpid()}) INFO fake: {line}", flush=True)
+        threading.Thread(target=phases, daemon=True).start()
     state = {"sleeping": False, "weights": True, "calls": [], "level": 0}
     registry, labels = CollectorRegistry(), {"engine": "0", "model_name": names[0]}
     prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
