@@ -70,8 +70,10 @@ class CardMemory:
 
     def held(self, pid: int | None) -> int | None:
         """Bytes the process tree of pid holds on the GPU; None where NVML cannot tell."""
+        if not self.nvml.available:
+            return None
         procs = proctree.family(pid)
-        if not procs or not self.nvml.available:
+        if not procs:
             return None
         got = self.nvml.processes_bytes({p.pid for p in procs})
         return got if isinstance(got, int) else None
