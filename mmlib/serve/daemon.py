@@ -35,9 +35,14 @@ from mmlib.serve.proxy import ModelIndex, Proxy
 from mmlib.serve.scheduler import Policy, Scheduler
 from mmlib.serve.states import State
 from mmlib.serve.supervisor import ManagedServer
+from mmlib.system.files import replace_atomic
 
 log = logging.getLogger("mm.daemon")
 IDLE_CHECK_S = 1.0
+
+
+def footprints_path() -> Path:
+    return paths.state_dir() / "footprints.json"
 
 
 def socket_path() -> Path:
@@ -68,6 +73,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._spec: asyncio.Future | None = None
         self._predicted: dict[str, tuple[Profile, Footprint | None]] = {}
+        self._saved_footprints = ""
         self.page = Page(self._status, {"wake": self._activate, "sleep": self._sleep, "stop": self._stop},
                          self.metrics, api_key=config.api_key, stopping=self.stopping)  # page: /, /metrics, /mm/...
         self.proxy.app = self.page.around(self.proxy.app)
@@ -240,9 +246,27 @@ class Daemon:
         return await self._call(request, act)
 
     # --- background duties -------------------------------------------------------------------------
+    # --- what each profile was measured to hold, kept across daemon restarts --------------------------
+    def load_footprints(self) -> None:
+        try:
+            saved = json.loads(footprints_path().read_text())
+            self.scheduler.footprints = {(name, model or None): Footprint(f["awake"], f["asleep"], measured=True)
+                                         for name, model, f in saved}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet, or unreadable: measured again as servers run
+
+    def save_footprints(self) -> None:
+        rows = [[name, model, {"awake": f.awake, "asleep": f.asleep}]
+                for (name, model), f in sorted(self.scheduler.footprints.items(), key=str) if f.measured]
+        text = json.dumps(rows)
+        if text != self._saved_footprints:
+            replace_atomic(footprints_path(), text, mode=0o600)
+            self._saved_footprints = text
+
     async def idle_loop(self) -> None:
         while True:
             await asyncio.sleep(IDLE_CHECK_S)
+            self.save_footprints()
             now = time.monotonic()
             for s in list(self.scheduler.servers.values()):
                 self.scheduler.measure(s)  # the awake peak and the asleep residue, for room decisions
@@ -357,6 +381,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, daemon.stopping.set)
+    daemon.load_footprints()
     await daemon.adopt_orphans()
     tasks = [asyncio.create_task(control.serve(sockets=[control_sock])),
              asyncio.create_task(proxy.serve(sockets=[proxy_sock])),
