@@ -343,10 +343,13 @@ class ManagedServer:
         async with self._lock:
             if self.state not in LIVE or self.state == State.STOPPING:
                 return
-            was = self.state
-            which = "server" if self.pid in dead else f"engine process {dead[0]}"
-            await self._kill_family()  # a half-dead vLLM (API up, engine gone) must not linger
+            was, pid, family = self.state, self.pid, self._family or self._process_family()
+            which = "server" if pid in dead else f"engine process {dead[0]}"
+            # Failed at once (requests get their answer now), then the rest of it is killed: a
+            # half-dead vLLM (API up, engine gone) must not linger.
             await self._fail(f"{which} died unexpectedly" + (" while asleep" if was == State.ASLEEP else ""))
+            await proctree.terminate(pid, family, STOP_GRACE_S)
+            self._family = []
         result = self.on_death(self, was)
         if asyncio.iscoroutine(result):
             await result

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from mmlib import paths
-from tests.conftest import free_port
+from tests.conftest import runtime_dir, free_port
 from tests.faults.conftest import FAKE_VLLM, FakeMM
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -44,7 +44,8 @@ TOML = 'model = "{model}"\nserved_model_name = "{name}"\nstartup_timeout = 30\n[
 def page_mm(tmp_path_factory):
     home = tmp_path_factory.mktemp("page")
     env = {"MM_HOME": str(home / "home"), "MM_PROXY_PORT": str(free_port()), "MM_API_KEY": KEY,
-           "MM_RESULTS_DIR": str(home / "results"),
+           "MM_RESULTS_DIR": str(home / "results"), "MM_RUNTIME_DIR": runtime_dir(),
+           "HF_HUB_OFFLINE": "1",  # its models' names are real hub ids, served by the fake: no pull first
            "PYTHONPATH": os.pathsep.join([str(FAKE_VLLM), str(ROOT)])}
     profiles = home / "home" / "config" / "profiles"
     profiles.mkdir(parents=True)
