@@ -21,13 +21,17 @@ first() {
   python3 -c "import platformdirs, tomli_w" 2>/dev/null ||
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   header | tee "$out/level2_wake_h100.txt" > "$out/mixed_load_h100.txt"
-  echo "# one model awake at a time: both at 0.125 of the H100, gpu_budget 12GiB (each is predicted at 10.7 GiB)" >> "$out/mixed_load_h100.txt"
+  # sleep level 2: the script sizes its KV cache in bytes, so starting beside the mixed servers
+  # cannot skew vLLM's memory profiling (that race failed the first try: "Error in memory profiling")
+  # gpu_budget 16GiB: one awake (about 12 GiB measured) and one asleep fit, two awake do not. (12GiB
+  # left no room for the sleeper's residue either: every switch became a restart.)
+  echo "# one model awake at a time: both at 0.125 of the H100 (vLLM budget 9.9 GiB each), gpu_budget 16GiB: one awake + one asleep fit, two awake do not" >> "$out/mixed_load_h100.txt"
   timeout 420 python3 benchmarks/level2_wake.py --tokenizer .gpu-stage/models/dummy-1.5b \
     --out "$out/level2_wake_h100.txt" > "$out/level2.log" 2>&1 &
   timeout 540 python3 benchmarks/mixed_load.py --models-dir .gpu-stage/models --duration 25 --switch \
-    --budget 12GiB --label one-at-a-time --out "$out/mixed_load_h100.txt" > "$out/mixed1.log" 2>&1
+    --budget 16GiB --label one-at-a-time --out "$out/mixed_load_h100.txt" > "$out/mixed1.log" 2>&1
   wait
-  tail -5 "$out/level2.log" "$out/mixed1.log"
+  tail -n 5 "$out/level2.log" "$out/mixed1.log"
   cat "$out/level2_wake_h100.txt" "$out/mixed_load_h100.txt"
   tar -cJf "$out/jit.tar.xz" -C ~/.cache vllm flashinfer 2>/dev/null; ls -la "$out"
 }
@@ -35,12 +39,14 @@ first() {
 second() {
   setsid python3 .gpu-stage/ballast.py --leave 12 > /tmp/ballast.log 2>&1 < /dev/null &
   for _ in $(seq 60); do grep -q holding /tmp/ballast.log && break; sleep 1; done; cat /tmp/ballast.log
-  echo "# emulated 12 GiB card (ballast): both sized in bytes (KV 1.0e9 and 0.6e9 bytes), awake together" >> "$out/mixed_load_h100.txt"
+  f="$out/mixed_load_h100_card12.txt"
+  echo "# $(nvidia-smi --query-gpu=name --format=csv,noheader), vLLM 0.26.0, $(date -u +%F); ballast leaves 12.00 GiB free (an emulated 12 GiB card)" > "$f"
+  echo "# both models sized in bytes (KV 1.0e9 and 0.6e9 bytes, enforce-eager), gpu_budget 12GiB: they fit awake together" >> "$f"
   timeout 500 python3 benchmarks/mixed_load.py --models-dir .gpu-stage/models --duration 25 --budget 12GiB \
     --big-extra $'gpu_memory_utilization = 0.06\nkv_cache_memory_bytes = 1000000000' \
     --small-extra $'gpu_memory_utilization = 0.05\nkv_cache_memory_bytes = 600000000' \
-    --label "12GiB card, together" --out "$out/mixed_load_h100.txt" > "$out/mixed2.log" 2>&1
-  tail -5 "$out/mixed2.log"; cat "$out/mixed_load_h100.txt"; nvidia-smi --query-gpu=memory.used,memory.total --format=csv
+    --label "12GiB card, together" --out "$f" > "$out/mixed2.log" 2>&1
+  tail -n 4 "$out/mixed2.log"; cat "$f"; nvidia-smi --query-gpu=memory.used,memory.total --format=csv
 }
 
 for step in "$@"; do echo "== $step"; $step; done
