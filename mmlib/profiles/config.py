@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from mmlib import paths
 from mmlib.errors import ProfileError
-from mmlib.profiles.memory import gib, parse_size
-from mmlib.profiles.profile import read_toml
+
+# The CLI's control client reads api_key here on every command (`mm status` among them), so the
+# profile machinery is imported only where a config file is actually read.
 
 # key -> (type, what to tell the user)
 KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
@@ -49,6 +50,8 @@ def config_path():
 
 
 def _budget(where: str, value: str | int) -> int:
+    from mmlib.profiles.memory import gib, parse_size
+
     try:
         n = value if isinstance(value, int) else parse_size(value)
     except ValueError:
@@ -61,7 +64,11 @@ def _budget(where: str, value: str | int) -> int:
 
 def load_config() -> Config:
     path = config_path()
-    data = read_toml(path) if path.is_file() else {}
+    data = {}
+    if path.is_file():
+        from mmlib.profiles.profile import read_toml
+
+        data = read_toml(path)
     for key, value in data.items():
         if key not in KEYS:
             raise ProfileError(str(path), "unknown key", f"known keys: {', '.join(KEYS)}", key=key)

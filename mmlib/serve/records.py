@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from mmlib import paths
-from mmlib.system import proctree
 from mmlib.system.files import replace_atomic
 
 
@@ -44,11 +43,15 @@ def read_all() -> list[tuple[Path, dict[str, Any] | None]]:
 
 
 def still_running(record: dict[str, Any]) -> bool:
+    from mmlib.system import proctree  # psutil: not on `mm status`'s path unless a record exists
+
     return proctree.same_process(record["pid"], record.get("create_time"))
 
 
 def stop_recorded(file: Path, record: dict[str, Any] | None) -> None:
     """Kill the process group a record names, if that process is still the one recorded; drop the file."""
     if record is not None:
+        from mmlib.system import proctree
+
         proctree.kill_recorded(record["pid"], record.get("create_time"))
     file.unlink(missing_ok=True)
