@@ -1,0 +1,345 @@
+"""Every shipped profile on an emulated 12 GiB card, through mm: started, GPU memory predicted by
+`mm check` beside what NVML measured, what it keeps asleep; then a round of requests through mm
+that visits every profile twice (chat, perf, voice, ocr, baseline, default), so mm must switch,
+evict and restart within 12 GiB.
+
+Models are the weight-less folders of tests/fixtures/models-gpu served with `--load-format dummy`
+(random weights of the real shapes: memory, start, sleep and wake are real, the text is noise);
+the default profile's SmolLM2 gets the same treatment (its config and tokenizer, no weights). Each
+shipped profile is copied into a fresh MM_HOME with only its model pointed at the fixture and
+load_format = "dummy" added (and dtype = "bfloat16" for the AWQ ones on Hopper, where FlashAttention
+3 refuses fp16 with an fp8 KV cache; a 12 GB consumer card has no FA3). Everything else is the
+shipped profile as a user gets it; the daemon's config says gpu_budget = "12GiB".
+
+Measured = the peak of the GPU's used memory over the baseline (the ballast alone) while only that
+profile's servers run, sampled by NVML at 10 Hz from its start to the end of its requests; asleep =
+the same after `mm sleep`, settled. Lines are appended to --out as they come, so a cut run keeps
+what it finished.
+
+GPU (after the kit's unpack and `ballast.py --leave 12`):
+    python3 benchmarks/card12.py --out benchmark_results/card12_h100.txt
+Here (the fake vLLM: the flow only, no memory):
+    PYTHONPATH=tests/faults/fakevllm:. python3 benchmarks/card12.py --fake
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+import wave
+import zlib
+from pathlib import Path
+
+import httpx
+import tomli_w
+from common import ROOT
+
+FIXTURES = ROOT / "tests" / "fixtures" / "models-gpu"
+# The shipped profiles' models and their weight-less folders.
+MODEL_FIXTURES = {
+    "Qwen/Qwen2.5-7B-Instruct-AWQ": "qwen2.5-7b-awq",
+    "nvidia/Llama-3.1-Nemotron-Nano-4B-v1.1": "nemotron-nano-4b",
+    "openai/whisper-large-v3-turbo": "whisper-large-v3-turbo",
+    "lightonai/LightOnOCR-1B-1025": "lightonocr-1b",
+}
+ORDER = ["chat", "perf", "voice", "ocr", "baseline", "default"]
+GIB = 1 << 30
+CARD = 12 * GIB
+
+
+# --- the profiles, as shipped but for the model ---------------------------------------------------
+def write_profiles(home: Path, fake: bool, hopper: bool) -> None:
+    """A user profile of the same name shadows the shipped one: the shipped file with its model
+    pointed at the fixture (profiles that inherit their model, perf from baseline, are left alone)."""
+    folder = home / "config" / "profiles"
+    folder.mkdir(parents=True)
+    for path in sorted((ROOT / "profiles").glob("*.toml")):
+        doc = tomllib.loads(path.read_text())
+        if "model" not in doc:
+            continue
+        if fake:
+            share = doc.get("engine", {}).get("gpu_memory_utilization")
+            doc = {k: doc[k] for k in ("description", "served_model_name", "aliases", "share_gpu") if k in doc}
+            if share:
+                doc["engine"] = {"gpu_memory_utilization": share}  # a stack's members must fit together
+            doc.update(model=f"fake/{path.stem}", sleep={"enabled": True},
+                       env={"FAKE_TOKENS": "8", "FAKE_TOKEN_DELAY": "0.01"})
+        else:
+            model = doc["model"]
+            if model in MODEL_FIXTURES:
+                doc["model"] = str(FIXTURES / MODEL_FIXTURES[model])
+            elif not model.startswith("embedded:"):
+                raise SystemExit(f"{path.name}: no fixture for {model}; add one to {FIXTURES}")
+            engine = doc.setdefault("engine", {})
+            engine["load_format"] = "dummy"
+            if hopper and "awq" in model.lower():
+                engine.setdefault("dtype", "bfloat16")
+        (folder / path.name).write_text(tomli_w.dumps(doc))
+
+
+def embedded_without_weights(cache: Path) -> None:
+    """The default profile's model folder as mm would have converted it, minus the weights."""
+    target = cache / "models" / "SmolLM2-135M-Instruct"
+    target.mkdir(parents=True, exist_ok=True)
+    src = FIXTURES / "smollm2-135m"
+    for f in src.iterdir():
+        if f.name != "README.md":
+            shutil.copy(f, target / f.name)
+    shutil.copy(FIXTURES / "qwen2.5-7b-awq" / "tokenizer.json", target / "tokenizer.json")  # the same vocabulary
+
+
+# --- measuring --------------------------------------------------------------------------------------
+class GpuSampler:
+    """Peak of the GPU's used bytes over a baseline, sampled in a thread (NVML; none when fake)."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nv, self._h = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:
+            self._nv = None
+        self.peak = 0
+        self._stop: threading.Event | None = None
+
+    @property
+    def available(self) -> bool:
+        return self._nv is not None
+
+    def used(self) -> int:
+        return int(self._nv.nvmlDeviceGetMemoryInfo(self._h).used) if self._nv else 0
+
+    def free(self) -> int:
+        return int(self._nv.nvmlDeviceGetMemoryInfo(self._h).free) if self._nv else 0
+
+    def name(self) -> str:
+        if not self._nv:
+            return "no GPU (fake vLLM)"
+        n = self._nv.nvmlDeviceGetName(self._h)
+        return n.decode() if isinstance(n, bytes) else str(n)
+
+    def settled(self, timeout: float = 60.0) -> int:
+        """Used bytes once two readings a second apart agree within 64 MiB."""
+        last, deadline = self.used(), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            now = self.used()
+            if abs(now - last) < 64 << 20:
+                return now
+            last = now
+        return last
+
+    def __enter__(self) -> GpuSampler:
+        self.peak, self._stop = self.used(), threading.Event()
+
+        def loop() -> None:
+            while not self._stop.wait(0.1):
+                self.peak = max(self.peak, self.used())
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.used())
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+# --- requests ----------------------------------------------------------------------------------------
+def png_data_url(size: int = 64) -> str:
+    """A small white page with a black bar: enough for the OCR model's image path."""
+    rows = b"".join(b"\x00" + bytes([0 if size // 3 < y < size // 2 else 255] * size * 3) for y in range(size))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def wav_bytes(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    """A 16 kHz mono tone: what vLLM's transcription endpoint reads without resampling."""
+    import math
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes(b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / rate)))
+                               for i in range(int(seconds * rate))))
+    return buf.getvalue()
+
+
+def requests_for(profile: str, served: dict[str, str], fake: bool) -> list[tuple[str, str, dict]]:
+    """(what, path, body) of the requests that visit a profile: a chat answer from each LLM, a
+    transcription for speech-to-text, a page image for OCR."""
+    def chat(model: str, content) -> tuple[str, str, dict]:
+        return (model, "/v1/chat/completions",
+                {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": content}]})
+    if profile == "voice":
+        out = [chat(served["voice-llm"], "Say hello.")]
+        out.append(chat(served["voice-stt"], "x") if fake else
+                   (served["voice-stt"], "/v1/audio/transcriptions", {"model": served["voice-stt"]}))
+        return out
+    if profile == "ocr" and not fake:
+        return [chat(served["ocr"], [{"type": "image_url", "image_url": {"url": png_data_url()}},
+                                     {"type": "text", "text": "Read this page."}])]
+    return [chat(served[profile], f"Tell me about the number {random.randint(0, 1000)}.")]
+
+
+def send(client: httpx.Client, base: str, req: tuple[str, str, dict]) -> str | None:
+    """None when answered by the model asked for; else what went wrong, in a line."""
+    model, path, body = req
+    try:
+        if path.endswith("transcriptions"):
+            r = client.post(base + path, data=body, files={"file": ("tone.wav", wav_bytes(), "audio/wav")})
+        else:
+            r = client.post(base + path, json=body)
+    except httpx.HTTPError as e:
+        return f"{model}: {type(e).__name__}: {e}"
+    if r.status_code != 200:
+        return f"{model}: HTTP {r.status_code}: {r.text[:200]}"
+    doc = r.json()
+    if "model" in doc and doc["model"] != model:
+        return f"{model}: answered by {doc['model']}"
+    return None
+
+
+# --- the run -------------------------------------------------------------------------------------------
+class Run:
+    def __init__(self, env: dict, out: Path | None) -> None:
+        self.env, self.out = env, out
+        self.base = f"http://127.0.0.1:{env['MM_PROXY_PORT']}"
+
+    def line(self, text: str) -> None:
+        print(text, flush=True)
+        if self.out:
+            with open(self.out, "a") as f:
+                f.write(text + "\n")
+
+    def mm(self, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mmlib", *args], env=self.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def status(self) -> dict:
+        return json.loads(self.mm("status", "--json").stdout)
+
+
+def served_names() -> dict[str, str]:
+    from mmlib.profiles.profile import load_profile
+
+    names = {}
+    for name in ("chat", "perf", "baseline", "ocr", "default", "voice-llm", "voice-stt"):
+        names[name] = load_profile(name).served_model_name
+    return names
+
+
+def predicted(name: str) -> str:
+    from mmlib.guard.checks import predicted_gib
+
+    try:
+        return f"{predicted_gib(name, CARD):.2f}"
+    except Exception as e:  # a fixture the estimate cannot read: say so on the line
+        return f"n/a({type(e).__name__})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--fake", action="store_true", help="the fake vLLM: the flow only, no memory")
+    ap.add_argument("--profiles", default=",".join(ORDER), help="comma-separated, in this order")
+    ap.add_argument("--rounds", type=int, default=2, help="visits of every profile in the round")
+    args = ap.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="mm-card12-"))
+    cache = home / "cache"
+    gpu = GpuSampler()
+    hopper = gpu.available and any(h in gpu.name() for h in ("H100", "H200", "H800", "GH200"))
+    write_profiles(home, args.fake, hopper)
+    embedded_without_weights(cache)
+    (home / "config" / "config.toml").write_text('gpu_budget = "12GiB"\n')
+    env = {**os.environ, "MM_HOME": str(home), "MM_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1",
+           "MM_PROXY_PORT": str(8200 + random.randint(0, 500)),
+           "MM_RUNTIME_DIR": tempfile.mkdtemp(prefix="mm-", dir="/tmp")}
+    os.environ.update(MM_HOME=env["MM_HOME"], MM_CACHE_DIR=env["MM_CACHE_DIR"])  # for load_profile here
+    run = Run(env, args.out)
+    served = served_names()
+    profiles = [p for p in args.profiles.split(",") if p]
+    base_used = gpu.settled()
+    run.line(f"# benchmarks/card12.py, {time.strftime('%Y-%m-%d %H:%M')}: {gpu.name()}; free {gib(gpu.free())} GiB "
+             f"with nothing started (the ballast holds the rest); gpu_budget 12GiB; models: random weights of "
+             f"the real shapes (tests/fixtures/models-gpu){'; dtype bfloat16 for AWQ on Hopper' if hopper else ''}")
+    try:
+        for name in profiles:
+            stopped = run.mm("stop", "--all")
+            if stopped.returncode and "nothing is running" not in stopped.stdout:
+                run.line(f"# stop --all: {stopped.stdout.strip()} {stopped.stderr.strip()}")
+            before = gpu.settled()
+            t0 = time.monotonic()
+            failures: list[str] = []
+            with gpu as sampled:
+                up = run.mm("up", name, *(["--force"] if args.fake else []))  # the fake has few flags
+                start_s = time.monotonic() - t0
+                started = "ok" if up.returncode == 0 else "failed"
+                if up.returncode == 0:
+                    with httpx.Client(timeout=600) as client:
+                        for req in requests_for(name, served, args.fake):
+                            err = send(client, run.base, req)
+                            if err:
+                                failures.append(err)
+            measured = sampled.peak - before
+            asleep = "n/a"
+            if up.returncode == 0:
+                slept = run.mm("sleep", name if name != "voice" else "voice-llm")
+                if name == "voice":
+                    slept = run.mm("sleep", "voice-stt")
+                asleep = gib(gpu.settled() - base_used) if slept.returncode == 0 and gpu.available else "n/a"
+            line = (f"profile={name} started={started} predicted_gib={'n/a' if args.fake else predicted(name)} "
+                    f"measured_gib={gib(measured) if gpu.available else 'n/a'} asleep_gib={asleep} "
+                    f"start_s={start_s:.0f} requests_failed={len(failures)}")
+            run.line(line)
+            if up.returncode:
+                run.line(f"#   {name}: {(up.stderr or up.stdout).strip().splitlines()[-1:]}")
+            for err in failures[:3]:
+                run.line(f"#   {err[:300]}")
+        # The round: every profile, in the issue's order, twice, through mm as a client would.
+        run.mm("stop", "--all")
+        n = failed = 0
+        errors: list[str] = []
+        t0 = time.monotonic()
+        with httpx.Client(timeout=1200) as client:
+            for _ in range(args.rounds):
+                for name in profiles:
+                    for req in requests_for(name, served, args.fake):
+                        n += 1
+                        err = send(client, run.base, req)
+                        if err:
+                            failed += 1
+                            errors.append(err)
+        status = run.status()
+        run.line(f"round: requests={n} failed={failed} seconds={time.monotonic() - t0:.0f} "
+                 f"switches_last_min={status.get('switches_per_min')}")
+        for err in errors[:5]:
+            run.line(f"#   {err[:300]}")
+        run.line("# after the round: " + ", ".join(f"{s['profile']}={s['state']}" for s in status["servers"])
+                 + f"; card {status.get('card', {}).get('free')} bytes free")
+    finally:
+        run.mm("daemon", "stop")
+
+
+if __name__ == "__main__":
+    main()
