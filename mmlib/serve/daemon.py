@@ -27,7 +27,7 @@ from mmlib.errors import MMError
 from mmlib.profiles.config import Config, load_config
 from mmlib.profiles.profile import Profile, load_all, load_profile
 from mmlib.serve import records
-from mmlib.serve.auth import bearer_ok
+from mmlib.serve.auth import bearer_ok, host_guard
 from mmlib.serve.memory import CardMemory, Footprint
 from mmlib.serve.metrics import Metrics
 from mmlib.serve.page import Page
@@ -76,7 +76,7 @@ class Daemon:
         self._saved_footprints = ""
         self.page = Page(self._status, {"wake": self._activate, "sleep": self._sleep, "stop": self._stop},
                          self.metrics, api_key=config.api_key, stopping=self.stopping)  # page: /, /metrics, /mm/...
-        self.proxy.app = self.page.around(self.proxy.app)
+        self.proxy.app = host_guard(self.page.around(self.proxy.app), config.api_key, config.proxy_host)
         self.control = Starlette(routes=[
             Route("/ping", self.ping, methods=["GET"]),
             Route("/status", self.status, methods=["GET"]),

@@ -72,3 +72,14 @@ def test_profile_values_reach_vllm_as_argv_never_a_shell(fake_mm, tmp_path):
     argv = fake_mm.direct('shelly').get("/argv").json()["argv"]
     assert f"x; touch {marker}" in argv and f"$(touch {marker})" in argv
     assert not marker.exists()
+
+
+def test_a_page_rebinding_its_name_to_loopback_is_refused(fake_mm):
+    """DNS rebinding: a site's name resolving to 127.0.0.1 must not reach the keyless endpoint."""
+    fake_mm.add_profile("rebind")
+    fake_mm.mm("up", "rebind", "--force")
+    body = {"model": "rebind", "messages": [{"role": "user", "content": "x"}]}
+    r = httpx.post(f"{fake_mm.proxy}/v1/chat/completions", json=body, headers={"host": "attacker.example"})
+    assert r.status_code == 403 and "DNS rebinding" in r.json()["error"]["message"]
+    assert httpx.get(f"{fake_mm.proxy}/", headers={"host": "attacker.example:8000"}).status_code == 403  # the page
+    assert httpx.post(f"{fake_mm.proxy}/v1/chat/completions", json=body).status_code == 200  # 127.0.0.1 is fine
