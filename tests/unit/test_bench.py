@@ -188,9 +188,9 @@ def test_run_writes_result_and_summary(mm_env, tmp_path):
     assert saved["profile_config"]["memory"]["sequences"] == 32 and saved["gpu"]
     assert saved["vllm"]["version"] and saved["server"]["served_model_name"] == "smollm2"
     assert saved["scenarios"]["burst"]["params"]["max_concurrency"] == 50
-    assert saved["scenarios"]["latency"]["figures"]["completed"] == 10
+    assert saved["scenarios"]["latency"]["figures"]["completed"] == min(10, scenarios.CPU_QUICK_MAX_PROMPTS)
     assert saved["memory"]["peak"]["rss_mib"] == 1000.0 and saved["finished_at"]
-    assert ("begin", "latency", 10) in ui.events and ("end", "burst", True) in ui.events
+    assert ("begin", "latency", min(10, scenarios.CPU_QUICK_MAX_PROMPTS)) in ui.events and ("end", "burst", True) in ui.events
     assert "## Bench: burst" in (tmp_path / "summary.md").read_text()
 
 
