@@ -101,34 +101,30 @@ def embedded_without_weights(cache: Path) -> None:
 
 # --- measuring --------------------------------------------------------------------------------------
 class GpuSampler:
-    """Peak of the GPU's used bytes over a baseline, sampled in a thread (NVML; none when fake)."""
+    """Peak of the GPU's used bytes over a baseline, sampled in a thread (mm's NVML wrapper; none
+    when fake)."""
 
     def __init__(self) -> None:
-        try:
-            import pynvml
+        from mmlib.system import nvml
 
-            pynvml.nvmlInit()
-            self._nv, self._h = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
-        except Exception:
-            self._nv = None
+        self._nv, self._name = nvml.session(), nvml.gpu_name
         self.peak = 0
         self._stop: threading.Event | None = None
 
     @property
     def available(self) -> bool:
-        return self._nv is not None
+        return self._nv.available
 
     def used(self) -> int:
-        return int(self._nv.nvmlDeviceGetMemoryInfo(self._h).used) if self._nv else 0
+        found = self._nv.device_bytes()
+        return found[0] if found else 0
 
     def free(self) -> int:
-        return int(self._nv.nvmlDeviceGetMemoryInfo(self._h).free) if self._nv else 0
+        found = self._nv.device_bytes()
+        return found[1] - found[0] if found else 0
 
     def name(self) -> str:
-        if not self._nv:
-            return "no GPU (fake vLLM)"
-        n = self._nv.nvmlDeviceGetName(self._h)
-        return n.decode() if isinstance(n, bytes) else str(n)
+        return self._name(self._nv) if self.available else "no GPU (fake vLLM)"
 
     def settled(self, timeout: float = 60.0) -> int:
         """Used bytes once two readings a second apart agree within 64 MiB."""
