@@ -75,6 +75,7 @@ card12() {
 poll() {
   for _ in $(seq 108); do grep -q '^round:' /tmp/card12_h100.txt 2>/dev/null && break; sleep 5; done
   cp /tmp/card12_h100.txt "$out/" 2>/dev/null; tail -c 60000 /tmp/card12.log > "$out/card12.log"
+  (cd /tmp && tar -cJf "$out/logs.tar.xz" mm-card12-*/state/logs 2>/dev/null)  # vLLM's own sizes, per server
   cat /tmp/card12_h100.txt; nvidia-smi --query-gpu=memory.used,memory.total --format=csv
   if grep -q '^round:' /tmp/card12_h100.txt; then tar -cJf "$out/jit.tar.xz" -C ~/.cache vllm flashinfer 2>/dev/null; fi
 }

@@ -39,9 +39,11 @@ from mmlib.system.nvml import GpuReport
 #   dummy-1.5b (hidden 1536, intermediate 8960):  weights 2.68 GiB, torch peak +0.56, non-torch +0.22
 #   dummy-7b-awq (hidden 3584, intermediate 18944): weights 4.03 GiB, torch peak +1.08, non-torch +0.22
 # and both times the KV cache came out a further 0.06 GiB short (its CUDA graph memory estimate).
-# - "weights" as vLLM counts them include persistent buffers sized by the batch: the parameter bytes
-#   alone are 2.58 and 3.81 GiB, and the gaps (0.094 and 0.219 GiB) are 8 bytes x hidden x 8192
-#   tokens for both, i.e. about four 16-bit tensors of max_num_batched_tokens x hidden.
+# - "weights" as vLLM counts them include persistent buffers: the parameter bytes alone are 2.58 and
+#   3.81 GiB, and the gaps (0.094 and 0.219 GiB) are 64 KiB per unit of hidden width for both. They
+#   do not follow the batch: the same 7B shape batching 2048 tokens (benchmarks/card12.py's run)
+#   loaded 5.38-5.41 GiB for 5.18 GiB of parameters, the same 0.22 GiB gap; the narrower models there
+#   came out 0.03-0.07 GiB under it (Nemotron 4B, Whisper, LightOnOCR, SmolLM2), a safe side.
 # - the activation peak of the profiling pass grows with max_num_batched_tokens: the MLP's gate/up
 #   and activation outputs (3 x intermediate) plus two hidden-sized tensors a token, in 16 bits,
 #   and ~0.1 GiB fixed (sampler, logits). Two runs fix the two numbers; runs with max_num_seqs 16 or
@@ -50,22 +52,29 @@ from mmlib.system.nvml import GpuReport
 # - non-torch memory (cuBLAS/NCCL workspaces) is a constant, and so is vLLM's own estimate of its CUDA
 #   graphs (CUDA_GRAPHS, what it takes off the KV cache); the graphs themselves grow with the capture
 #   size (graph_bytes below).
-BUFFER_BYTES_PER_HIDDEN = 8
+BUFFER_BYTES_PER_HIDDEN = 64 << 10
 ACTIVATION_FIXED = int(0.1027 * GIB)
 NON_TORCH = int(0.22 * GIB)
 CUDA_GRAPHS = int(0.06 * GIB)
 KV_BLOCK = 16  # vLLM allocates KV in blocks of 16 tokens
 
 
+def _mlp_width(shape: Shape) -> int:
+    return shape.mlp_matrices * (shape.expert_intermediate or shape.intermediate if shape.experts
+                                 else shape.intermediate)
+
+
 def activation_bytes(shape: Shape, batched_tokens: int) -> int:
     """The profiling pass's activation peak: the MLP's gate/up and activation outputs plus two
     hidden-sized tensors a token, in 16 bits, and a fixed part (sampler, logits). An encoder or
     vision tower runs before the decoder on its largest item; the larger of the two counts."""
-    width = shape.mlp_matrices * (shape.expert_intermediate or shape.intermediate if shape.experts
-                                  else shape.intermediate)
-    decoder = 2 * batched_tokens * (width + 2 * shape.hidden)
     encoder = 2 * shape.encoder_tokens * (3 * shape.encoder_intermediate + 2 * shape.encoder_width)
-    return int(max(decoder, encoder)) + ACTIVATION_FIXED
+    return int(max(decoder_activation_bytes(shape, batched_tokens), encoder)) + ACTIVATION_FIXED
+
+
+def decoder_activation_bytes(shape: Shape, batched_tokens: int) -> int:
+    """The decoder's part of a full batch: the MLP's outputs and two hidden-sized tensors a token."""
+    return 2 * batched_tokens * (_mlp_width(shape) + 2 * shape.hidden)
 
 
 def hub_weight_bytes(parameter_counts: Mapping[str, int], float_bytes: int = 2) -> int:
@@ -165,23 +174,41 @@ def sized_card(capacity: int, ram: int | None = None) -> Card:
 
 
 # --- the footprint -------------------------------------------------------------------------------------
-# Calibrated on an H100 with vLLM 0.26 (shared/gpu/README.md and tests/fixtures/models-gpu/*/README.md):
-# - dummy-7b-awq with --kv-cache-memory-bytes 4000000000 --max-cudagraph-capture-size 16 (16 sequences,
-#   8192 batched tokens) showed 8.94 GiB per NVML. Weights (4.03 with buffers), KV (3.73), graphs
-#   (0.07), non-torch (0.22) and the warm-up's kept activations (0.10) leave 0.79 GiB: the CUDA
-#   context, kernels and allocator slack, outside anything vLLM counts (CUDA_CONTEXT).
-# - Four eager starts (7B-AWQ, Nemotron 4B, Whisper, LightOnOCR; 1024 sequences) kept, beyond that,
-#   12.7-15.8 bytes per (sequence x vocabulary entry): the sampler's warm-up buffers (SAMPLER_BYTES).
-#   With them the model gives 23.4 / 21.7 / 12.8 / 22.3 GiB for the 23.9 / 21.8 / 13.1 / 22.2 seen.
-# - CUDA graphs: 0.07 GiB with capture size 16 and about 2 GiB with vLLM's default 512 on the 7B:
-#   the pool holds each layer's activations for the largest captured batch (GRAPH_FIXED plus
-#   capture x layers x (MLP width + 4 x hidden) x 2 bytes gives 0.07 and 1.91 GiB).
-# - Asleep (level 1) a server kept 0.86 GiB with graphs of capture 16 and 0.8-0.9 GiB eager; the
-#   1.4-1.7 GiB seen with vLLM's default capture sizes fits the same base plus graphs. Level 2 keeps
-#   the same on the GPU (it differs in RAM: no copy of the weights); no measurement says otherwise.
-CUDA_CONTEXT = int(0.79 * GIB)
-SAMPLER_BYTES = 14
-GRAPH_FIXED = int(0.01 * GIB)
+# Calibrated on an H100 with vLLM 0.26, all but 12 GiB held by ballast.py (benchmarks/card12.py, first
+# run, benchmarks/results/card12_h100_run1.txt and the servers' log lines in card12_h100_run1.vllm.log), six
+# shipped profiles, each server's first start on that machine (torch.compile from scratch):
+# - At rest, awake, every server held 0.83-0.92 GiB beyond vLLM's "Model loading took", its KV cache
+#   and "Graph capturing ... took" (chat 0.88, voice-llm and voice-stt 0.92, ocr 0.91, default 0.83;
+#   baseline 1.51 with the sampler's buffers for 256 sequences): the CUDA context, cuBLAS and other
+#   workspaces (NON_TORCH) and the warm-up's kept activations (ACTIVATION_FIXED). CUDA_CONTEXT is
+#   the rest, 0.51 GiB eager and 0.06 GiB more with torch.compile (COMPILED_KERNELS: the kernels it
+#   generated, loaded as modules; the eager default kept 0.83, the compiled servers 0.88-0.92).
+# - Sampler buffers: four eager starts (7B-AWQ, Nemotron 4B, Whisper, LightOnOCR; 1024 sequences)
+#   kept 12.7-15.8 bytes per (sequence x vocabulary entry) (SAMPLER_BYTES).
+# - CUDA graphs (vLLM's "Graph capturing finished ... took"): 7B 0.07 / 0.21 / 0.44 GiB at capture
+#   16 / 64 (FlashInfer) / 256; Nemotron 4B 0.04 at 4; Whisper 0.09 at 8; LightOnOCR 0.11 at 8. A
+#   fixed pool (GRAPH_FIXED) plus, for the largest captured batch, half the layers' MLP and
+#   hidden-sized outputs in 16 bits (graph_bytes) gives 0.07 / 0.15 / 0.47 / 0.05 / 0.04 / 0.04.
+# - The first start's peak (NVML at 10 Hz) stood above that rest by 1.01 GiB (chat, 7B), 0.80
+#   (voice: Nemotron 4B and Whisper), 0.20 (baseline, the 7B's kernels already compiled by chat) and
+#   0.02 (ocr). perf's first start died allocating its KV cache with "1.12 GiB reserved by PyTorch
+#   but unallocated": torch.compile's runs at max_num_batched_tokens leave the caching allocator
+#   holding a few full-batch activations, which the KV cache (sleep mode allocates it from its own
+#   pool) cannot use. COMPILE_RESERVE x the decoder's full-batch activations (an encoder or vision
+#   tower is not compiled) gives 1.0 for the 7B at 2048 tokens, 0.52 + 0.21 for voice, 0.35 for ocr: the
+#   first start is the one that must fit. Eager servers compile nothing: default's peak equalled its
+#   rest, so their activations are what the warm-up keeps.
+# - FlashInfer attention (perf) holds 0.44 GiB beside its KV cache (sleep freed 5.09 GiB tagged KV
+#   for a 4.65 GiB cache): its 394 MiB workspace and per-batch buffers (FLASHINFER_WORKSPACE).
+# - Asleep (level 1) a server kept ASLEEP_BASE plus its CUDA graphs: chat 0.90 (0.79 + 0.09 predicted),
+#   ocr 0.90, default 0.78, voice 1.79 for two, baseline 1.32. Level 2 keeps the same on the GPU (it
+#   differs in RAM: no copy of the weights); no measurement says otherwise.
+CUDA_CONTEXT = int(0.51 * GIB)
+COMPILED_KERNELS = int(0.06 * GIB)
+SAMPLER_BYTES = 15
+GRAPH_FIXED = int(0.04 * GIB)
+COMPILE_RESERVE = 4
+FLASHINFER_WORKSPACE = int(0.44 * GIB)
 ASLEEP_BASE = int(0.79 * GIB)
 # Host RAM of a server's processes besides its buffers (API server + engine core: Python, torch, CUDA
 # libraries). Not measured cleanly (RSS sums count shared pages twice); a round figure.
@@ -249,7 +276,8 @@ class Footprint:
     def summary(self, where: bool = True) -> str:
         """One line: the parts, asleep, RAM (`where`: and the card)."""
         names = {"weights": "weights", "kv_cache": "KV", "cuda_graphs": "CUDA graphs",
-                 "activations": "activations", "cuda_context": "CUDA context", "vllm_share": "vLLM's share"}
+                 "activations": "activations", "cuda_context": "CUDA context", "vllm_share": "vLLM's share",
+                 "workspace": "attention workspace"}
         parts = " + ".join(f"{names.get(k, k)} {v / GIB:.2f}" + (f" ({self.kv_text()})" if k == "kv_cache"
                                                                  and self.kv_tokens else "")
                            for k, v in self.parts.items())
@@ -261,16 +289,30 @@ class Footprint:
 def graph_bytes(shape: Shape, capture: int) -> int:
     if capture <= 0:
         return 0
-    width = shape.mlp_matrices * (shape.expert_intermediate or shape.intermediate if shape.experts
-                                  else shape.intermediate)
-    return GRAPH_FIXED + capture * shape.layers * (width + 4 * shape.hidden) * 2
+    return GRAPH_FIXED + capture * max(1, shape.layers // 2) * (_mlp_width(shape) + 4 * shape.hidden) * 2
+
+
+def compile_reserve_bytes(shape: Shape, batched: int, eager: bool) -> int:
+    """What torch.compile's first runs leave reserved at the KV cache's allocation: only the decoder
+    is compiled (none when eager)."""
+    return 0 if eager else COMPILE_RESERVE * decoder_activation_bytes(shape, batched)
+
+
+def context_bytes(eager: bool) -> int:
+    """The CUDA context with cuBLAS's and vLLM's non-torch workspaces, and torch.compile's kernels."""
+    return NON_TORCH + CUDA_CONTEXT + (0 if eager else COMPILED_KERNELS)
+
+
+def workspace_bytes(profile: Profile) -> int:
+    """Attention backends' buffers outside the KV cache and the profiled activations."""
+    backend = str(profile.engine.get("attention_backend") or "").upper()
+    return FLASHINFER_WORKSPACE if backend.startswith("FLASHINFER") else 0
 
 
 def kept_activation_bytes(shape: Shape, sequences: int, batched: int) -> int:
     """What the warm-up leaves allocated: one decode step of every sequence and the sampler's
     buffers for them (vLLM preallocates these at their largest so they are never freed)."""
-    width = shape.mlp_matrices * (shape.expert_intermediate or shape.intermediate if shape.experts
-                                  else shape.intermediate)
+    width = _mlp_width(shape)
     step = 2 * min(sequences, batched) * (width + 2 * shape.hidden) + ACTIVATION_FIXED
     return int(max(step, sequences * shape.vocab * SAMPLER_BYTES))
 
@@ -412,7 +454,7 @@ def _predict_share(profile: Profile, card: Card | None, model: _Model | None) ->
         engine["max_num_batched_tokens"] = batched
     capture = _capture(profile, sequences, batched, min(2 * sequences, 512))
     graphs = graph_bytes(shape, capture)
-    buffers = BUFFER_BYTES_PER_HIDDEN * shape.hidden * batched
+    buffers = BUFFER_BYTES_PER_HIDDEN * shape.hidden
     peak = activation_bytes(shape, batched)
     vllm_graphs = CUDA_GRAPHS if capture else 0
     kv = int(share * capacity) - model.weights - buffers - peak - NON_TORCH - vllm_graphs
@@ -420,8 +462,12 @@ def _predict_share(profile: Profile, card: Card | None, model: _Model | None) ->
     context = limit if limit and limit > 0 else model.limit
     tokens = max(0, kv) // model.kv_per_token // KV_BLOCK * KV_BLOCK if card else None
     starts = card is None or (kv > 0 and (context is None or tokens >= context + shape.encoder_positions))
+    # torch.compile's first runs happen inside vLLM's profiling (their peak is in its share), but what
+    # they leave reserved stays beside the KV cache, outside the share (the issue's shapes at 0.85 of
+    # 12 GiB died at warm-up, 11.9 GiB in use)
+    eager = profile.engine.get("enforce_eager") is True
     parts = {"weights": model.weights + buffers, "kv_cache": max(0, kv) if card else 0, "cuda_graphs": graphs,
-             "activations": peak, "cuda_context": NON_TORCH + CUDA_CONTEXT}
+             "activations": peak + compile_reserve_bytes(shape, batched, eager), "cuda_context": context_bytes(eager)}
     fp = Footprint(profile.name, card, "share", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
                    _host_ram(profile, model.weights, offload), engine, context=context, sequences=sequences,
                    kv_tokens=tokens, kv_per_token=model.kv_per_token, kv_dtype=model.kv_dtype,
@@ -454,10 +500,13 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
     batched = _batched(profile, shape, capacity or 80 * GIB, sequences)
     capture = _capture(profile, sequences, batched, sequences) if card else 0
     graphs = graph_bytes(shape, capture)
-    weights = model.weights + BUFFER_BYTES_PER_HIDDEN * shape.hidden * batched
+    weights = model.weights + BUFFER_BYTES_PER_HIDDEN * shape.hidden
     kept = kept_activation_bytes(shape, sequences, batched)
-    activations = max(activation_bytes(shape, batched), kept)
-    fixed = weights + graphs + activations + NON_TORCH + CUDA_CONTEXT
+    eager = profile.engine.get("enforce_eager") is True
+    activations = kept if eager else max(activation_bytes(shape, batched),
+                                         kept + compile_reserve_bytes(shape, batched, eager))
+    workspace = workspace_bytes(profile)
+    fixed = weights + graphs + activations + workspace + context_bytes(eager)
     per_token, extra = model.kv_per_token, shape.encoder_positions
     context = m.context
     if context and model.limit and context > model.limit and profile.model_replaced:
@@ -479,15 +528,18 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
     if offload:
         engine["kv_offloading_size"] = offload // GIB if offload % GIB == 0 else round(offload / GIB, 2)
     parts = {"weights": weights, "kv_cache": int(kv), "cuda_graphs": graphs, "activations": activations,
-             "cuda_context": NON_TORCH + CUDA_CONTEXT}
+             "cuda_context": context_bytes(eager)}
+    if workspace:
+        parts["workspace"] = workspace
     awake = sum(parts.values())
     if card:
         cap = _share(profile, None)
         # vLLM 0.26 still checks utilization x total against free memory at start: ask for what the
-        # server will hold (its CUDA context exists by then), or the profile's own cap.
-        engine["gpu_memory_utilization"] = card.utilization(cap if cap is not None
-                                                            else (awake - CUDA_CONTEXT) / card.capacity)
-        _fall_back(engine, spec, card, weights, activations, kv, capture, notes)
+        # server holds at rest (its CUDA context exists by then; the compile reserve comes and goes
+        # later), or the profile's own cap.
+        rest = awake - activations + kept - CUDA_CONTEXT
+        engine["gpu_memory_utilization"] = card.utilization(cap if cap is not None else rest / card.capacity)
+        _fall_back(engine, spec, card, weights, activation_bytes(shape, batched), kv, capture, notes)
     fp = Footprint(profile.name, card, "bytes", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
                    _host_ram(profile, model.weights, offload or engine_offload_bytes(profile)), engine,
                    context=context, sequences=sequences, kv_tokens=tokens, kv_per_token=per_token,
@@ -497,14 +549,14 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
     return replace(fp, advice=_advice(fp, model, None, m))
 
 
-def _fall_back(engine: dict[str, Any], spec: ArgSpec | None, card: Card, weights: int, activations: int,
+def _fall_back(engine: dict[str, Any], spec: ArgSpec | None, card: Card, weights: int, profiled: int,
                kv: int, capture: int, notes: list[str]) -> None:
     """Flags the installed vLLM lacks: leave them out and say what happens instead."""
     version = f"vLLM {spec.version}" if spec else "vLLM"
     if "kv_cache_memory_bytes" in engine and not _has(spec, "--kv-cache-memory-bytes"):
         del engine["kv_cache_memory_bytes"]
         # vLLM then sizes KV as share x total - weights - profiled activations - non-torch - its graph estimate
-        need = weights + activations + NON_TORCH + (CUDA_GRAPHS if capture else 0) + kv
+        need = weights + profiled + NON_TORCH + (CUDA_GRAPHS if capture else 0) + kv
         engine["gpu_memory_utilization"] = min(1.0, math.ceil(need / card.total * 1000) / 1000)
         notes.append(f"{version} has no --kv-cache-memory-bytes: mm passes gpu_memory_utilization "
                      f"{engine['gpu_memory_utilization']:g} so that its own sizing gives about the same KV cache")
@@ -545,8 +597,7 @@ def _advice(fp: Footprint, model: _Model, share: float | None, memory: Any) -> t
     out: list[tuple[str, str]] = []
     if room_tokens >= context + extra:
         if share is not None:
-            graphs = fp.parts.get("cuda_graphs", 0)
-            outside = CUDA_CONTEXT + max(0, graphs - (CUDA_GRAPHS if graphs else 0))
+            outside = fp.awake_bytes - int(share * capacity)  # context, graphs beyond vLLM's estimate, compile reserve
             fit_share = math.floor((capacity - HEADROOM - outside) / capacity * 100) / 100
             out.append(("engine.gpu_memory_utilization", f"{fit_share:g}"))
         elif memory.kv_cache:

@@ -154,13 +154,14 @@ def fit_findings(p: Profile, facts: Facts, gpu_memory=None):
 
 
 def test_fit_on_a_12gb_card(local_7b):
-    p = profile({"max_model_len": 16384, "kv_cache_dtype": "fp8", "gpu_memory_utilization": 0.85,
+    # 0.85 of the card died at warm-up on the emulated 12 GiB card (test_vllm_defaults_... below); 0.75 fits
+    p = profile({"max_model_len": 16384, "kv_cache_dtype": "fp8", "gpu_memory_utilization": 0.75,
                  "max_num_seqs": 64}, model=str(local_7b))
     fit, queue = fit_findings(p, Facts(gpus=(A3060,)))
     assert fit.severity == INFO and "fits NVIDIA GeForce RTX 3060 (12.00 GiB)" in fit.message
-    assert "requests of 16,384" in fit.message and "0.58 GiB spare: room for up to 0 sleeping servers" in fit.message
-    assert "vLLM fills its 10.20 GiB share" in fit.message  # the share form: context and graphs outside it
-    assert queue.severity == INFO and "64 sequences but room for 13.0 at full length" in queue.message
+    assert "requests of 16,384" in fit.message and "1.24 GiB spare: room for up to 1 sleeping server" in fit.message
+    assert "vLLM fills its 9.00 GiB share" in fit.message  # the share form: context and graphs outside it
+    assert queue.severity == INFO and "64 sequences but room for 9.9 at full length" in queue.message
 
 
 def test_fit_that_cannot_work_says_what_would(local_7b):
@@ -174,18 +175,20 @@ def test_fit_that_cannot_work_says_what_would(local_7b):
     assert f.severity == ERROR and "refuse to start" in f.message and f.key == "engine.gpu_memory_utilization"
 
 
-def test_vllm_defaults_put_two_gib_of_cuda_graphs_outside_the_share(local_7b):
-    # The issue's "same with vLLM defaults": 256 sequences capture graphs up to 512 (1.9 GiB on the 7B).
+def test_vllm_defaults_put_graphs_and_the_compile_reserve_outside_the_share(local_7b):
+    # The issue's "same with vLLM defaults" died at warm-up on the emulated 12 GiB card: 256 sequences
+    # capture graphs up to 512 (0.99 GiB on the 7B), and torch.compile's first runs leave about 1 GiB
+    # reserved beside the KV cache (benchmarks/results/card12_h100_run1.txt).
     p = profile({"max_model_len": 8192, "gpu_memory_utilization": 0.85}, model=str(local_7b))
     fit = fit_findings(p, Facts(gpus=(A3060,)))[0]
-    assert fit.severity == ERROR and "does not fit" in fit.message and "CUDA graphs 1.91" in fit.message
-    assert fit.key == "engine.gpu_memory_utilization" and "= 0.73" in fit.fix
+    assert fit.severity == ERROR and "does not fit" in fit.message and "CUDA graphs 0.99" in fit.message
+    assert fit.key == "engine.gpu_memory_utilization" and "= 0.75" in fit.fix
 
 
 def test_fit_warns_when_others_hold_the_memory(local_7b):
     held = GpuInfo(0, "NVIDIA GeForce RTX 3060", 12 * GIB, 3 * GIB, (8, 6),
                    (GpuProcess(4242, "game.exe", 9 * GIB),))
-    p = profile({"max_model_len": 8192, "gpu_memory_utilization": 0.85, "max_num_seqs": 16}, model=str(local_7b))
+    p = profile({"max_model_len": 8192, "gpu_memory_utilization": 0.75, "max_num_seqs": 16}, model=str(local_7b))
     found = fit_findings(p, Facts(gpus=(held,)))
     warn = [f for f in found if f.severity == WARN][0]
     assert "3.00 GiB free" in warn.message and "game.exe (pid 4242, 9.00 GiB)" in warn.message
@@ -221,7 +224,7 @@ model = "{model}"
 load_format = "dummy"
 max_model_len = 8192
 max_num_seqs = 16
-gpu_memory_utilization = 0.85
+gpu_memory_utilization = 0.75
 """
 
 
