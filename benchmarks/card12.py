@@ -17,7 +17,9 @@ the same after `mm sleep`, settled. Lines are appended to --out as they come, so
 what it finished.
 
 GPU (after the kit's unpack and `ballast.py --leave 12`):
-    python3 benchmarks/card12.py --out benchmark_results/card12_h100.txt
+    python3 benchmarks/card12.py --out benchmark_results/card12_h100.txt [--part profiles|round]
+(--part splits the run over two device sessions, appending to the same file; the round's restarts
+reuse the compile caches the profiles part left in ~/.cache/card12-compile.)
 Here (the fake vLLM: the flow only, no memory):
     PYTHONPATH=tests/faults/fakevllm:. python3 benchmarks/card12.py --fake
 """
@@ -45,6 +47,8 @@ import httpx
 import tomli_w
 from common import ROOT
 
+from mmlib.profiles.profile import load_profile
+
 FIXTURES = ROOT / "tests" / "fixtures" / "models-gpu"
 # The shipped profiles' models and their weight-less folders.
 MODEL_FIXTURES = {
@@ -54,6 +58,9 @@ MODEL_FIXTURES = {
     "lightonai/LightOnOCR-1B-1025": "lightonocr-1b",
 }
 ORDER = ["chat", "perf", "voice", "ocr", "baseline", "default"]
+# Beside vLLM's and FlashInfer's own caches, so that issue_runs.sh carries them to the next machine
+# for a round run on its own (--part round)
+COMPILE_CACHES = Path.home() / ".cache" / "card12-compile"
 GIB = 1 << 30
 CARD = 12 * GIB
 
@@ -83,9 +90,9 @@ def write_profiles(home: Path, fake: bool, hopper: bool) -> None:
                 raise SystemExit(f"{path.name}: no fixture for {model}; add one to {FIXTURES}")
             engine = doc.setdefault("engine", {})
             engine["load_format"] = "dummy"
-            # each profile compiles into caches of its own: its measured start is a first start, as
-            # on a user's machine (fit.py predicts that one), and the round's restarts reuse them
-            compiled = Path(tempfile.gettempdir()) / "card12-compile" / path.stem
+            # each profile compiles into caches of its own, emptied before its measured start (a
+            # first start, as on a user's machine: the one fit.py predicts); the round reuses them
+            compiled = COMPILE_CACHES / path.stem
             doc.setdefault("env", {}).update(VLLM_CACHE_ROOT=str(compiled / "vllm"),
                                              TORCHINDUCTOR_CACHE_DIR=str(compiled / "inductor"))
             if hopper and "awq" in model.lower():
@@ -237,13 +244,23 @@ class Run:
         return subprocess.run([sys.executable, "-m", "mmlib", *args], env=self.env, cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout)
 
+    def start_daemon(self) -> None:
+        """The daemon in the background, as `mm up` would start it (a round on its own has no `mm up`)."""
+        subprocess.Popen([sys.executable, "-m", "mmlib", "daemon"], env=self.env, cwd=ROOT, start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.base + "/v1/models", timeout=2)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+
     def status(self) -> dict:
         return json.loads(self.mm("status", "--json").stdout)
 
 
 def served_names() -> dict[str, str]:
-    from mmlib.profiles.profile import load_profile
-
     names = {}
     for name in ("chat", "perf", "baseline", "ocr", "default", "voice-llm", "voice-stt"):
         names[name] = load_profile(name).served_model_name
@@ -265,6 +282,8 @@ def main() -> None:
     ap.add_argument("--fake", action="store_true", help="the fake vLLM: the flow only, no memory")
     ap.add_argument("--profiles", default=",".join(ORDER), help="comma-separated, in this order")
     ap.add_argument("--rounds", type=int, default=2, help="visits of every profile in the round")
+    ap.add_argument("--part", choices=("all", "profiles", "round"), default="all",
+                    help="the per-profile starts, the round, or both (one device session may not hold both)")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="mm-card12-"))
     cache = home / "cache"
@@ -283,12 +302,15 @@ def main() -> None:
     base_used = gpu.settled()
     run.line(f"# benchmarks/card12.py, {time.strftime('%Y-%m-%d %H:%M')}: {gpu.name()}; free {gib(gpu.free())} GiB "
              f"with nothing started (the ballast holds the rest); gpu_budget 12GiB; models: random weights of "
-             f"the real shapes (tests/fixtures/models-gpu){'; dtype bfloat16 for AWQ on Hopper' if hopper else ''}")
+             f"the real shapes (tests/fixtures/models-gpu){'; dtype bfloat16 for AWQ on Hopper' if hopper else ''}"
+             + ("" if args.part == "all" else f"; part: {args.part}"))
     try:
-        for name in profiles:
+        for name in profiles if args.part != "round" else []:
             stopped = run.mm("stop", "--all")
             if stopped.returncode and "nothing is running" not in stopped.stdout:
                 run.line(f"# stop --all: {stopped.stdout.strip()} {stopped.stderr.strip()}")
+            for member in load_profile(name).stack or (name,):
+                shutil.rmtree(COMPILE_CACHES / member, ignore_errors=True)
             before = gpu.settled()
             t0 = time.monotonic()
             failures: list[str] = []
@@ -317,8 +339,12 @@ def main() -> None:
                 run.line(f"#   {name}: {(up.stderr or up.stdout).strip().splitlines()[-1:]}")
             for err in failures[:3]:
                 run.line(f"#   {err[:300]}")
+        if args.part == "profiles":
+            return
         # The round: every profile, in the issue's order, twice, through mm as a client would.
         run.mm("stop", "--all")
+        if args.part == "round":
+            run.start_daemon()
         n = failed = 0
         errors: list[str] = []
         t0 = time.monotonic()

@@ -10,7 +10,7 @@
 #           the background: it outlasts one call (first starts compile). Carry .gpu-extra (the
 #           transformers 5.16.0 and soundfile wheels, tests/fixtures/models-gpu/README.md) with it.
 #   poll:   polls the background run for up to 9 minutes and brings back what it wrote so far;
-#           call it back to back until the file has its `round:` line.
+#           call it back to back until the run has ended (then it brings back the JIT caches too).
 # Usage: bash benchmarks/device/issue_runs.sh first|second
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -67,17 +67,21 @@ card12() {
   fi
   cat /tmp/ballast.log
   # transformers 5.16.0 first: vLLM 0.26's LightOnOCR needs it; soundfile reads the WAV upload
+  # CARD12_PART=profiles|round splits the run over two sessions (the file comes back each time: carry
+  # it in as .gpu-extra/card12_h100.txt to append the round to it)
+  [ -f .gpu-extra/card12_h100.txt ] && cp .gpu-extra/card12_h100.txt /tmp/card12_h100.txt
   PYTHONPATH="/tmp/site0:$PYTHONPATH" setsid python3 benchmarks/card12.py --out /tmp/card12_h100.txt \
-    > /tmp/card12.log 2>&1 < /dev/null &
+    --part "${CARD12_PART:-all}" > /tmp/card12.log 2>&1 < /dev/null &
   poll
 }
 
 poll() {
-  for _ in $(seq 108); do grep -q '^round:' /tmp/card12_h100.txt 2>/dev/null && break; sleep 5; done
+  for _ in $(seq 108); do pgrep -f benchmarks/card12.py > /dev/null || break; sleep 5; done
   cp /tmp/card12_h100.txt "$out/" 2>/dev/null; tail -c 60000 /tmp/card12.log > "$out/card12.log"
   (cd /tmp && tar -cJf "$out/logs.tar.xz" mm-card12-*/state/logs 2>/dev/null)  # vLLM's own sizes, per server
   cat /tmp/card12_h100.txt; nvidia-smi --query-gpu=memory.used,memory.total --format=csv
-  if grep -q '^round:' /tmp/card12_h100.txt; then tar -cJf "$out/jit.tar.xz" -C ~/.cache vllm flashinfer 2>/dev/null; fi
+  pgrep -f benchmarks/card12.py > /dev/null ||
+    tar -cJf "$out/jit.tar.xz" -C ~/.cache vllm flashinfer card12-compile 2>/dev/null
 }
 
 for step in "$@"; do echo "== $step"; $step; done
