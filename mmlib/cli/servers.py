@@ -53,17 +53,21 @@ def activate(profile: str | None, model: str | None = None, force: bool = False,
     show what the server is doing (its start phase) until it answers."""
     from rich.console import Console
 
+    from mmlib import paths
     from mmlib.cli.models_cmd import profile_models, pull_missing
+    from mmlib.profiles import embedded
 
     name = profile or default_profile()
-    preflight(name, force, model)
-    console = Console(stderr=True)
-    pull_missing([model] if model else profile_models(name), console)
-    client = Client().ensure_daemon()
-    what = (profile or "default") + (f" ({model})" if model else "")
-    poller = Client(timeout=2.0, sock=client.sock)
-    result = wait_for_up(lambda: client.post("/up", {"profile": profile, "model": model}, timeout=None),
-                         lambda: poller.get("/status"), f"{verb} {what}", console)
+    models = [model] if model else profile_models(name)
+    with embedded.converting_meanwhile(models, paths.logs_dir() / "embedded-convert.log"):
+        preflight(name, force, model)
+        console = Console(stderr=True)
+        pull_missing(models, console)
+        client = Client().ensure_daemon()
+        what = (profile or "default") + (f" ({model})" if model else "")
+        poller = Client(timeout=2.0, sock=client.sock)
+        result = wait_for_up(lambda: client.post("/up", {"profile": profile, "model": model}, timeout=None),
+                             lambda: poller.get("/status"), f"{verb} {what}", console)
     proxy = result["proxy"]
     for s in result["servers"]:
         click.echo(f"{s['profile']}: {s['state']}, model '{s['served_model_name']}' at {proxy}/v1 "

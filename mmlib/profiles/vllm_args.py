@@ -252,7 +252,18 @@ def parse(argv: list[str]) -> dict[str, Any]:
     return {"ok": True}
 
 
+def _keep_bytecode() -> None:
+    """pip writes a package's bytecode (.pyc) when it installs it, PYTHONDONTWRITEBYTECODE or not; uv,
+    mm's installer, leaves it to the first import, and with PYTHONDONTWRITEBYTECODE set no import ever
+    writes it: each vLLM start then compiles the ~5000 modules it imports again (+40 s on a 2-core
+    CPU). This helper imports most of them, from mm's own virtual environment, so it writes their
+    bytecode there, as pip would have at install. Outside a virtual environment it leaves the setting be."""
+    if sys.prefix != sys.base_prefix:
+        sys.dont_write_bytecode = False
+
+
 def main(args: list[str]) -> None:
+    _keep_bytecode()
     if args[:1] == ["--parse"]:  # --parse [--] FLAG...: one argv
         doc = parse(args[args.index("--") + 1:] if "--" in args else args[1:])
     elif args[:1] == ["--parse-json"]:  # --parse-json '[[FLAG, ...], ...]': many

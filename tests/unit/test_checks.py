@@ -51,7 +51,9 @@ SPEC = ArgSpec("vllm", "0.32.0", (
     ArgAction("load_format", ("--load-format",), "value", type="str"),
     ArgAction("old_knob", ("--old-knob",), "value", type="int", deprecated=True),
     ArgAction("speculative_config", ("--speculative-config", "-sc"), "value", type="parse_dataclass"),
-), frozenset({"VLLM_LOGGING_LEVEL", "VLLM_USE_FLASHINFER_SAMPLER", "VLLM_TARGET_DEVICE"}))
+    ArgAction("distributed_executor_backend", ("--distributed-executor-backend",), "value", type="_optional_type"),
+), frozenset({"VLLM_LOGGING_LEVEL", "VLLM_USE_FLASHINFER_SAMPLER", "VLLM_TARGET_DEVICE",
+              "VLLM_ENABLE_V1_MULTIPROCESSING"}))
 
 DUMMY_7B_AWQ = {  # /work/shared/gpu/models/dummy-7b-awq/config.json, the parts that matter
     "dtype": "float16", "head_dim": 128, "hidden_size": 3584, "intermediate_size": 18944,
