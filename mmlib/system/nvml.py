@@ -2,11 +2,16 @@
 compute capability, total and free memory, who holds it) and how much memory given processes hold.
 
 No CUDA, no torch: it answers in milliseconds, and without a driver it says why instead of raising.
+It sees the GPUs vLLM will see: NVML lists every device, so CUDA_VISIBLE_DEVICES (indices, or
+GPU UUIDs as `nvidia-smi -L` prints them) narrows it to the same ones, in the same order: the first
+is the card vLLM serves on and the one mm budgets. Indices are NVML's (PCI bus) order, which is
+CUDA's order where the cards are alike or CUDA_DEVICE_ORDER=PCI_BUS_ID.
 The NVML module is injectable (`Nvml(module)`, `probe(module)`) so tests hand in a fake one (a
 Hopper card, a full card, two devices) instead of needing a GPU.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -56,6 +61,25 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def visible_devices(count: int, uuid_of: Any, visible: str | None) -> list[int]:
+    """NVML indices of the devices CUDA_VISIBLE_DEVICES leaves, in its order (CUDA's rules: an entry
+    is an index or a UUID prefix, and the list ends at the first entry that names no device)."""
+    if visible is None:
+        return list(range(count))
+    chosen: list[int] = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isdigit() and int(entry) < count:
+            index = int(entry)
+        elif entry.startswith("GPU-"):
+            index = next((i for i in range(count) if _text(uuid_of(i)).startswith(entry)), -1)
+        else:
+            index = -1
+        if index < 0 or index in chosen:
+            break
+        chosen.append(index)
+    return chosen
+
+
 def _process_name(pid: int) -> str:
     try:
         import psutil
@@ -69,10 +93,14 @@ class Nvml:
     """One NVML session. `available` is False without a library, a driver or a device (`error` says
     which). Long-lived users (the daemon, the 4 Hz sampler) keep one through `session()`."""
 
-    def __init__(self, module: Any = None) -> None:
+    def __init__(self, module: Any = None, visible: str | None = None) -> None:
+        """visible: a CUDA_VISIBLE_DEVICES value; by default this process's own."""
         self.available, self.error = False, None
         self._nv: Any = None
         self._handles: list[Any] = []
+        self._indices: list[int] = []  # NVML's index of each handle
+        if visible is None:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if module is None:
             try:
                 import pynvml as module  # nvidia-ml-py
@@ -86,13 +114,17 @@ class Nvml:
             return
         self._nv = module
         try:
-            self._handles = [module.nvmlDeviceGetHandleByIndex(i) for i in range(module.nvmlDeviceGetCount())]
+            count = module.nvmlDeviceGetCount()
+            self._indices = visible_devices(
+                count, lambda i: module.nvmlDeviceGetUUID(module.nvmlDeviceGetHandleByIndex(i)), visible)
+            self._handles = [module.nvmlDeviceGetHandleByIndex(i) for i in self._indices]
         except Exception as e:
             self.error = f"NVML: {_text(e) or type(e).__name__}"
             return
         self.available = bool(self._handles)
         if not self._handles:
-            self.error = "the NVIDIA driver answers but sees no GPU"
+            self.error = (f"CUDA_VISIBLE_DEVICES={visible!r} leaves none of this machine's {count} GPUs visible"
+                          if count else "the NVIDIA driver answers but sees no GPU")
 
     def close(self) -> None:
         if self._nv is not None:
@@ -118,8 +150,9 @@ class Nvml:
                 found.setdefault(p.pid, GpuProcess(p.pid, _process_name(p.pid), used if isinstance(used, int) else None))
         return tuple(found.values())
 
-    def device(self, index: int, with_processes: bool = True) -> GpuInfo:
-        h = self._handles[index]
+    def device(self, position: int, with_processes: bool = True) -> GpuInfo:
+        """The visible device at `position` (0: the one vLLM serves on), with NVML's index."""
+        h, index = self._handles[position], self._indices[position]
         mem = self._nv.nvmlDeviceGetMemoryInfo(h)
         try:
             cc: tuple[int, int] | None = tuple(self._nv.nvmlDeviceGetCudaComputeCapability(h))  # type: ignore[assignment]
@@ -148,7 +181,7 @@ class Nvml:
         return GpuReport(gpus, driver, cuda)
 
     def device_bytes(self) -> tuple[int, int] | None:
-        """(used, total) over all devices."""
+        """(used, total) over the visible devices."""
         if not self.available:
             return None
         used = total = 0
@@ -182,14 +215,14 @@ class Nvml:
 
 
 @lru_cache(maxsize=1)
-def session() -> Nvml:
+def session() -> Nvml:  # (CUDA_VISIBLE_DEVICES as it was at first use)
     """The process's long-lived NVML session (initialised once, on first use)."""
     return Nvml()
 
 
-def probe(module: Any = None, with_processes: bool = True) -> GpuReport:
-    """Every GPU NVML sees, once; GpuReport(gpus=None, error=why) where none answers."""
-    nv = Nvml(module)
+def probe(module: Any = None, with_processes: bool = True, visible: str | None = None) -> GpuReport:
+    """Every visible GPU, once; GpuReport(gpus=None, error=why) where none answers."""
+    nv = Nvml(module, visible)
     try:
         return nv.report(with_processes)
     finally:

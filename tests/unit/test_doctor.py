@@ -31,6 +31,7 @@ def fake_nvml(devices: list[dict], fail: str | None = None, driver="580.159.04",
     m.nvmlDeviceGetCount = lambda: len(devices)
     m.nvmlDeviceGetHandleByIndex = lambda i: devices[i]
     m.nvmlDeviceGetName = lambda h: h["name"].encode()
+    m.nvmlDeviceGetUUID = lambda h: h.get("uuid", "GPU-00000000-0000-0000-0000-000000000000")
     m.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=h["total"] * MIB, free=h["free"] * MIB,
                                                                 used=(h["total"] - h["free"]) * MIB)
     m.nvmlDeviceGetCudaComputeCapability = lambda h: h["cc"]
@@ -63,6 +64,24 @@ def test_probe_without_a_driver_says_why():
     assert report.gpus is None and "NVML Shared Library Not Found" in report.error
     assert gpu.gpu_info(fake_nvml([], fail="x")) is None
     assert gpu.probe(fake_nvml([])).error == "the NVIDIA driver answers but sees no GPU"
+
+
+def test_probe_sees_what_cuda_visible_devices_leaves(monkeypatch):
+    """vLLM serves on the first GPU CUDA_VISIBLE_DEVICES leaves; mm budgets that one, not NVML's first."""
+    busy = {**H100, "uuid": "GPU-5a1e0000-aaaa-bbbb-cccc-000000000000"}
+    spare = {**H100, "free": 80000, "procs": [], "uuid": "GPU-77770000-aaaa-bbbb-cccc-000000000001"}
+    two = [busy, spare]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [g.index for g in gpu.probe(fake_nvml(two)).gpus] == [0, 1]
+    (g,) = gpu.probe(fake_nvml(two), visible="1").gpus
+    assert (g.index, g.free) == (1, 80000 * MIB)
+    assert [g.index for g in gpu.probe(fake_nvml(two), visible="GPU-7777,0").gpus] == [1, 0]
+    assert [g.index for g in gpu.probe(fake_nvml(two), visible="0,7,1").gpus] == [0]  # CUDA stops at a bad entry
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    nv = gpu.Nvml(fake_nvml(two))
+    assert nv.device_bytes() == (1559 * MIB, 81559 * MIB) and nv.processes_bytes({999999}) == 0
+    hidden = gpu.probe(fake_nvml(two), visible="")
+    assert hidden.gpus is None and hidden.error == "CUDA_VISIBLE_DEVICES='' leaves none of this machine's 2 GPUs visible"
 
 
 def test_probe_here_never_raises():
