@@ -214,6 +214,10 @@ ASLEEP_BASE = int(0.79 * GIB)
 # libraries). Not measured cleanly (RSS sums count shared pages twice); a round figure.
 HOST_BASE = 3 * GIB
 RAM_RESERVE = 8 * GIB  # left to the desktop and mm when offload = "fit" sizes the KV offload
+# The most offload = "fit" pins: pinned RAM is the OS's no more until the server stops, and pinning
+# it takes each start 0.7 s a GiB (54 GiB: 38 s on the H100 machine, card12_h100_run1). 32 GiB holds
+# 1.2 million tokens of the 7B's fp8 KV cache, nine times what its GPU holds on a 12 GiB card.
+OFFLOAD_FIT_MAX = 32 * GIB
 HEADROOM = 512 << 20  # what "fill" leaves free, and the margin under which a fit is called tight
 FIT_REQUESTS = 8  # context = "fit": the longest context at which this many full requests fit the KV cache
 DEFAULT_SEQUENCES = 16
@@ -568,7 +572,8 @@ def _fall_back(engine: dict[str, Any], spec: ArgSpec | None, card: Card, weights
 
 def _offload(profile: Profile, card: Card | None, weights: int, notes: list[str]) -> int:
     """Bytes of RAM for offloaded KV blocks: memory.offload, or for "fit" half of what this machine
-    spares after the desktop, this server's processes and (level 1 sleep) its weights."""
+    spares after the desktop, this server's processes and (level 1 sleep) its weights, at most
+    OFFLOAD_FIT_MAX."""
     m = profile.memory
     if m is None or not (m.offload or m.offload_fit):
         return 0
@@ -582,7 +587,7 @@ def _offload(profile: Profile, card: Card | None, weights: int, notes: list[str]
     if spare < GIB:
         notes.append(f"offload = \"fit\": {gib(ram)} of RAM leaves nothing to offload KV blocks to")
         return 0
-    return spare // GIB * GIB
+    return min(spare, OFFLOAD_FIT_MAX) // GIB * GIB
 
 
 def _advice(fp: Footprint, model: _Model, share: float | None, memory: Any) -> tuple[tuple[str, str], ...]:

@@ -186,6 +186,8 @@ def test_perf_old_offload_is_flagged_on_a_machine_without_the_ram(shipped_models
     # the shipped perf sizes its offload to the machine instead
     perf = checks.footprint(load_profile("perf"), sized_card(12 * GIB, ram=32 * GIB))
     assert perf.engine["kv_offloading_size"] == 7 and perf.host_ram_bytes < 32 * GIB - fit.RAM_RESERVE
+    # and a big machine does not pin half its RAM (256 GiB: 32, not 120)
+    assert checks.footprint(load_profile("perf"), sized_card(12 * GIB, ram=256 * GIB)).engine["kv_offloading_size"] == 32
 
 
 # --- the shipped profiles on a 12 GiB card ----------------------------------------------------------------
