@@ -19,7 +19,11 @@ what it finished.
 GPU (after the kit's unpack and `ballast.py --leave 12`):
     python3 benchmarks/card12.py --out benchmark_results/card12_h100.txt [--part profiles|round]
 (--part splits the run over two device sessions, appending to the same file; the round's restarts
-reuse the compile caches the profiles part left in ~/.cache/card12-compile.)
+reuse the compile caches the profiles part left in ~/.cache/card12-compile.) On a host with two
+GPUs, each with a ballast leaving 12 GiB, `--round-gpu 1` (with CUDA_VISIBLE_DEVICES=0) runs the
+round on the second card beside the profiles: a daemon of its own, each first visit of a profile
+once the profiles part has moved past it, so that it restarts from the warm compile caches as a
+round on its own would, and never beside the same profile's measured start.
 Here (the fake vLLM: the flow only, no memory):
     PYTHONPATH=tests/faults/fakevllm:. python3 benchmarks/card12.py --fake
 """
@@ -230,15 +234,18 @@ def send(client: httpx.Client, base: str, req: tuple[str, str, dict]) -> str | N
 
 # --- the run -------------------------------------------------------------------------------------------
 class Run:
+    _lock = threading.Lock()  # the profiles and a round on a second GPU write the same file
+
     def __init__(self, env: dict, out: Path | None) -> None:
         self.env, self.out = env, out
         self.base = f"http://127.0.0.1:{env['MM_PROXY_PORT']}"
 
     def line(self, text: str) -> None:
-        print(text, flush=True)
-        if self.out:
-            with open(self.out, "a") as f:
-                f.write(text + "\n")
+        with self._lock:
+            print(text, flush=True)
+            if self.out:
+                with open(self.out, "a") as f:
+                    f.write(text + "\n")
 
     def mm(self, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "mmlib", *args], env=self.env, cwd=ROOT,
@@ -276,6 +283,49 @@ def predicted(name: str) -> str:
         return f"n/a({type(e).__name__})"
 
 
+def new_home(fake: bool, hopper: bool, gpu: str | None = None) -> dict:
+    """A fresh MM_HOME with the shipped profiles pointed at the fixtures, gpu_budget 12GiB; the
+    environment of the mm commands and the daemon that use it (on `gpu` where given)."""
+    home = Path(tempfile.mkdtemp(prefix="mm-card12-"))
+    cache = home / "cache"
+    write_profiles(home, fake, hopper)
+    embedded_without_weights(cache)
+    (home / "config" / "config.toml").write_text('gpu_budget = "12GiB"\n')
+    env = {**os.environ, "MM_HOME": str(home), "MM_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1",
+           "MM_PROXY_PORT": str(8200 + random.randint(0, 500)),
+           "MM_RUNTIME_DIR": tempfile.mkdtemp(prefix="mm-", dir="/tmp")}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def the_round(run: Run, profiles: list[str], served: dict[str, str], rounds: int, fake: bool,
+              moved_past: dict[str, threading.Event] | None = None) -> None:
+    """Every profile, in the issue's order, `rounds` times, through mm as a client would; the
+    first visit of each waits for moved_past[profile] where given (a round beside the profiles)."""
+    n = failed = 0
+    errors: list[str] = []
+    t0 = time.monotonic()
+    with httpx.Client(timeout=1200) as client:
+        for visit in range(rounds):
+            for name in profiles:
+                if moved_past and visit == 0:
+                    moved_past[name].wait()
+                for req in requests_for(name, served, fake):
+                    n += 1
+                    err = send(client, run.base, req)
+                    if err:
+                        failed += 1
+                        errors.append(err)
+    status = run.status()
+    run.line(f"round: requests={n} failed={failed} seconds={time.monotonic() - t0:.0f} "
+             f"switches_last_min={status.get('switches_per_min')}")
+    for err in errors[:5]:
+        run.line(f"#   {err[:300]}")
+    run.line("# after the round: " + ", ".join(f"{s['profile']}={s['state']}" for s in status["servers"])
+             + f"; card {status.get('card', {}).get('free')} bytes free")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
@@ -284,31 +334,55 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="visits of every profile in the round")
     ap.add_argument("--part", choices=("all", "profiles", "round"), default="all",
                     help="the per-profile starts, the round, or both (one device session may not hold both)")
+    ap.add_argument("--round-gpu", metavar="INDEX",
+                    help="run the round on this GPU (its own ballast leaving 12 GiB) beside the profiles")
     args = ap.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="mm-card12-"))
-    cache = home / "cache"
+    if args.round_gpu is not None and args.part != "all":
+        raise SystemExit("card12.py: --round-gpu runs the profiles and the round together: leave --part out")
     gpu = GpuSampler()
     hopper = gpu.available and any(h in gpu.name() for h in ("H100", "H200", "H800", "GH200"))
-    write_profiles(home, args.fake, hopper)
-    embedded_without_weights(cache)
-    (home / "config" / "config.toml").write_text('gpu_budget = "12GiB"\n')
-    env = {**os.environ, "MM_HOME": str(home), "MM_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1",
-           "MM_PROXY_PORT": str(8200 + random.randint(0, 500)),
-           "MM_RUNTIME_DIR": tempfile.mkdtemp(prefix="mm-", dir="/tmp")}
+    env = new_home(args.fake, hopper)
     os.environ.update(MM_HOME=env["MM_HOME"], MM_CACHE_DIR=env["MM_CACHE_DIR"])  # for load_profile here
     run = Run(env, args.out)
     served = served_names()
     profiles = [p for p in args.profiles.split(",") if p]
     base_used = gpu.settled()
+    beside = ""
+    if args.round_gpu is not None:
+        from mmlib.system import nvml
+
+        other = nvml.Nvml(visible=args.round_gpu)
+        found = other.device_bytes() if other.available else None
+        beside = (f"; the round on GPU {args.round_gpu} of the same host beside the profiles (free "
+                  f"{gib(found[1] - found[0]) if found else 'n/a'} GiB, its own ballast and daemon; each first "
+                  f"visit once the profiles part has moved past that profile, its compile caches warm)")
     run.line(f"# benchmarks/card12.py, {time.strftime('%Y-%m-%d %H:%M')}: {gpu.name()}; free {gib(gpu.free())} GiB "
              f"with nothing started (the ballast holds the rest); gpu_budget 12GiB; models: random weights of "
              f"the real shapes (tests/fixtures/models-gpu){'; dtype bfloat16 for AWQ on Hopper' if hopper else ''}"
-             + ("" if args.part == "all" else f"; part: {args.part}"))
+             + ("" if args.part == "all" else f"; part: {args.part}") + beside)
+    beside_run: Run | None = None
+    moved_past = {name: threading.Event() for name in profiles}
+    round_thread: threading.Thread | None = None
+    if args.round_gpu is not None:
+        beside_run = Run(new_home(args.fake, hopper, args.round_gpu), args.out)
+        beside_run.start_daemon()
+
+        def round_beside() -> None:
+            try:
+                the_round(beside_run, profiles, served, args.rounds, args.fake, moved_past)
+            except Exception as e:  # say so in the file rather than die quietly in a thread
+                beside_run.line(f"# the round beside the profiles failed: {type(e).__name__}: {e}")
+        round_thread = threading.Thread(target=round_beside)
+        round_thread.start()
+    previous: str | None = None
     try:
         for name in profiles if args.part != "round" else []:
             stopped = run.mm("stop", "--all")
             if stopped.returncode and "nothing is running" not in stopped.stdout:
                 run.line(f"# stop --all: {stopped.stdout.strip()} {stopped.stderr.strip()}")
+            if previous:
+                moved_past[previous].set()
+            previous = name
             for member in load_profile(name).stack or (name,):
                 shutil.rmtree(COMPILE_CACHES / member, ignore_errors=True)
             before = gpu.settled()
@@ -341,30 +415,24 @@ def main() -> None:
                 run.line(f"#   {err[:300]}")
         if args.part == "profiles":
             return
-        # The round: every profile, in the issue's order, twice, through mm as a client would.
         run.mm("stop", "--all")
+        if round_thread is not None:
+            run.mm("daemon", "stop")  # this card is free for what comes next (issue_runs.sh waits for this line)
+            print("# card12: profiles done", flush=True)
+            for event in moved_past.values():
+                event.set()
+            round_thread.join()
+            return
+        # The round: every profile, in the issue's order, twice, through mm as a client would.
         if args.part == "round":
             run.start_daemon()
-        n = failed = 0
-        errors: list[str] = []
-        t0 = time.monotonic()
-        with httpx.Client(timeout=1200) as client:
-            for _ in range(args.rounds):
-                for name in profiles:
-                    for req in requests_for(name, served, args.fake):
-                        n += 1
-                        err = send(client, run.base, req)
-                        if err:
-                            failed += 1
-                            errors.append(err)
-        status = run.status()
-        run.line(f"round: requests={n} failed={failed} seconds={time.monotonic() - t0:.0f} "
-                 f"switches_last_min={status.get('switches_per_min')}")
-        for err in errors[:5]:
-            run.line(f"#   {err[:300]}")
-        run.line("# after the round: " + ", ".join(f"{s['profile']}={s['state']}" for s in status["servers"])
-                 + f"; card {status.get('card', {}).get('free')} bytes free")
+        the_round(run, profiles, served, args.rounds, args.fake)
     finally:
+        for event in moved_past.values():  # a failed profiles part must not leave the round waiting
+            event.set()
+        if round_thread is not None:
+            round_thread.join()
+            beside_run.mm("daemon", "stop")
         run.mm("daemon", "stop")
 
 

@@ -9,16 +9,23 @@
 #   card12: (issue 10) every shipped profile on the emulated 12 GiB card (benchmarks/card12.py), in
 #           the background: it outlasts one call (first starts compile). Carry .gpu-extra (the
 #           transformers 5.16.0 and soundfile wheels, tests/fixtures/models-gpu/README.md) with it.
-#   poll:   polls the background run for up to 9 minutes and brings back what it wrote so far;
-#           call it back to back until the run has ended (then it brings back the JIT caches too).
+#           On two GPUs (nvidia-h100-x2) the round runs on the second beside the profiles, and once
+#           the profiles are done, the first card (ballast gone) runs issue 11's one-at-a-time mixed
+#           traffic and switch timing (benchmarks/mixed_load.py --switch, as `first` does).
+#   poll:   polls the background runs for up to 9 minutes and brings back what they wrote so far;
+#           call it back to back until they have ended (then it brings back the JIT caches too).
 # Usage: bash benchmarks/device/issue_runs.sh first|second
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-/tmp/mm-out}"; mkdir -p "$out"
+# vLLM's processes import from /tmp/site, which the kit ships without bytecode: let the first import
+# write it (under PYTHONDONTWRITEBYTECODE every start compiled vLLM's, torch's and transformers'
+# sources again, about 28 s in each of a server's two processes on the last run)
+unset PYTHONDONTWRITEBYTECODE
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
   VLLM_USE_FLASHINFER_SAMPLER=0
 header() {
-  echo "# $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), vLLM $(python3 -c 'import vllm; print(vllm.__version__)' 2>/dev/null), $(date -u +%F)"
+  echo "# $(nvidia-smi -i 0 --query-gpu=name,driver_version --format=csv,noheader), vLLM $(python3 -c 'import vllm; print(vllm.__version__)' 2>/dev/null), $(date -u +%F)"
 }
 
 first() {
@@ -54,6 +61,12 @@ second() {
   tail -n 4 "$out/mixed2.log"; cat "$f"; nvidia-smi --query-gpu=memory.used,memory.total --format=csv
 }
 
+ballast() {  # ballast GPU LOG: hold all but 12 GiB of that GPU
+  grep -q holding "$2" 2>/dev/null && return
+  CUDA_VISIBLE_DEVICES=$1 setsid python3 .gpu-stage/ballast.py --leave 12 > "$2" 2>&1 < /dev/null &
+  for _ in $(seq 60); do grep -q holding "$2" && break; sleep 1; done; cat "$2"
+}
+
 card12() {
   mkdir -p /tmp/stage && bash .gpu-stage/unpack.sh > /dev/null || exit 1
   for whl in .gpu-extra/*.whl; do [ -f "$whl" ] && python3 -m zipfile -e "$whl" /tmp/site0; done
@@ -61,27 +74,52 @@ card12() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   # JIT caches of an earlier machine (a jit.tar.xz this script brought back, saved into .gpu-extra/)
   [ -f .gpu-extra/jit.tar.xz ] && mkdir -p ~/.cache && tar -xJf .gpu-extra/jit.tar.xz -C ~/.cache
-  if ! grep -q holding /tmp/ballast.log 2>/dev/null; then
-    setsid python3 .gpu-stage/ballast.py --leave 12 > /tmp/ballast.log 2>&1 < /dev/null &
-    for _ in $(seq 60); do grep -q holding /tmp/ballast.log && break; sleep 1; done
+  ballast 0 /tmp/ballast.log
+  gpus=$(nvidia-smi -L | wc -l)
+  beside=()
+  if [ "$gpus" -ge 2 ] && [ -z "${CARD12_PART:-}" ]; then
+    ballast 1 /tmp/ballast1.log
+    beside=(--round-gpu 1)
   fi
-  cat /tmp/ballast.log
   # transformers 5.16.0 first: vLLM 0.26's LightOnOCR needs it; soundfile reads the WAV upload
   # CARD12_PART=profiles|round splits the run over two sessions (the file comes back each time: carry
   # it in as .gpu-extra/card12_h100.txt to append the round to it)
   [ -f .gpu-extra/card12_h100.txt ] && cp .gpu-extra/card12_h100.txt /tmp/card12_h100.txt
-  PYTHONPATH="/tmp/site0:$PYTHONPATH" setsid python3 benchmarks/card12.py --out /tmp/card12_h100.txt \
-    --part "${CARD12_PART:-all}" > /tmp/card12.log 2>&1 < /dev/null &
-  poll
+  CUDA_VISIBLE_DEVICES=0 PYTHONPATH="/tmp/site0:$PYTHONPATH" setsid python3 benchmarks/card12.py \
+    --out /tmp/card12_h100.txt --part "${CARD12_PART:-all}" "${beside[@]}" > /tmp/card12.log 2>&1 < /dev/null &
+  echo $! > /tmp/runs.pids
+  if [ ${#beside[@]} -gt 0 ]; then  # then issue 11 on the first card, once the profiles are done with it
+    export -f header
+    setsid bash -c '
+      until grep -q "profiles done" /tmp/card12.log; do kill -0 "$(head -1 /tmp/runs.pids)" || exit; sleep 5; done
+      kill "$(grep -o "ballast pid [0-9]*" /tmp/ballast.log | grep -o "[0-9]*$")"; sleep 5
+      header > /tmp/mixed_load_h100.txt
+      echo "# one model awake at a time: both at 0.125 of the H100 (vLLM budget 9.9 GiB each), gpu_budget 16GiB: one awake + one asleep fit, two awake do not" >> /tmp/mixed_load_h100.txt
+      CUDA_VISIBLE_DEVICES=0 timeout 540 python3 benchmarks/mixed_load.py --models-dir .gpu-stage/models --duration 25 \
+        --switch --budget 16GiB --label one-at-a-time --out /tmp/mixed_load_h100.txt
+    ' > /tmp/mixed1.log 2>&1 < /dev/null &
+    echo $! >> /tmp/runs.pids
+  fi
+  poll 90  # (this call's setup took about a minute of its 10)
 }
 
-poll() {
-  for _ in $(seq 108); do pgrep -f benchmarks/card12.py > /dev/null || break; sleep 5; done
-  cp /tmp/card12_h100.txt "$out/" 2>/dev/null; tail -c 60000 /tmp/card12.log > "$out/card12.log"
+running() {  # any of the background runs still going
+  for pid in $(cat /tmp/runs.pids 2>/dev/null); do kill -0 "$pid" 2>/dev/null && return 0; done; return 1
+}
+
+poll() {  # poll [N]: wait up to N x 5 s (108: 9 minutes) for the runs to end
+  for _ in $(seq "${1:-108}"); do running || break; sleep 5; done
+  cp /tmp/card12_h100.txt /tmp/mixed_load_h100.txt "$out/" 2>/dev/null; tail -c 60000 /tmp/card12.log > "$out/card12.log"
+  tail -c 20000 /tmp/mixed1.log > "$out/mixed1.log" 2>/dev/null
   (cd /tmp && tar -cJf "$out/logs.tar.xz" mm-card12-*/state/logs 2>/dev/null)  # vLLM's own sizes, per server
-  cat /tmp/card12_h100.txt; nvidia-smi --query-gpu=memory.used,memory.total --format=csv
-  pgrep -f benchmarks/card12.py > /dev/null ||
-    tar -cJf "$out/jit.tar.xz" -C ~/.cache vllm flashinfer card12-compile 2>/dev/null
+  cat /tmp/card12_h100.txt /tmp/mixed_load_h100.txt 2>/dev/null; tail -n 3 /tmp/card12.log /tmp/mixed1.log 2>/dev/null
+  nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv
+  # the JIT caches, once all is done (the per-profile compile caches only where they are small)
+  if ! running; then
+    du -sh ~/.cache/card12-compile 2>/dev/null
+    compiled=$(du -sm ~/.cache/card12-compile 2>/dev/null | cut -f1)
+    tar -cJf "$out/jit.tar.xz" -C ~/.cache vllm flashinfer $([ "${compiled:-999}" -lt 200 ] && echo card12-compile) 2>/dev/null
+  fi
 }
 
 for step in "$@"; do echo "== $step"; $step; done
