@@ -3,7 +3,7 @@
 # copied; see ../shared/gpu/README.md). Carry: .gpu-stage/part-02 .gpu-stage/unpack.sh
 # .gpu-stage/MANIFEST .gpu-stage/models .gpu-stage/ballast.py .whl
 #   first:  setup, then sleep level 2 (benchmarks/level2_wake.py) beside mixed traffic with one model
-#           awake at a time on the whole H100, each at 0.125 of it (benchmarks/mixed_load.py)
+#           awake at a time on the whole card, each at 0.62 of a 16 GiB budget (benchmarks/mixed_load.py)
 #   second: the same mixed traffic on an emulated 12 GiB card, both models sized in bytes so that
 #           they fit awake together
 #   card12: (issue 10) every shipped profile on the emulated 12 GiB card (benchmarks/card12.py), in
@@ -14,7 +14,8 @@
 #           traffic and switch timing (benchmarks/mixed_load.py --switch, as `first` does).
 #   poll:   polls the background runs for up to 9 minutes and brings back what they wrote so far;
 #           call it back to back until they have ended (then it brings back the JIT caches too).
-# Usage: bash benchmarks/device/issue_runs.sh first|second
+#   mixed:  issue 11's one-at-a-time mixed traffic and switch timing alone (after the kit's unpack)
+# Usage: bash benchmarks/device/issue_runs.sh first|second|card12|poll|mixed
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-/tmp/mm-out}"; mkdir -p "$out"
@@ -28,24 +29,39 @@ header() {
   echo "# $(nvidia-smi -i 0 --query-gpu=name,driver_version --format=csv,noheader), vLLM $(python3 -c 'import vllm; print(vllm.__version__)' 2>/dev/null), $(date -u +%F)"
 }
 
+one_at_a_time() {  # one_at_a_time FILE: issue 11's mixed traffic with one model awake at a time, and the switch
+  # gpu_budget 16GiB, each model 0.62 of it (vLLM's budget 9.9 GiB, as 0.125 of an H100 once was):
+  # one awake (about 12 GiB measured) and one asleep fit, two awake do not. (12GiB left no room for
+  # the sleeper's residue either: every switch became a restart.)
+  header > "$1"
+  echo "# one model awake at a time: both at 0.62 of gpu_budget 16GiB (vLLM budget 9.9 GiB each): one awake + one asleep fit, two awake do not" >> "$1"
+  timeout 540 python3 benchmarks/mixed_load.py --models-dir .gpu-stage/models --duration 25 --switch \
+    --budget 16GiB --big-extra "gpu_memory_utilization = 0.62" --small-extra "gpu_memory_utilization = 0.62" \
+    --label one-at-a-time --out "$1"
+}
+
 first() {
   mkdir -p /tmp/stage && bash .gpu-stage/unpack.sh || exit 1
   python3 -c "import platformdirs, tomli_w" 2>/dev/null ||
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  header | tee "$out/level2_wake_h100.txt" > "$out/mixed_load_h100.txt"
+  header > "$out/level2_wake_h100.txt"
   # sleep level 2: the script sizes its KV cache in bytes, so starting beside the mixed servers
   # cannot skew vLLM's memory profiling (that race failed the first try: "Error in memory profiling")
-  # gpu_budget 16GiB: one awake (about 12 GiB measured) and one asleep fit, two awake do not. (12GiB
-  # left no room for the sleeper's residue either: every switch became a restart.)
-  echo "# one model awake at a time: both at 0.125 of the H100 (vLLM budget 9.9 GiB each), gpu_budget 16GiB: one awake + one asleep fit, two awake do not" >> "$out/mixed_load_h100.txt"
   timeout 420 python3 benchmarks/level2_wake.py --tokenizer .gpu-stage/models/dummy-1.5b \
     --out "$out/level2_wake_h100.txt" > "$out/level2.log" 2>&1 &
-  timeout 540 python3 benchmarks/mixed_load.py --models-dir .gpu-stage/models --duration 25 --switch \
-    --budget 16GiB --label one-at-a-time --out "$out/mixed_load_h100.txt" > "$out/mixed1.log" 2>&1
+  one_at_a_time "$out/mixed_load_h100.txt" > "$out/mixed1.log" 2>&1
   wait
   tail -n 5 "$out/level2.log" "$out/mixed1.log"
   cat "$out/level2_wake_h100.txt" "$out/mixed_load_h100.txt"
   tar -cJf "$out/jit.tar.xz" -C ~/.cache vllm flashinfer 2>/dev/null; ls -la "$out"
+}
+
+mixed() {  # issue 11 alone: the one-at-a-time mixed traffic and the switch
+  mkdir -p /tmp/stage && bash .gpu-stage/unpack.sh > /dev/null || exit 1
+  python3 -c "import platformdirs, tomli_w" 2>/dev/null ||
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  one_at_a_time "$out/mixed_load_h100.txt" > "$out/mixed1.log" 2>&1
+  tail -n 8 "$out/mixed1.log"; cat "$out/mixed_load_h100.txt"
 }
 
 second() {
@@ -89,14 +105,11 @@ card12() {
     --out /tmp/card12_h100.txt --part "${CARD12_PART:-all}" "${beside[@]}" > /tmp/card12.log 2>&1 < /dev/null &
   echo $! > /tmp/runs.pids
   if [ ${#beside[@]} -gt 0 ]; then  # then issue 11 on the first card, once the profiles are done with it
-    export -f header
+    export -f header one_at_a_time
     setsid bash -c '
       until grep -q "profiles done" /tmp/card12.log; do kill -0 "$(head -1 /tmp/runs.pids)" || exit; sleep 5; done
       kill "$(grep -o "ballast pid [0-9]*" /tmp/ballast.log | grep -o "[0-9]*$")"; sleep 5
-      header > /tmp/mixed_load_h100.txt
-      echo "# one model awake at a time: both at 0.125 of the H100 (vLLM budget 9.9 GiB each), gpu_budget 16GiB: one awake + one asleep fit, two awake do not" >> /tmp/mixed_load_h100.txt
-      CUDA_VISIBLE_DEVICES=0 timeout 540 python3 benchmarks/mixed_load.py --models-dir .gpu-stage/models --duration 25 \
-        --switch --budget 16GiB --label one-at-a-time --out /tmp/mixed_load_h100.txt
+      CUDA_VISIBLE_DEVICES=0 one_at_a_time /tmp/mixed_load_h100.txt
     ' > /tmp/mixed1.log 2>&1 < /dev/null &
     echo $! >> /tmp/runs.pids
   fi
