@@ -540,9 +540,10 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
         cap = _share(profile, None)
         # vLLM 0.26 still checks utilization x total against free memory at start: ask for what the
         # server holds at rest (its CUDA context exists by then; the compile reserve comes and goes
-        # later), or the profile's own cap.
+        # later), never more than the profile's own cap. (The cap itself asked voice-stt for 3.63 GiB
+        # free where it peaks at 3.0, and beside a sleeper's residue it would not start: card12 run2.)
         rest = awake - activations + kept - CUDA_CONTEXT
-        engine["gpu_memory_utilization"] = card.utilization(cap if cap is not None else rest / card.capacity)
+        engine["gpu_memory_utilization"] = card.utilization(min(rest / card.capacity, cap if cap is not None else 1.0))
         _fall_back(engine, spec, card, weights, activation_bytes(shape, batched), kv, capture, notes)
     fp = Footprint(profile.name, card, "bytes", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
                    _host_ram(profile, model.weights, offload or engine_offload_bytes(profile)), engine,

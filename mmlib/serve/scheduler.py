@@ -234,13 +234,27 @@ class Scheduler:
         return [s.profile for s in self.servers.values()
                 if s.state in (State.ASLEEP, State.FALLING_ASLEEP) and s.name not in exclude]
 
-    def _fits(self, targets: list[Profile], awake: list[Profile], asleep: list[Profile]) -> bool:
-        """Whether targets can be awake beside `awake` servers and `asleep` ones' residue."""
+    def _awake_bytes(self, profile: Profile, starting: bool) -> int:
+        """What the profile holds awake; for a start, its peak. NVML shows a server only at rest
+        once it serves, but its start holds more (torch.compile's first runs, the warm-up): the
+        estimate models that peak, so a start counts the larger of the two. (A measured 7B at rest
+        let a sleeper's 0.9 GiB stay beside its restart, which then ran out of memory: card12 run2.)"""
+        fp = self.footprint(profile)
+        if not starting:
+            return fp.awake
+        predicted = self.memory.predict(profile)
+        return max(fp.awake, predicted.awake if predicted else 0)
+
+    def _fits(self, targets: list[Profile], awake: list[Profile], asleep: list[Profile],
+              starting: frozenset[str] = frozenset()) -> bool:
+        """Whether targets can be awake beside `awake` servers and `asleep` ones' residue (the
+        targets named in `starting` start rather than wake: their peak counts)."""
         capacity = self.memory.capacity()
         prints = {p.name: self.footprint(p) for p in [*targets, *awake, *asleep]}
         if capacity is None or any(f is None for f in prints.values()):
             return fit_together([*targets, *awake])  # no card to ask: declared shares decide
-        need = sum(prints[p.name].awake for p in [*targets, *awake]) + sum(prints[p.name].asleep for p in asleep)
+        need = (sum(self._awake_bytes(p, p.name in starting) for p in targets)
+                + sum(prints[p.name].awake for p in awake) + sum(prints[p.name].asleep for p in asleep))
         return need <= capacity
 
     def measure(self, server: Any) -> None:
@@ -292,7 +306,8 @@ class Scheduler:
             fp = self.footprint(t.profile)
             if fp is None or t.state == State.AWAKE:
                 continue
-            need += fp.awake - (fp.asleep if t.state == State.ASLEEP else 0)
+            need += (fp.awake - fp.asleep if t.state == State.ASLEEP
+                     else self._awake_bytes(t.profile, starting=True))
         return need
 
     # --- the switch ------------------------------------------------------------------------------------
@@ -330,8 +345,9 @@ class Scheduler:
         sleepers stop until the targets fit beside what is left."""
         names = {t.name for t in targets}
         tp = [t.profile for t in targets]
+        starting = frozenset(t.name for t in targets if t.state not in LIVE)
         others = [s for s in self.awake() if s.name not in names]
-        if not self._fits(tp, [s.profile for s in others], self._asleep_profiles(names)):
+        if not self._fits(tp, [s.profile for s in others], self._asleep_profiles(names), starting):
             await asyncio.gather(*(self._drain_then_sleep(s) for s in others))
             for s in others:
                 self._measure_soon(s)
@@ -339,7 +355,7 @@ class Scheduler:
                            if s.state == State.ASLEEP and s.name not in names), key=lambda s: s.last_used)
         for s in sleepers:
             if self._fits(tp, [a.profile for a in self.awake() if a.name not in names],
-                          self._asleep_profiles(names)):
+                          self._asleep_profiles(names), starting):
                 break
             log.info("stopping %s (asleep, least recently used) to make room for %s", s.name, ", ".join(names))
             await self._stop_released(s)

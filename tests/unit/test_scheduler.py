@@ -273,9 +273,12 @@ class FakeCard:
     """A card of `capacity` bytes. Servers hold prints[name] awake/asleep; a stopped server's memory
     shows as free only after `lag` reads of free() (vLLM lets go a moment after its process ends)."""
 
-    def __init__(self, world: World, capacity: int, prints: dict[str, tuple[float, float]], lag: int = 0):
+    def __init__(self, world: World, capacity: int, prints: dict[str, tuple[float, float]], lag: int = 0,
+                 resting: dict[str, float] | None = None):
         self.world, self.cap, self.lag = world, capacity, lag
         self.prints = {n: Footprint(int(a * GIB), int(s * GIB)) for n, (a, s) in prints.items()}
+        # what a server holds once it serves, where less than its start's peak (prints' awake)
+        self.resting = {n: int(g * GIB) for n, g in (resting or {}).items()}
         self.ghosts: list[list[int]] = []  # [bytes, reads left]
         self.budget = None
         self.peak = 0
@@ -284,7 +287,8 @@ class FakeCard:
         used = 0
         for s in self.world.sched.servers.values():
             fp = self.prints[s.name]
-            used += fp.awake if s.state in (State.AWAKE, State.STARTING, State.WAKING) else \
+            used += self.resting.get(s.name, fp.awake) if s.state == State.AWAKE else \
+                fp.awake if s.state in (State.STARTING, State.WAKING) else \
                 fp.asleep if s.state == State.ASLEEP else 0
         return used + sum(g[0] for g in self.ghosts)
 
@@ -304,7 +308,7 @@ class FakeCard:
         if s is None:
             return None
         fp = self.prints[s.name]
-        return fp.awake if s.state == State.AWAKE else fp.asleep
+        return self.resting.get(s.name, fp.awake) if s.state == State.AWAKE else fp.asleep
 
     def predict(self, profile) -> Footprint:
         fp = self.prints[profile.name]
@@ -315,9 +319,10 @@ from mmlib.serve.memory import Footprint  # noqa: E402
 from mmlib.serve.scheduler import Policy  # noqa: E402
 
 
-def card_world(capacity_gib: float, prints: dict[str, tuple[float, float]], lag: int = 0) -> tuple[World, FakeCard]:
+def card_world(capacity_gib: float, prints: dict[str, tuple[float, float]], lag: int = 0,
+               resting: dict[str, float] | None = None) -> tuple[World, FakeCard]:
     w = World(*(profile(n) for n in prints))
-    card = FakeCard(w, int(capacity_gib * GIB), prints, lag)
+    card = FakeCard(w, int(capacity_gib * GIB), prints, lag, resting)
     w.sched.memory = card
     w.sched.policy = Policy(max_wait_s=1.0, settle_timeout_s=5.0)
     original_stop = FakeServer.stop
@@ -369,6 +374,35 @@ def test_the_least_recently_used_sleepers_are_stopped_when_residues_leave_no_roo
         assert w.server("a").state == State.STOPPED
         assert (w.server("b").state, w.server("c").state) == (State.ASLEEP, State.ASLEEP)
         assert w.server("big").state == State.AWAKE and card.peak <= card.cap
+    run(go())
+
+
+def test_a_restart_counts_its_peak_not_what_was_measured_at_rest():
+    """perf peaks at 11.5 GiB while it starts and keeps 10.5 once it serves (all NVML shows then).
+    Started again after a stop, it must not be let in beside a 1 GiB server on a 12 GiB card."""
+    async def go():
+        w, card = card_world(12, {"perf": (11.5, 1.2), "small": (1.0, 0.9)}, resting={"perf": 10.5})
+        await w.sched.activate(w.profiles["perf"])
+        w.sched.measure(w.server("perf"))
+        assert w.sched.footprint(w.profiles["perf"]).awake == int(10.5 * GIB)  # measured, at rest
+        await w.sched.stop("perf")
+        await w.sched.activate(w.profiles["small"])
+        starts_beside = []
+        original_start = FakeServer.start
+
+        async def start(self):
+            starts_beside.append(card._used())  # what others hold as this start begins
+            await original_start(self)
+        w.server("perf").start = start.__get__(w.server("perf"))
+        await w.sched.activate(w.profiles["perf"])
+        assert w.server("perf").state == State.AWAKE and w.server("small").state == State.STOPPED
+        assert starts_beside == [0]  # 11.5 + 0.9 asleep would not fit; 10.5 + 1.0 awake looked as if it did
+        # a wake is no start: woken, a server holds what it held at rest, so 10.5 + 1.0 fits
+        await w.sched.sleep("perf")
+        await w.sched.activate(w.profiles["small"])
+        await w.sched.activate(w.profiles["perf"])
+        assert w.server("perf").state == State.AWAKE and w.server("small").state == State.AWAKE
+        assert card.peak <= card.cap
     run(go())
 
 
