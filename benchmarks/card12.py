@@ -253,8 +253,11 @@ class Run:
 
     def start_daemon(self) -> None:
         """The daemon in the background, as `mm up` would start it (a round on its own has no `mm up`)."""
-        subprocess.Popen([sys.executable, "-m", "mmlib", "daemon"], env=self.env, cwd=ROOT, start_new_session=True,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        logs = Path(self.env["MM_HOME"]) / "state" / "logs"  # where `mm up` has it write, for the log tarball
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / "daemon.log", "ab") as log:
+            subprocess.Popen([sys.executable, "-m", "mmlib", "daemon"], env=self.env, cwd=ROOT, start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
