@@ -198,6 +198,12 @@ def sized_card(capacity: int, ram: int | None = None) -> Card:
 #   tower is not compiled) gives 1.0 for the 7B at 2048 tokens, 0.52 + 0.21 for voice, 0.35 for ocr: the
 #   first start is the one that must fit. Eager servers compile nothing: default's peak equalled its
 #   rest, so their activations are what the warm-up keeps.
+# - The second run (card12_h200x2_run2.txt: each profile's own compile cache emptied first, so each
+#   compiled from scratch) put the peak beyond weights, KV, graphs and context at 1.12 GiB (chat, 16
+#   sequences), 1.06 (perf, 64), 0.95 (voice) and 0.88 (baseline, 256 sequences, whose sampler alone
+#   keeps 0.54): adding the sampler's buffers to the reserve had baseline 0.71 GiB high (11.50 for
+#   10.79). The warm-up takes them from the blocks torch.compile left reserved: a compiled server
+#   holds its decode step plus the larger of the two (compiled_activation_bytes).
 # - FlashInfer attention (perf) holds 0.44 GiB beside its KV cache (sleep freed 5.09 GiB tagged KV
 #   for a 4.65 GiB cache): its 394 MiB workspace and per-batch buffers (FLASHINFER_WORKSPACE).
 # - Asleep (level 1) a server kept ASLEEP_BASE plus its CUDA graphs: chat 0.90 (0.79 + 0.09 predicted),
@@ -313,12 +319,29 @@ def workspace_bytes(profile: Profile) -> int:
     return FLASHINFER_WORKSPACE if backend.startswith("FLASHINFER") else 0
 
 
+def decode_step_bytes(shape: Shape, sequences: int, batched: int) -> int:
+    """One decode step of every sequence, and the fixed part (logits and such)."""
+    return 2 * min(sequences, batched) * (_mlp_width(shape) + 2 * shape.hidden) + ACTIVATION_FIXED
+
+
+def sampler_bytes(shape: Shape, sequences: int) -> int:
+    """The sampler's buffers for every sequence (vLLM preallocates them at their largest)."""
+    return sequences * shape.vocab * SAMPLER_BYTES
+
+
 def kept_activation_bytes(shape: Shape, sequences: int, batched: int) -> int:
-    """What the warm-up leaves allocated: one decode step of every sequence and the sampler's
-    buffers for them (vLLM preallocates these at their largest so they are never freed)."""
-    width = _mlp_width(shape)
-    step = 2 * min(sequences, batched) * (width + 2 * shape.hidden) + ACTIVATION_FIXED
-    return int(max(step, sequences * shape.vocab * SAMPLER_BYTES))
+    """What the warm-up leaves allocated: one decode step of every sequence or the sampler's
+    buffers for them, whichever is larger (they are never freed)."""
+    return int(max(decode_step_bytes(shape, sequences, batched), sampler_bytes(shape, sequences)))
+
+
+def compiled_activation_bytes(shape: Shape, sequences: int, batched: int) -> int:
+    """A compiled server's peak beyond weights, KV cache, graphs and context: the decode step on top
+    of what torch.compile left reserved, or of the sampler's buffers where those are larger (the
+    warm-up allocates them from the reserved blocks)."""
+    return max(activation_bytes(shape, batched),
+               decode_step_bytes(shape, sequences, batched)
+               + max(sampler_bytes(shape, sequences), compile_reserve_bytes(shape, batched, False)))
 
 
 def default_sequences(capacity: int) -> int:
@@ -507,8 +530,7 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
     weights = model.weights + BUFFER_BYTES_PER_HIDDEN * shape.hidden
     kept = kept_activation_bytes(shape, sequences, batched)
     eager = profile.engine.get("enforce_eager") is True
-    activations = kept if eager else max(activation_bytes(shape, batched),
-                                         kept + compile_reserve_bytes(shape, batched, eager))
+    activations = kept if eager else compiled_activation_bytes(shape, sequences, batched)
     workspace = workspace_bytes(profile)
     fixed = weights + graphs + activations + workspace + context_bytes(eager)
     per_token, extra = model.kv_per_token, shape.encoder_positions
