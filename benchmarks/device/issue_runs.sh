@@ -12,6 +12,9 @@
 #           On two GPUs (nvidia-h100-x2) the round runs on the second beside the profiles, and once
 #           the profiles are done, the first card (ballast gone) runs issue 11's one-at-a-time mixed
 #           traffic and switch timing (benchmarks/mixed_load.py --switch, as `first` does).
+#           Its calls: part-00, part-01, then part-02 with unpack.sh, MANIFEST, ballast.py, .whl and
+#           models (`bash .gpu-stage/unpack.sh`), then this step carrying .gpu-extra, models, unpack.sh,
+#           MANIFEST, ballast.py and .whl (part-02 and .gpu-extra together pass the 64 MiB a call carries).
 #   poll:   polls the background runs for up to 9 minutes and brings back what they wrote so far;
 #           call it back to back until they have ended (then it brings back the JIT caches too).
 #   mixed:  issue 11's one-at-a-time mixed traffic and switch timing alone (after the kit's unpack)
