@@ -224,6 +224,7 @@ def main() -> None:
     ap.add_argument("--budget", help='config.toml gpu_budget for the daemon, e.g. "12GiB"')
     ap.add_argument("--big-extra", default="gpu_memory_utilization = 0.125", help="engine lines for the big model")
     ap.add_argument("--small-extra", default="gpu_memory_utilization = 0.125")
+    ap.add_argument("--max-wait", type=float, help="config.toml switch_max_wait for the daemon (default: mm's)")
     ap.add_argument("--label", default="", help="a word to tell variants apart in the output")
     ap.add_argument("--switch", action="store_true", help="also time the switch (needs one-at-a-time)")
     ap.add_argument("--fake", action="store_true", help="the fake vLLM (a smoke test without a GPU)")
@@ -236,13 +237,15 @@ def main() -> None:
         text = FAKE_PROFILE.format(name=names[which]) if args.fake else \
             GPU_PROFILE.format(path=args.models_dir.resolve() / folder, name=names[which], extra=extra)
         (home / "config" / "profiles" / f"{names[which]}.toml").write_text(text)
-    if args.budget:
-        (home / "config" / "config.toml").write_text(f'gpu_budget = "{args.budget}"\n')
+    config = (f'gpu_budget = "{args.budget}"\n' if args.budget else "") + \
+        (f"switch_max_wait = {args.max_wait}\n" if args.max_wait is not None else "")
+    (home / "config" / "config.toml").write_text(config)
     port = 8200 + random.randint(0, 500)
     env = {**os.environ, "MM_HOME": str(home), "MM_PROXY_PORT": str(port),
            "MM_RUNTIME_DIR": tempfile.mkdtemp(prefix="mm-", dir="/tmp")}
     base = f"http://127.0.0.1:{port}"
-    out = [f"# benchmarks/mixed_load.py {args.label}".rstrip(), f"# {time.strftime('%Y-%m-%d %H:%M')}"]
+    out = [f"# benchmarks/mixed_load.py {args.label}".rstrip(), f"# {time.strftime('%Y-%m-%d %H:%M')}",
+           f"# config.toml: {config.strip().replace(chr(10), ', ') or '(mm defaults)'}"]
     try:
         t0 = time.perf_counter()
         mm(env, "up", names["small"], "--force")

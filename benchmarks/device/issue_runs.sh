@@ -11,7 +11,8 @@
 #           transformers 5.16.0 and soundfile wheels, tests/fixtures/models-gpu/README.md) with it.
 #           On two GPUs (nvidia-h100-x2) the round runs on the second beside the profiles, and once
 #           the profiles are done, the first card (ballast gone) runs issue 11's one-at-a-time mixed
-#           traffic and switch timing (benchmarks/mixed_load.py --switch, as `first` does).
+#           traffic and switch timing (benchmarks/mixed_load.py --switch, as `first` does), then again
+#           with switch_max_wait 0.5 (mixed_load_h100_wait05.txt).
 #           Its calls: part-00, part-01, then part-02 with unpack.sh, MANIFEST, ballast.py, .whl and
 #           models (`bash .gpu-stage/unpack.sh`), then this step carrying .gpu-extra, models, unpack.sh,
 #           MANIFEST, ballast.py and .whl (part-02 and .gpu-extra together pass the 64 MiB a call carries).
@@ -32,7 +33,7 @@ header() {
   echo "# $(nvidia-smi -i 0 --query-gpu=name,driver_version --format=csv,noheader), vLLM $(python3 -c 'import vllm; print(vllm.__version__)' 2>/dev/null), $(date -u +%F)"
 }
 
-one_at_a_time() {  # one_at_a_time FILE: issue 11's mixed traffic with one model awake at a time, and the switch
+one_at_a_time() {  # one_at_a_time FILE [MAX_WAIT]: issue 11's mixed traffic with one model awake at a time, and the switch
   # gpu_budget 16GiB, each model 0.62 of it (vLLM's budget 9.9 GiB, as 0.125 of an H100 once was):
   # one awake (about 12 GiB measured) and one asleep fit, two awake do not. (12GiB left no room for
   # the sleeper's residue either: every switch became a restart.)
@@ -40,7 +41,7 @@ one_at_a_time() {  # one_at_a_time FILE: issue 11's mixed traffic with one model
   echo "# one model awake at a time: both at 0.62 of gpu_budget 16GiB (vLLM budget 9.9 GiB each): one awake + one asleep fit, two awake do not" >> "$1"
   timeout 540 python3 benchmarks/mixed_load.py --models-dir .gpu-stage/models --duration 25 --switch \
     --budget 16GiB --big-extra "gpu_memory_utilization = 0.62" --small-extra "gpu_memory_utilization = 0.62" \
-    --label one-at-a-time --out "$1"
+    ${2:+--max-wait "$2"} --label one-at-a-time --out "$1"
 }
 
 first() {
@@ -113,6 +114,8 @@ card12() {
       until grep -q "profiles done" /tmp/card12.log; do kill -0 "$(head -1 /tmp/runs.pids)" || exit; sleep 5; done
       kill "$(grep -o "ballast pid [0-9]*" /tmp/ballast.log | grep -o "[0-9]*$")"; sleep 5
       CUDA_VISIBLE_DEVICES=0 one_at_a_time /tmp/mixed_load_h100.txt
+      # the lever on the rare model'"'"'s p99: a shorter hold before a switch (config.toml switch_max_wait)
+      CUDA_VISIBLE_DEVICES=0 one_at_a_time /tmp/mixed_load_h100_wait05.txt 0.5
     ' > /tmp/mixed1.log 2>&1 < /dev/null &
     echo $! >> /tmp/runs.pids
   fi
@@ -125,10 +128,10 @@ running() {  # any of the background runs still going
 
 poll() {  # poll [N]: wait up to N x 5 s (108: 9 minutes) for the runs to end
   for _ in $(seq "${1:-108}"); do running || break; sleep 5; done
-  cp /tmp/card12_h100.txt /tmp/mixed_load_h100.txt "$out/" 2>/dev/null; tail -c 60000 /tmp/card12.log > "$out/card12.log"
+  cp /tmp/card12_h100.txt /tmp/mixed_load_h100.txt /tmp/mixed_load_h100_wait05.txt "$out/" 2>/dev/null; tail -c 60000 /tmp/card12.log > "$out/card12.log"
   tail -c 20000 /tmp/mixed1.log > "$out/mixed1.log" 2>/dev/null
   (cd /tmp && tar -cJf "$out/logs.tar.xz" mm-card12-*/state/logs 2>/dev/null)  # vLLM's own sizes, per server
-  cat /tmp/card12_h100.txt /tmp/mixed_load_h100.txt 2>/dev/null; tail -n 3 /tmp/card12.log /tmp/mixed1.log 2>/dev/null
+  cat /tmp/card12_h100.txt /tmp/mixed_load_h100.txt /tmp/mixed_load_h100_wait05.txt 2>/dev/null; tail -n 3 /tmp/card12.log /tmp/mixed1.log 2>/dev/null
   nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv
   # the JIT caches, once all is done (the per-profile compile caches only where they are small)
   if ! running; then
