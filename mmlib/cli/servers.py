@@ -284,7 +284,7 @@ def status(as_json: bool) -> None:
     card = doc.get("card") or {}
     room = f"; card: {card['free'] / 2**30:.1f} GiB free of {card['capacity'] / 2**30:.1f} GiB" + \
         (" (budget)" if card.get("budget") else "") if card.get("capacity") else ""
-    console.print(f"queue: in flight / waiting; switches in the last minute: {doc.get('switches_per_min', 0)}{room}",
+    console.print(f"queue: in flight (paused while asleep) / waiting; switches in the last minute: {doc.get('switches_per_min', 0)}{room}",
                   highlight=False)
     for s in doc["servers"]:
         if s["state"] == "failed" and s.get("error"):

@@ -20,6 +20,8 @@ KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "max_body_mib": ((int, float), "MiB, the largest request body the endpoint takes, e.g. 100"),
     "gpu_budget": ((str, int), 'a size such as "12GiB": the GPU memory mm may use (default: the whole card)'),
     "switch_max_wait": ((int, float), "seconds a request waits for its model while another serves, e.g. 1"),
+    "switch_pause_in_flight": (bool, "true (a switch pauses what is still running after switch_max_wait; it "
+                               "goes on when its model is back) or false (a switch waits for it to finish)"),
 }
 ENV = {"proxy_host": "MM_PROXY_HOST", "proxy_port": "MM_PROXY_PORT", "api_key": "MM_API_KEY",
        "default_profile": "MM_DEFAULT_PROFILE", "gpu_budget": "MM_GPU_BUDGET"}
@@ -38,6 +40,7 @@ class Config:
     # None: the whole card, as NVML reports it.
     gpu_budget: int | None = None
     switch_max_wait: float = 1.0
+    switch_pause_in_flight: bool = True
 
     @property
     def proxy_url(self) -> str:
@@ -73,7 +76,7 @@ def load_config() -> Config:
         if key not in KEYS:
             raise ProfileError(str(path), "unknown key", f"known keys: {', '.join(KEYS)}", key=key)
         kind, what = KEYS[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ProfileError(str(path), f"expected {what}, got {value!r}"[:200], f"set {key} to {what}", key=key)
     for key, var in ENV.items():
         value = os.environ.get(var)

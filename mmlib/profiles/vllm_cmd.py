@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Mapping
 
 from mmlib.profiles import embedded
@@ -89,6 +90,23 @@ def resolve_model(model: str) -> str:
 def sleep_available(profile: Profile, install: VllmInstall | None = None) -> bool:
     install = install or installed_vllm()
     return profile.sleep.enabled and not (install is None or install.is_cpu)
+
+
+@lru_cache(maxsize=1)
+def sleep_keeps_requests() -> bool:
+    """Whether the installed vLLM's /sleep?mode=keep pauses the requests in flight and resumes them
+    after /wake_up (vLLM 0.26 and later: the scheduler pauses everything, the running requests are
+    preempted and recomputed on waking), rather than aborting them. Read from vLLM's own engine code,
+    without importing it; where that code says otherwise, mm drains a server before it sleeps."""
+    install = installed_vllm()
+    if install is None or install.is_cpu:
+        return False
+    try:
+        core = metadata.distribution(install.distribution).locate_file("vllm/v1/engine/core.py")
+        text = Path(str(core)).read_text(encoding="utf-8", errors="replace")
+    except (OSError, metadata.PackageNotFoundError):
+        return False
+    return "PAUSED_ALL" in text and "reset_running_requests" in text
 
 
 def memory_engine(profile: Profile) -> dict[str, Any]:

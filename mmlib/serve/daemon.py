@@ -63,7 +63,8 @@ class Daemon:
         self.metrics = Metrics(status=self._status)  # metrics and page (issue 14)
         self.scheduler = Scheduler(self.make_server, drain_limit_s=config.upstream_timeout,
                                    memory=CardMemory(config.gpu_budget, predict=self._predict),
-                                   policy=Policy(max_wait_s=config.switch_max_wait))
+                                   policy=Policy(max_wait_s=config.switch_max_wait,
+                                                 pause_in_flight=config.switch_pause_in_flight))
         self.scheduler.on_switch = self.metrics.switched
         self.index = ModelIndex(load_all)
         self.proxy = Proxy(self.scheduler, self.index, lambda: load_profile(config.default_profile),

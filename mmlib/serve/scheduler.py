@@ -17,8 +17,11 @@ the card shows the memory free. Without a GPU, declared shares (share_gpu) decid
 
 Under mixed traffic a switch is not made for every request of the other model: the awake model keeps
 serving until the other model's oldest waiter has waited policy.max_wait_s, or the awake model has
-nothing in flight (Policy). No model starves: every waiter is served within that bound plus the
-requests in flight plus one switch.
+nothing in flight (Policy). Then the requests in flight get as long again to finish; where vLLM can
+keep them across a sleep (0.26+, mode=keep: preempted, recomputed on waking), those still running
+then pause with their server, which comes back for them as it would for a waiting request. No model
+starves, and no answer's length holds another model up: every waiter is served within twice
+max_wait_s plus one switch (without pausing: max_wait_s plus the requests in flight plus one switch).
 
 Servers, the profile loader, the card and the backoff sleep are injected: tests drive the real
 scheduler with fake servers and a fake card (tests/unit/test_scheduler.py).
@@ -51,6 +54,7 @@ MEASURE_DELAY_S = 0.05
 class Policy:
     """How switches are made under mixed traffic (config.toml: switch_max_wait)."""
     max_wait_s: float = 1.0  # the longest a request waits for its model while another one serves
+    pause_in_flight: bool = True  # what still runs max_wait_s after that pauses (where vLLM can) instead
     settle_timeout_s: float = 30.0  # how long freed GPU memory may take to show as free
 
 
@@ -218,6 +222,12 @@ class Scheduler:
         max_wait_s, or the servers the switch would put to sleep have nothing in flight."""
         names = {m.name for m in members}
         while pending.since is not None:
+            if self._switch.locked() and time.monotonic() - pending.since < self.policy.max_wait_s:
+                # A switch under way: judge what it leaves awake. (Queued at once, a waiter that
+                # came during a switch took the card back the moment it ended: under steady mixed
+                # traffic every phase was one batch and a switch.)
+                await asyncio.sleep(HOLD_POLL_S)
+                continue
             conflicting = [s for s in self.awake() if s.name not in names]
             if not conflicting or all(s.in_flight == 0 for s in conflicting) \
                     or time.monotonic() - pending.since >= self.policy.max_wait_s \
@@ -351,8 +361,9 @@ class Scheduler:
             await asyncio.gather(*(self._drain_then_sleep(s) for s in others))
             for s in others:
                 self._measure_soon(s)
-        sleepers = sorted((s for s in self.servers.values()
-                           if s.state == State.ASLEEP and s.name not in names), key=lambda s: s.last_used)
+        # Sleepers holding paused requests go last: stopping one ends its requests.
+        sleepers = sorted((s for s in self.servers.values() if s.state == State.ASLEEP and s.name not in names),
+                          key=lambda s: (s.in_flight > 0, s.last_used))
         for s in sleepers:
             if self._fits(tp, [a.profile for a in self.awake() if a.name not in names],
                           self._asleep_profiles(names), starting):
@@ -360,17 +371,42 @@ class Scheduler:
             log.info("stopping %s (asleep, least recently used) to make room for %s", s.name, ", ".join(names))
             await self._stop_released(s)
 
-    async def _drain(self, server: Any) -> None:
+    async def _drain(self, server: Any, limit_s: float | None = None) -> None:
         """Requests already on a server finish before it sleeps; none is cut off by a switch. The
-        wait ends early when the server stops serving (it crashed), and at drain_limit_s (the
-        proxy's upstream timeout bounds each request as well)."""
-        deadline = time.monotonic() + self.drain_limit_s
+        wait ends early when the server stops serving (it crashed), and at limit_s (default
+        drain_limit_s; the proxy's upstream timeout bounds each request as well)."""
+        deadline = time.monotonic() + (self.drain_limit_s if limit_s is None else limit_s)
         while server.in_flight > 0 and server.state == State.AWAKE and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
 
     async def _drain_then_sleep(self, server: Any) -> None:
-        await self._drain(server)
-        await server.sleep()
+        """For a switch: the requests in flight get max_wait_s to finish where the server can pause
+        them (what still runs then pauses, and the server comes back for it); else all the time
+        they take."""
+        pause = self.policy.pause_in_flight and getattr(server, "can_pause_requests", False)
+        await self._drain(server, self.policy.max_wait_s if pause else None)
+        if not (pause and server.in_flight > 0 and server.state == State.AWAKE):
+            await server.sleep()
+            return
+        log.info("%s: %d request(s) still running pause until it is back", server.name, server.in_flight)
+        await server.sleep(keep_requests=True)
+        if server.state == State.ASLEEP:
+            self._come_back_for(server)
+
+    def _come_back_for(self, server: Any) -> None:
+        """Requests paused in a sleeping server wait like a request for it: an activation with its
+        hold-off, so they go on within max_wait_s plus a switch once the switch that paused them ends."""
+        key = tuple(m.name for m in self.members(server.profile))
+        if key in self._pending:
+            return  # requests already wait for it: their activation brings it back
+        pending = self._pending[key] = _Pending(since=time.monotonic())
+        pending.task = asyncio.ensure_future(self._activate(server.profile, key, pending))
+
+        def done(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("%s: bringing it back for its paused requests failed: %s", server.name,
+                            task.exception())
+        pending.task.add_done_callback(done)
 
     def switches_per_minute(self) -> int:
         now = time.monotonic()
@@ -397,6 +433,9 @@ class Scheduler:
         servers = [self.servers[name]] if name else list(self.servers.values())
         for s in servers:
             self._cancel_restart(s.name)
+            for key, pending in list(self._pending.items()):
+                if key[-1] == s.name and pending.requests == 0 and pending.since is not None:
+                    pending.task.cancel()  # it came back for paused requests, which the stop ends
         await asyncio.gather(*(self._stop_released(s) for s in servers))
         self.active = [n for n in self.active if self.servers[n].state == State.AWAKE]
         return [s.name for s in servers]

@@ -25,7 +25,7 @@ from mmlib import paths
 from mmlib.errors import MMError
 from mmlib.profiles import embedded
 from mmlib.profiles.profile import Profile
-from mmlib.profiles.vllm_cmd import server_argv, server_env, sleep_available, wants_tcp
+from mmlib.profiles.vllm_cmd import server_argv, server_env, sleep_available, sleep_keeps_requests, wants_tcp
 from mmlib.serve import records
 from mmlib.serve.phases import PhaseTracker
 from mmlib.serve.states import LIVE, State, check_transition
@@ -120,6 +120,11 @@ class ManagedServer:
     @property
     def can_sleep(self) -> bool:
         return sleep_available(self.profile)
+
+    @property
+    def can_pause_requests(self) -> bool:
+        """Whether a sleep can keep the requests in flight paused until the wake-up (vLLM 0.26+)."""
+        return self.can_sleep and sleep_keeps_requests()
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -366,8 +371,10 @@ class ManagedServer:
         except httpx.HTTPError as e:
             raise MMError(f"{self.name}: {what} failed ({type(e).__name__}: {e})") from None
 
-    async def sleep(self, level: int | None = None) -> None:
-        """Put an awake server to sleep (at the profile's level unless told); without sleep mode, stop it."""
+    async def sleep(self, level: int | None = None, keep_requests: bool = False) -> None:
+        """Put an awake server to sleep (at the profile's level unless told); without sleep mode, stop it.
+        keep_requests: the requests in flight pause and go on after the wake-up (vLLM's mode=keep)
+        instead of being aborted; only where can_pause_requests."""
         async with self._lock:
             if self.state != State.AWAKE:
                 return
@@ -375,10 +382,10 @@ class ManagedServer:
                 await self._stop_locked()
                 return
             level = level or self.profile.sleep.level
+            params = {"level": level, **({"mode": "keep"} if keep_requests else {})}
             await self._set_state(State.FALLING_ASLEEP)
             try:
-                await self._control(f"sleep (level {level})",
-                                    lambda: self.http.post("/sleep", params={"level": level}))
+                await self._control(f"sleep (level {level})", lambda: self.http.post("/sleep", params=params))
             except MMError as e:
                 await self._kill_family()
                 await self._fail(str(e))

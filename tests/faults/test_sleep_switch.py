@@ -1,6 +1,11 @@
 """The sleep path, which only a GPU exercises for real: order of calls and the state shown."""
 from __future__ import annotations
 
+import json
+import threading
+import time
+from pathlib import Path
+
 import httpx
 
 
@@ -105,8 +110,6 @@ def test_client_disconnect_mid_stream_frees_the_upstream(fake_mm):
         for i, _ in enumerate(r.iter_lines()):
             if i > 4:
                 break  # the client goes away after a few chunks
-    import time
-
     deadline = time.time() + 5
     while time.time() < deadline and fake_mm.server("slow")["in_flight"]:
         time.sleep(0.05)
@@ -141,8 +144,6 @@ def test_stack_whose_shares_do_not_fit_is_refused(fake_mm):
 def test_idle_policy_sleeps_then_stops(fake_mm):
     fake_mm.add_profile("idler", extra="idle_sleep = 1\nidle_stop = 3\n")
     fake_mm.mm("up", "idler", "--force")
-    import time
-
     seen, deadline = [], time.monotonic() + 15
     while time.monotonic() < deadline and (not seen or seen[-1] != "stopped"):
         state = fake_mm.server("idler")["state"]
@@ -162,3 +163,38 @@ def test_another_model_for_a_running_profile_replaces_its_server(fake_mm):
     s = fake_mm.server("chatty")
     assert s["pid"] != first and s["model"] == "org/other-model" and s["served_model_name"] == "other-model"
     assert ask(fake_mm, "other-model")["model"] == "other-model"  # routed though no file names it
+
+
+def test_a_long_answer_pauses_for_a_switch_and_ends_whole(fake_mm):
+    """A request for another model waits the bound, not the length of an answer in flight: that
+    answer pauses with its server (vLLM's sleep mode=keep) and goes on, every token, once it is back."""
+    config = Path(fake_mm.env["MM_HOME"]) / "config"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "config.toml").write_text("switch_max_wait = 0.2\n")
+    fake_mm.add_profile("long", extra='[env]\nFAKE_TOKENS = "100"\nFAKE_TOKEN_DELAY = "0.03"\n')
+    fake_mm.add_profile("quick")
+    fake_mm.mm("up", "long", "--force")
+    chunks: list[str] = []
+    first = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{fake_mm.proxy}/v1/chat/completions", timeout=60, json={
+                "model": "long", "stream": True, "max_tokens": 100,
+                "messages": [{"role": "user", "content": "x"}]}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    chunks.append(line[6:])
+                    first.set()
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first.wait(30)
+    t0 = time.monotonic()
+    assert ask(fake_mm, "quick")["model"] == "quick"
+    waited = time.monotonic() - t0
+    reader.join(60)
+    assert waited < 2.0, waited  # 0.2 s hold + 0.2 s for the answer in flight + the switch; not its 3 s
+    words = [json.loads(c)["choices"][0]["delta"]["content"] for c in chunks[:-1]]
+    assert chunks[-1] == "[DONE]" and words == [f"tok{i} " for i in range(100)]  # whole, in order
+    calls = fake_mm.calls("long")
+    assert "sleep:1:keep" in calls and not any(c.startswith("aborted") for c in calls)
+    assert fake_mm.server("long")["state"] == "awake"  # it came back for its paused answer

@@ -109,6 +109,22 @@ def test_gpu_budget_in_config_and_env(mm_env, monkeypatch):
         load_config()
 
 
+def test_switch_settings_in_config(mm_env):
+    from mmlib.profiles.config import load_config
+
+    assert load_config().switch_pause_in_flight is True and load_config().switch_max_wait == 1.0
+    cfg = Path(mm_env["MM_HOME"]) / "config" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text("switch_pause_in_flight = false\nswitch_max_wait = 0.5\n")
+    assert load_config().switch_pause_in_flight is False and load_config().switch_max_wait == 0.5
+    cfg.write_text('switch_pause_in_flight = "no"\n')
+    with pytest.raises(ProfileError, match="switch_pause_in_flight: expected true"):
+        load_config()
+    cfg.write_text("switch_max_wait = true\n")  # a bool is not a number of seconds
+    with pytest.raises(ProfileError, match="switch_max_wait: expected seconds"):
+        load_config()
+
+
 def test_merge_is_deep_for_tables_only():
     base = {"engine": {"a": 1, "b": 2}, "aliases": ["x"]}
     assert merge(base, {"engine": {"b": 3}, "aliases": ["y"]}) == {"engine": {"a": 1, "b": 3}, "aliases": ["y"]}

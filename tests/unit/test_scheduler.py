@@ -30,6 +30,7 @@ class FakeServer:
         self.error, self.pid = None, None
         self.on_death = lambda s, was: None
         self.cancelled = False
+        self.can_pause_requests = False  # vLLM's sleep with mode=keep
 
     name = property(lambda self: self.profile.name)
     may_restart = property(lambda self: self.profile.restart == "on-failure"
@@ -59,9 +60,11 @@ class FakeServer:
             return
         await self.start()
 
-    async def sleep(self, level=None) -> None:
+    async def sleep(self, level=None, keep_requests=False) -> None:
         if self.state == State.AWAKE:
-            self.log.append(f"sleep {self.name}" + (f" level {level}" if level else ""))
+            assert keep_requests or self.in_flight == 0, "a sleep would abort the requests in flight"
+            self.log.append(f"sleep {self.name}" + (f" level {level}" if level else "")
+                            + (f" keeping {self.in_flight}" if keep_requests else ""))
             self.state = State.ASLEEP
 
     async def stop(self) -> None:
@@ -82,8 +85,13 @@ class World:
         self.backoffs: list[float] = []
         self.backoff_gate = asyncio.Event()
         self.profiles = {p.name: p for p in profiles}
-        self.sched = Scheduler(lambda p: FakeServer(p, self.log, self.gate), load=self.profiles.__getitem__,
-                               sleep=self._backoff)
+        self.pausable = False  # servers whose sleep can keep the requests in flight (vLLM 0.26+)
+        self.sched = Scheduler(self._server, load=self.profiles.__getitem__, sleep=self._backoff)
+
+    def _server(self, p: Profile) -> FakeServer:
+        server = FakeServer(p, self.log, self.gate)
+        server.can_pause_requests = self.pausable
+        return server
 
     async def _backoff(self, seconds: float) -> None:
         self.backoffs.append(seconds)
@@ -483,12 +491,14 @@ def test_a_switch_happens_at_once_when_the_awake_model_is_idle():
     run(go())
 
 
-def test_under_a_steady_mix_no_model_starves_and_every_request_gets_its_model():
+@pytest.mark.parametrize("pausing", [False, True])
+def test_under_a_steady_mix_no_model_starves_and_every_request_gets_its_model(pausing):
     async def go():
         import random
 
         w = World(profile("big"), profile("small"))
         w.sched.policy = Policy(max_wait_s=0.05)
+        w.pausable = pausing
         rng = random.Random(3)
         waits = {"big": [], "small": []}
         served_by = []
@@ -529,4 +539,81 @@ def test_the_proxy_does_not_route_by_a_stopped_servers_old_model_name():
         assert proxy.resolve("other") is override  # live: `mm chat org/other` is served by name
         await w.sched.stop("chat")
         assert proxy.resolve("other") is None  # stopped: the name no longer routes anywhere
+    run(go())
+
+
+def test_a_long_answer_pauses_after_the_bound_and_goes_on_once_its_model_is_back():
+    """A switch no longer waits for an answer of any length: after max_wait_s of hold and as long again
+    for the requests in flight, they pause with their server (vLLM's mode=keep), and the server comes
+    back for them as it would for a waiting request."""
+    async def go():
+        w = World(profile("a"), profile("b"))
+        w.pausable = True
+        w.sched.policy = Policy(max_wait_s=0.1)
+        await w.sched.activate(w.profiles["a"])
+        long_answer = await w.sched.acquire(w.profiles["a"])  # streams for minutes
+        t0 = asyncio.get_running_loop().time()
+        b = await asyncio.wait_for(w.sched.acquire(w.profiles["b"]), 2.0)
+        assert b.name == "b" and asyncio.get_running_loop().time() - t0 < 0.5  # 0.1 hold + 0.1 drain
+        assert w.log == ["start a", "sleep a keeping 1", "start b"]
+        assert long_answer.state == State.ASLEEP and long_answer.in_flight == 1  # paused, not cut off
+        # both answers run on: the two servers take turns, each serving at least the bound
+        await asyncio.sleep(0.3)
+        assert w.log[3:5] == ["sleep b keeping 1", "wake a"] and long_answer.state == State.AWAKE
+        long_answer.release()  # a's answer ends: b comes back at once for its paused one
+        for _ in range(100):
+            if b.state == State.AWAKE and long_answer.state == State.ASLEEP:
+                break
+            await asyncio.sleep(0.01)
+        assert b.state == State.AWAKE and w.log[-2:] == ["sleep a", "wake b"]
+        b.release()
+        await asyncio.sleep(0.3)
+        assert w.log[-1] == "wake b"  # nothing paused or waiting: no more switches
+    run(go())
+
+
+def test_without_pausing_a_switch_waits_for_the_answers_in_flight():
+    async def go():
+        w = World(profile("a"), profile("b"))  # can_pause_requests False: vLLM before 0.26, or the CPU
+        w.sched.policy = Policy(max_wait_s=0.05)
+        await w.sched.activate(w.profiles["a"])
+        long_answer = await w.sched.acquire(w.profiles["a"])
+        waiting_b = asyncio.ensure_future(w.sched.acquire(w.profiles["b"]))
+        await asyncio.sleep(0.4)
+        assert not waiting_b.done() and w.log == ["start a"]
+        long_answer.release()
+        assert (await asyncio.wait_for(waiting_b, 1.0)).name == "b"
+        assert w.log == ["start a", "sleep a", "start b"]
+    run(go())
+
+
+def test_pausing_is_off_when_config_says_so():
+    async def go():
+        w = World(profile("a"), profile("b"))
+        w.pausable = True
+        w.sched.policy = Policy(max_wait_s=0.05, pause_in_flight=False)
+        await w.sched.activate(w.profiles["a"])
+        long_answer = await w.sched.acquire(w.profiles["a"])
+        waiting_b = asyncio.ensure_future(w.sched.acquire(w.profiles["b"]))
+        await asyncio.sleep(0.3)
+        assert not waiting_b.done()
+        long_answer.release()
+        assert (await asyncio.wait_for(waiting_b, 1.0)).name == "b"
+    run(go())
+
+
+def test_mm_stop_of_a_server_holding_paused_requests_does_not_bring_it_back():
+    async def go():
+        w = World(profile("a"), profile("b"))
+        w.pausable = True
+        w.sched.policy = Policy(max_wait_s=0.05)
+        await w.sched.activate(w.profiles["a"])
+        long_answer = await w.sched.acquire(w.profiles["a"])
+        b = await asyncio.wait_for(w.sched.acquire(w.profiles["b"]), 1.0)  # a pauses its answer
+        assert w.log[-2:] == ["sleep a keeping 1", "start b"]
+        await w.sched.stop("a")  # the paused answer ends with the server
+        long_answer.release()
+        b.release()
+        await asyncio.sleep(0.3)
+        assert long_answer.state == State.STOPPED and w.log[-1] == "stop a"
     run(go())

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mmlib.profiles import vllm_cmd
 from mmlib.profiles.profile import load_profile
 from mmlib.profiles.vllm_cmd import VllmInstall, engine_args, server_argv, server_env
@@ -66,3 +68,33 @@ def test_profile_env_wins_over_mm_defaults(mm_env, monkeypatch):
     (d / "x.toml").write_text('model = "m"\n[env]\nVLLM_TARGET_DEVICE = "cuda"\nHF_TOKEN = "t"\n')
     monkeypatch.setattr(vllm_cmd, "installed_vllm", lambda: VllmInstall("vllm", "0.32.0+cpu"))
     assert server_env(load_profile("x"), base={}) == {"VLLM_TARGET_DEVICE": "cuda", "HF_TOKEN": "t"}
+
+
+@pytest.mark.parametrize("code, keeps", [
+    ("class PauseState: PAUSED_ALL = 2\n# _reset_caches(reset_running_requests=True)\n", True),  # vLLM 0.26+
+    ("def sleep(self, level: int = 1): ...\n", False),  # older: a sleep would abort the requests in flight
+])
+def test_pausing_requests_is_read_from_the_installed_vllms_own_engine(tmp_path, monkeypatch, code, keeps):
+    core = tmp_path / "vllm" / "v1" / "engine" / "core.py"
+    core.parent.mkdir(parents=True)
+    core.write_text(code)
+
+    class Dist:
+        def locate_file(self, path):
+            return tmp_path / path
+    monkeypatch.setattr(vllm_cmd, "installed_vllm", lambda: VllmInstall("vllm", "0.26.0"))
+    monkeypatch.setattr(vllm_cmd.metadata, "distribution", lambda name: Dist())
+    vllm_cmd.sleep_keeps_requests.cache_clear()
+    try:
+        assert vllm_cmd.sleep_keeps_requests() is keeps
+    finally:
+        vllm_cmd.sleep_keeps_requests.cache_clear()
+
+
+def test_no_pausing_on_the_cpu_build(monkeypatch):
+    monkeypatch.setattr(vllm_cmd, "installed_vllm", lambda: VllmInstall("vllm", "0.32.0+cpu"))
+    vllm_cmd.sleep_keeps_requests.cache_clear()
+    try:
+        assert vllm_cmd.sleep_keeps_requests() is False
+    finally:
+        vllm_cmd.sleep_keeps_requests.cache_clear()

@@ -6,7 +6,9 @@ Only the model is fake: processes, ports, signals and HTTP are real.
 
 It answers OpenAI chat/completions (streaming or not) with its own served name, keeps sleep state
 like vLLM's dev-mode endpoints (level 2 drops the "weights": a plain /wake_up after it answers with
-empty text, as real vLLM answers garbage, until /collective_rpc reload_weights), listens on TCP or a
+empty text, as real vLLM answers garbage, until /collective_rpc reload_weights; /sleep?mode=keep
+pauses the requests in flight until /wake_up, as vLLM 0.26+ preempts them and resumes them after,
+while the default mode, abort, ends them with an error), listens on TCP or a
 unix socket (--uds), records every control call (GET /calls) and spawns an "engine" child process
 like vLLM does. Answers carry `usage` (a stream's last chunk only when the request asks with
 stream_options.include_usage, as in vLLM), and GET /metrics counts tokens and requests in vLLM's own
@@ -85,7 +87,7 @@ def main() -> None:
                 time.sleep(start_delay / (len(lines) + 1))
                 print(f"(EngineCore pid={os.getpid()}) INFO fake: {line}", flush=True)
         threading.Thread(target=phases, daemon=True).start()
-    state = {"sleeping": False, "weights": True, "calls": [], "level": 0}
+    state = {"sleeping": False, "weights": True, "calls": [], "level": 0, "aborts": 0, "in_flight": 0}
     registry, labels = CollectorRegistry(), {"engine": "0", "model_name": names[0]}
     prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
                             list(labels), registry=registry).labels(**labels)
@@ -104,15 +106,21 @@ def main() -> None:
     def record(what: str) -> None:
         state["calls"].append({"call": what, "t": time.time()})
 
-    async def busy(request: Request, seconds: float) -> bool:
-        """Work for `seconds`; False (and an "aborted" record) when the client leaves first, as vLLM
-        aborts a request whose connection dropped."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            if await request.is_disconnected():
+    async def busy(request: Request | None, seconds: float) -> bool:
+        """Work for `seconds` of awake time (a request paused by a sleep in keep mode waits for the
+        wake-up); False (and an "aborted" record) when the client leaves first, as vLLM aborts a
+        request whose connection dropped, or when a sleep in abort mode ends it."""
+        left, aborts = seconds, state["aborts"]
+        while left > 0:
+            if request is not None and await request.is_disconnected():
                 record("aborted")
                 return False
-            await asyncio.sleep(min(0.05, max(0.0, end - time.monotonic())))
+            if state["aborts"] != aborts:
+                return False
+            step = min(0.01, left)
+            await asyncio.sleep(step)
+            if not state["sleeping"]:
+                left -= step
         return True
 
     async def health(request: Request):
@@ -126,7 +134,11 @@ def main() -> None:
         if control_fail:
             return JSONResponse({"error": "engine is gone"}, status_code=500)
         level = int(request.query_params.get("level", "1"))
-        record(f"sleep:{level}")
+        mode = request.query_params.get("mode", "abort")
+        record(f"sleep:{level}" + (":keep" if mode == "keep" else ""))
+        if mode != "keep" and state["in_flight"]:  # vLLM aborts what is running
+            state["aborts"] += 1
+            record(f"aborted-by-sleep:{state['in_flight']}")
         print(f"INFO fake vllm: sleep level {level}: weights offloaded", flush=True)
         state["sleeping"], state["level"] = True, level
         if level == 2:
@@ -194,18 +206,23 @@ def main() -> None:
               f"{' (stream)' if body.get('stream') else ''}", flush=True)
         ttft.observe(delay)
         if not body.get("stream"):
-            if delay and not await busy(request, delay * n):
-                return JSONResponse({}, status_code=499)
+            state["in_flight"] += 1
+            try:
+                if delay and not await busy(request, delay * n):
+                    return JSONResponse({"error": {"message": "aborted"}}, status_code=500)
+            finally:
+                state["in_flight"] -= 1
             return JSONResponse({"id": "fake", "object": "chat.completion", "model": names[0], "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": " ".join([word] * n).strip()},
                  "finish_reason": "length"}], "usage": usage})
 
         async def events():
             running.inc()
+            state["in_flight"] += 1
             try:
                 for i in range(n):
-                    if delay:
-                        await asyncio.sleep(delay)
+                    if delay and not await busy(None, delay):  # (a stream's client leaving ends it anyway)
+                        return  # aborted: the stream ends without [DONE]
                     chunk = {"id": "fake", "object": "chat.completion.chunk", "model": names[0],
                              "choices": [{"index": 0, "delta": {"content": f"{word}{i} " if word else ""},
                                           "finish_reason": None}]}
@@ -215,6 +232,7 @@ def main() -> None:
                 yield "data: [DONE]\n\n"
             finally:
                 running.dec()
+                state["in_flight"] -= 1
         return StreamingResponse(events(), media_type="text/event-stream")
 
     app = Starlette(routes=[
