@@ -13,7 +13,9 @@ Two profiles, a big one (default: the kit's random-weight Qwen2.5-7B AWQ shapes)
 Requests are non-streaming 64-token completions with ignore_eos (chat ones streamed); every answer's
 `model` is checked against the model asked for. Then the switch itself: a request for the sleeping
 model through mm, time to its first token, beside raw vLLM sleep + wake_up + first token on the same
-servers (straight to their sockets), medians of --rounds.
+servers (straight to their sockets), medians of --rounds; and a request for the small model sent
+while the big one streams a long answer (`pause`): how long it waited, and whether the long answer,
+paused for the switch, came back whole.
 
 Each result line: `mix=NAME ratio=R p99_s=P errors=E wrong_model=W` where ratio is output tokens/s over
 the reference's (single, or chat4 for chat+title) and p99 is of the rarer model's requests (all
@@ -31,6 +33,7 @@ import os
 import random
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -215,6 +218,46 @@ def switch_times(env: dict, base: str, names: dict[str, str], rounds: int) -> st
             f"max {max(raw):.3f})")
 
 
+def pause_check(base: str, names: dict[str, str], tokens: int = 512) -> str:
+    """A long greedy answer from the big model alone, then the same answer with a request for the
+    small model sent after its first tokens: how long that request waited, and whether the long
+    answer came back whole (all its tokens; where mm paused it, vLLM recomputed it on waking) and
+    with the same text as alone (random weights leave the top tokens close: a recompute in another
+    batch shape may pick another one, so the agreeing prefix is given too)."""
+    chat = f"{base}/v1/chat/completions"
+    body = {"model": names["big"], "max_tokens": tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": "Count slowly."}]}
+
+    def long_answer(started: threading.Event | None = None) -> tuple[str, int, float]:
+        parts, got, t0 = [], 0, time.perf_counter()
+        with httpx.Client(timeout=600) as client, client.stream("POST", chat, json=body) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    parts += [c["delta"].get("content") or "" for c in chunk.get("choices") or []]
+                    got = (chunk.get("usage") or {}).get("completion_tokens", got)
+                    if started is not None and len(parts) >= 8:
+                        started.set()
+        return "".join(parts), got, time.perf_counter() - t0
+
+    alone, alone_tokens, alone_s = long_answer()
+    started, result = threading.Event(), {}
+    reader = threading.Thread(target=lambda: result.update(answer=long_answer(started)))
+    reader.start()
+    started.wait(300)
+    t0 = time.perf_counter()
+    small = httpx.post(chat, timeout=600, json={"model": names["small"], "max_tokens": 16, "ignore_eos": True,
+                                                "messages": [{"role": "user", "content": "Say something."}]})
+    small_s = time.perf_counter() - t0
+    reader.join(600)
+    text, got, paused_s = result.get("answer", ("", 0, float("nan")))
+    agree = next((i for i, (a, b) in enumerate(zip(text, alone)) if a != b), min(len(text), len(alone)))
+    return (f"pause long_tokens={got}/{tokens} small_status={small.status_code} small_s={small_s:.2f} "
+            f"long_alone_s={alone_s:.2f} long_with_switch_s={paused_s:.2f} same_text={'yes' if text == alone else 'no'} "
+            f"(first {agree} of {len(alone)} characters agree; alone {alone_tokens} tokens)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models-dir", type=Path, default=ROOT / ".gpu-stage" / "models")
@@ -225,6 +268,7 @@ def main() -> None:
     ap.add_argument("--big-extra", default="gpu_memory_utilization = 0.125", help="engine lines for the big model")
     ap.add_argument("--small-extra", default="gpu_memory_utilization = 0.125")
     ap.add_argument("--max-wait", type=float, help="config.toml switch_max_wait for the daemon (default: mm's)")
+    ap.add_argument("--no-pause", action="store_true", help="config.toml switch_pause_in_flight = false")
     ap.add_argument("--label", default="", help="a word to tell variants apart in the output")
     ap.add_argument("--switch", action="store_true", help="also time the switch (needs one-at-a-time)")
     ap.add_argument("--fake", action="store_true", help="the fake vLLM (a smoke test without a GPU)")
@@ -238,7 +282,8 @@ def main() -> None:
             GPU_PROFILE.format(path=args.models_dir.resolve() / folder, name=names[which], extra=extra)
         (home / "config" / "profiles" / f"{names[which]}.toml").write_text(text)
     config = (f'gpu_budget = "{args.budget}"\n' if args.budget else "") + \
-        (f"switch_max_wait = {args.max_wait}\n" if args.max_wait is not None else "")
+        (f"switch_max_wait = {args.max_wait}\n" if args.max_wait is not None else "") + \
+        ("switch_pause_in_flight = false\n" if args.no_pause else "")
     (home / "config" / "config.toml").write_text(config)
     port = 8200 + random.randint(0, 500)
     env = {**os.environ, "MM_HOME": str(home), "MM_PROXY_PORT": str(port),
@@ -254,6 +299,7 @@ def main() -> None:
         out += asyncio.run(mixes(base, names, args.duration, args.clients))
         if args.switch:
             out.append(switch_times(env, base, names, args.rounds))
+            out.append(pause_check(base, names))
         status = json.loads(mm(env, "status", "--json"))
         out.append(f"# switches in the last minute: {status.get('switches_per_min')}; states: "
                    + ", ".join(f"{s['profile']}={s['state']}" for s in status["servers"]))

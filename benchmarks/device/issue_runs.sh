@@ -18,7 +18,8 @@
 #           MANIFEST, ballast.py and .whl (part-02 and .gpu-extra together pass the 64 MiB a call carries).
 #   poll:   polls the background runs for up to 9 minutes and brings back what they wrote so far;
 #           call it back to back until they have ended (then it brings back the JIT caches too).
-#   mixed:  issue 11's one-at-a-time mixed traffic and switch timing alone (after the kit's unpack)
+#   mixed:  issue 11's one-at-a-time mixed traffic, switch timing and pause check alone (after the kit's
+#           unpack), then the same with switch_pause_in_flight = false (mixed_load_h100_nopause.txt)
 # Usage: bash benchmarks/device/issue_runs.sh first|second|card12|poll|mixed
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,15 +34,16 @@ header() {
   echo "# $(nvidia-smi -i 0 --query-gpu=name,driver_version --format=csv,noheader), vLLM $(python3 -c 'import vllm; print(vllm.__version__)' 2>/dev/null), $(date -u +%F)"
 }
 
-one_at_a_time() {  # one_at_a_time FILE [MAX_WAIT]: issue 11's mixed traffic with one model awake at a time, and the switch
+one_at_a_time() {  # one_at_a_time FILE [mixed_load.py flags...]: issue 11's mixed traffic with one model awake at a time, and the switch
   # gpu_budget 16GiB, each model 0.62 of it (vLLM's budget 9.9 GiB, as 0.125 of an H100 once was):
   # one awake (about 12 GiB measured) and one asleep fit, two awake do not. (12GiB left no room for
   # the sleeper's residue either: every switch became a restart.)
   header > "$1"
   echo "# one model awake at a time: both at 0.62 of gpu_budget 16GiB (vLLM budget 9.9 GiB each): one awake + one asleep fit, two awake do not" >> "$1"
-  timeout 540 python3 benchmarks/mixed_load.py --models-dir .gpu-stage/models --duration 25 --switch \
-    --budget 16GiB --big-extra "gpu_memory_utilization = 0.62" --small-extra "gpu_memory_utilization = 0.62" \
-    ${2:+--max-wait "$2"} --label one-at-a-time --out "$1"
+  local f="$1"; shift
+  timeout "${MIXED_TIMEOUT:-540}" python3 benchmarks/mixed_load.py --models-dir .gpu-stage/models --duration "${MIXED_S:-25}" \
+    --switch --budget 16GiB --big-extra "gpu_memory_utilization = 0.62" --small-extra "gpu_memory_utilization = 0.62" \
+    "$@" --label one-at-a-time --out "$f"
 }
 
 first() {
@@ -60,12 +62,14 @@ first() {
   tar -cJf "$out/jit.tar.xz" -C ~/.cache vllm flashinfer 2>/dev/null; ls -la "$out"
 }
 
-mixed() {  # issue 11 alone: the one-at-a-time mixed traffic and the switch
+mixed() {  # issue 11 alone: the one-at-a-time mixed traffic, the switch and the pause, then without pausing
   mkdir -p /tmp/stage && bash .gpu-stage/unpack.sh > /dev/null || exit 1
   python3 -c "import platformdirs, tomli_w" 2>/dev/null ||
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export MIXED_S=20 MIXED_TIMEOUT=285  # both in one call
   one_at_a_time "$out/mixed_load_h100.txt" > "$out/mixed1.log" 2>&1
-  tail -n 8 "$out/mixed1.log"; cat "$out/mixed_load_h100.txt"
+  one_at_a_time "$out/mixed_load_h100_nopause.txt" --no-pause > "$out/mixed3.log" 2>&1
+  tail -n 8 "$out/mixed1.log" "$out/mixed3.log"; cat "$out/mixed_load_h100.txt" "$out/mixed_load_h100_nopause.txt"
 }
 
 second() {
@@ -115,7 +119,7 @@ card12() {
       kill "$(grep -o "ballast pid [0-9]*" /tmp/ballast.log | grep -o "[0-9]*$")"; sleep 5
       CUDA_VISIBLE_DEVICES=0 one_at_a_time /tmp/mixed_load_h100.txt
       # the lever on the rare model'"'"'s p99: a shorter hold before a switch (config.toml switch_max_wait)
-      CUDA_VISIBLE_DEVICES=0 one_at_a_time /tmp/mixed_load_h100_wait05.txt 0.5
+      CUDA_VISIBLE_DEVICES=0 one_at_a_time /tmp/mixed_load_h100_wait05.txt --max-wait 0.5
     ' > /tmp/mixed1.log 2>&1 < /dev/null &
     echo $! >> /tmp/runs.pids
   fi
