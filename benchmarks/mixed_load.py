@@ -218,7 +218,7 @@ def switch_times(env: dict, base: str, names: dict[str, str], rounds: int) -> st
             f"max {max(raw):.3f})")
 
 
-def pause_check(base: str, names: dict[str, str], tokens: int = 512) -> str:
+def pause_check(base: str, names: dict[str, str], tokens: int = 1536) -> str:
     """A long greedy answer from the big model alone, then the same answer with a request for the
     small model sent after its first tokens: how long that request waited, and whether the long
     answer came back whole (all its tokens; where mm paused it, vLLM recomputed it on waking) and

@@ -66,7 +66,7 @@ mixed() {  # issue 11 alone: the one-at-a-time mixed traffic, the switch and the
   mkdir -p /tmp/stage && bash .gpu-stage/unpack.sh > /dev/null || exit 1
   python3 -c "import platformdirs, tomli_w" 2>/dev/null ||
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export MIXED_S=20 MIXED_TIMEOUT=285  # both in one call
+  export MIXED_S=15 MIXED_TIMEOUT=290  # both in one call
   one_at_a_time "$out/mixed_load_h100.txt" > "$out/mixed1.log" 2>&1
   one_at_a_time "$out/mixed_load_h100_nopause.txt" --no-pause > "$out/mixed3.log" 2>&1
   tail -n 8 "$out/mixed1.log" "$out/mixed3.log"; cat "$out/mixed_load_h100.txt" "$out/mixed_load_h100_nopause.txt"

@@ -20,8 +20,9 @@ KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "max_body_mib": ((int, float), "MiB, the largest request body the endpoint takes, e.g. 100"),
     "gpu_budget": ((str, int), 'a size such as "12GiB": the GPU memory mm may use (default: the whole card)'),
     "switch_max_wait": ((int, float), "seconds a request waits for its model while another serves, e.g. 1"),
-    "switch_pause_in_flight": (bool, "true (a switch pauses what is still running after switch_max_wait; it "
-                               "goes on when its model is back) or false (a switch waits for it to finish)"),
+    "switch_pause_in_flight": (bool, "true (a switch pauses an answer still running after switch_pause_after; "
+                               "it goes on when its model is back) or false (a switch waits for it to finish)"),
+    "switch_pause_after": ((int, float), "seconds the answers in flight may hold a switch up before they pause, e.g. 5"),
 }
 ENV = {"proxy_host": "MM_PROXY_HOST", "proxy_port": "MM_PROXY_PORT", "api_key": "MM_API_KEY",
        "default_profile": "MM_DEFAULT_PROFILE", "gpu_budget": "MM_GPU_BUDGET"}
@@ -41,6 +42,7 @@ class Config:
     gpu_budget: int | None = None
     switch_max_wait: float = 1.0
     switch_pause_in_flight: bool = True
+    switch_pause_after: float = 5.0
 
     @property
     def proxy_url(self) -> str:
@@ -88,7 +90,7 @@ def load_config() -> Config:
     if "gpu_budget" in data:
         where = ENV["gpu_budget"] if os.environ.get(ENV["gpu_budget"]) else str(path)
         data["gpu_budget"] = _budget(where, data["gpu_budget"])
-    for key in ("upstream_timeout", "max_body_mib", "switch_max_wait"):
+    for key in ("upstream_timeout", "max_body_mib", "switch_max_wait", "switch_pause_after"):
         if key in data and not data[key] > 0:
             raise ProfileError(str(path), f"{data[key]!r} is not above 0", f"set {key} to {KEYS[key][1]}", key=key)
     config = Config(**data)

@@ -64,7 +64,8 @@ class Daemon:
         self.scheduler = Scheduler(self.make_server, drain_limit_s=config.upstream_timeout,
                                    memory=CardMemory(config.gpu_budget, predict=self._predict),
                                    policy=Policy(max_wait_s=config.switch_max_wait,
-                                                 pause_in_flight=config.switch_pause_in_flight))
+                                                 pause_in_flight=config.switch_pause_in_flight,
+                                                 pause_after_s=config.switch_pause_after))
         self.scheduler.on_switch = self.metrics.switched
         self.index = ModelIndex(load_all)
         self.proxy = Proxy(self.scheduler, self.index, lambda: load_profile(config.default_profile),

@@ -17,11 +17,13 @@ the card shows the memory free. Without a GPU, declared shares (share_gpu) decid
 
 Under mixed traffic a switch is not made for every request of the other model: the awake model keeps
 serving until the other model's oldest waiter has waited policy.max_wait_s, or the awake model has
-nothing in flight (Policy). Then the requests in flight get as long again to finish; where vLLM can
-keep them across a sleep (0.26+, mode=keep: preempted, recomputed on waking), those still running
-then pause with their server, which comes back for them as it would for a waiting request. No model
-starves, and no answer's length holds another model up: every waiter is served within twice
-max_wait_s plus one switch (without pausing: max_wait_s plus the requests in flight plus one switch).
+nothing in flight (Policy). Then the requests in flight get policy.pause_after_s to finish; where
+vLLM can keep them across a sleep (0.26+, mode=keep: preempted, recomputed on waking), those still
+running then pause with their server, which comes back for them as it would for a waiting request.
+No model starves, and no answer's length holds another model up: every waiter is served within
+max_wait_s plus pause_after_s plus one switch (without pausing: max_wait_s plus the requests in
+flight plus one switch). Short requests finish inside pause_after_s and are never paused: pausing
+costs the paused answer a recompute and a second switch, worth it only against a long answer.
 
 Servers, the profile loader, the card and the backoff sleep are injected: tests drive the real
 scheduler with fake servers and a fake card (tests/unit/test_scheduler.py).
@@ -54,7 +56,8 @@ MEASURE_DELAY_S = 0.05
 class Policy:
     """How switches are made under mixed traffic (config.toml: switch_max_wait)."""
     max_wait_s: float = 1.0  # the longest a request waits for its model while another one serves
-    pause_in_flight: bool = True  # what still runs max_wait_s after that pauses (where vLLM can) instead
+    pause_in_flight: bool = True  # what still runs pause_after_s into a switch pauses (where vLLM can)
+    pause_after_s: float = 5.0  # how long the answers in flight may hold a switch up before they pause
     settle_timeout_s: float = 30.0  # how long freed GPU memory may take to show as free
 
 
@@ -380,11 +383,11 @@ class Scheduler:
             await asyncio.sleep(DRAIN_POLL_S)
 
     async def _drain_then_sleep(self, server: Any) -> None:
-        """For a switch: the requests in flight get max_wait_s to finish where the server can pause
-        them (what still runs then pauses, and the server comes back for it); else all the time
-        they take."""
+        """For a switch: the requests in flight get pause_after_s to finish where the server can
+        pause them (what still runs then pauses, and the server comes back for it); else all the
+        time they take."""
         pause = self.policy.pause_in_flight and getattr(server, "can_pause_requests", False)
-        await self._drain(server, self.policy.max_wait_s if pause else None)
+        await self._drain(server, self.policy.pause_after_s if pause else None)
         if not (pause and server.in_flight > 0 and server.state == State.AWAKE):
             await server.sleep()
             return

@@ -170,7 +170,7 @@ def test_a_long_answer_pauses_for_a_switch_and_ends_whole(fake_mm):
     answer pauses with its server (vLLM's sleep mode=keep) and goes on, every token, once it is back."""
     config = Path(fake_mm.env["MM_HOME"]) / "config"
     config.mkdir(parents=True, exist_ok=True)
-    (config / "config.toml").write_text("switch_max_wait = 0.2\n")
+    (config / "config.toml").write_text("switch_max_wait = 0.2\nswitch_pause_after = 0.2\n")
     fake_mm.add_profile("long", extra='[env]\nFAKE_TOKENS = "100"\nFAKE_TOKEN_DELAY = "0.03"\n')
     fake_mm.add_profile("quick")
     fake_mm.mm("up", "long", "--force")

@@ -115,8 +115,9 @@ def test_switch_settings_in_config(mm_env):
     assert load_config().switch_pause_in_flight is True and load_config().switch_max_wait == 1.0
     cfg = Path(mm_env["MM_HOME"]) / "config" / "config.toml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
-    cfg.write_text("switch_pause_in_flight = false\nswitch_max_wait = 0.5\n")
+    cfg.write_text("switch_pause_in_flight = false\nswitch_max_wait = 0.5\nswitch_pause_after = 30\n")
     assert load_config().switch_pause_in_flight is False and load_config().switch_max_wait == 0.5
+    assert load_config().switch_pause_after == 30
     cfg.write_text('switch_pause_in_flight = "no"\n')
     with pytest.raises(ProfileError, match="switch_pause_in_flight: expected true"):
         load_config()

@@ -497,7 +497,7 @@ def test_under_a_steady_mix_no_model_starves_and_every_request_gets_its_model(pa
         import random
 
         w = World(profile("big"), profile("small"))
-        w.sched.policy = Policy(max_wait_s=0.05)
+        w.sched.policy = Policy(max_wait_s=0.05, pause_after_s=0.005)  # pausing: nearly every switch
         w.pausable = pausing
         rng = random.Random(3)
         waits = {"big": [], "small": []}
@@ -543,13 +543,13 @@ def test_the_proxy_does_not_route_by_a_stopped_servers_old_model_name():
 
 
 def test_a_long_answer_pauses_after_the_bound_and_goes_on_once_its_model_is_back():
-    """A switch no longer waits for an answer of any length: after max_wait_s of hold and as long again
+    """A switch no longer waits for an answer of any length: after max_wait_s of hold and pause_after_s
     for the requests in flight, they pause with their server (vLLM's mode=keep), and the server comes
     back for them as it would for a waiting request."""
     async def go():
         w = World(profile("a"), profile("b"))
         w.pausable = True
-        w.sched.policy = Policy(max_wait_s=0.1)
+        w.sched.policy = Policy(max_wait_s=0.1, pause_after_s=0.1)
         await w.sched.activate(w.profiles["a"])
         long_answer = await w.sched.acquire(w.profiles["a"])  # streams for minutes
         t0 = asyncio.get_running_loop().time()
@@ -591,7 +591,7 @@ def test_pausing_is_off_when_config_says_so():
     async def go():
         w = World(profile("a"), profile("b"))
         w.pausable = True
-        w.sched.policy = Policy(max_wait_s=0.05, pause_in_flight=False)
+        w.sched.policy = Policy(max_wait_s=0.05, pause_after_s=0.05, pause_in_flight=False)
         await w.sched.activate(w.profiles["a"])
         long_answer = await w.sched.acquire(w.profiles["a"])
         waiting_b = asyncio.ensure_future(w.sched.acquire(w.profiles["b"]))
@@ -606,7 +606,7 @@ def test_mm_stop_of_a_server_holding_paused_requests_does_not_bring_it_back():
     async def go():
         w = World(profile("a"), profile("b"))
         w.pausable = True
-        w.sched.policy = Policy(max_wait_s=0.05)
+        w.sched.policy = Policy(max_wait_s=0.05, pause_after_s=0.05)
         await w.sched.activate(w.profiles["a"])
         long_answer = await w.sched.acquire(w.profiles["a"])
         b = await asyncio.wait_for(w.sched.acquire(w.profiles["b"]), 1.0)  # a pauses its answer
@@ -616,4 +616,19 @@ def test_mm_stop_of_a_server_holding_paused_requests_does_not_bring_it_back():
         b.release()
         await asyncio.sleep(0.3)
         assert long_answer.state == State.STOPPED and w.log[-1] == "stop a"
+    run(go())
+
+
+def test_answers_that_end_within_pause_after_are_not_paused():
+    async def go():
+        w = World(profile("a"), profile("b"))
+        w.pausable = True
+        w.sched.policy = Policy(max_wait_s=0.05, pause_after_s=1.0)
+        await w.sched.activate(w.profiles["a"])
+        answer = await w.sched.acquire(w.profiles["a"])
+        waiting_b = asyncio.ensure_future(w.sched.acquire(w.profiles["b"]))
+        await asyncio.sleep(0.3)  # past the hold: the switch waits for the answer, up to 1 s
+        answer.release()
+        assert (await asyncio.wait_for(waiting_b, 1.0)).name == "b"
+        assert w.log == ["start a", "sleep a", "start b"]  # a plain sleep: nothing was paused
     run(go())
