@@ -54,7 +54,8 @@ MEASURE_DELAY_S = 0.05
 
 @dataclass(frozen=True)
 class Policy:
-    """How switches are made under mixed traffic (config.toml: switch_max_wait)."""
+    """How switches are made under mixed traffic (config.toml: switch_max_wait, switch_pause_in_flight,
+    switch_pause_after)."""
     max_wait_s: float = 1.0  # the longest a request waits for its model while another one serves
     pause_in_flight: bool = True  # what still runs pause_after_s into a switch pauses (where vLLM can)
     pause_after_s: float = 5.0  # how long the answers in flight may hold a switch up before they pause
