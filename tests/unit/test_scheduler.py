@@ -572,33 +572,24 @@ def test_a_long_answer_pauses_after_the_bound_and_goes_on_once_its_model_is_back
     run(go())
 
 
-def test_without_pausing_a_switch_waits_for_the_answers_in_flight():
-    async def go():
-        w = World(profile("a"), profile("b"))  # can_pause_requests False: vLLM before 0.26, or the CPU
-        w.sched.policy = Policy(max_wait_s=0.05)
-        await w.sched.activate(w.profiles["a"])
-        long_answer = await w.sched.acquire(w.profiles["a"])
-        waiting_b = asyncio.ensure_future(w.sched.acquire(w.profiles["b"]))
-        await asyncio.sleep(0.4)
-        assert not waiting_b.done() and w.log == ["start a"]
-        long_answer.release()
-        assert (await asyncio.wait_for(waiting_b, 1.0)).name == "b"
-        assert w.log == ["start a", "sleep a", "start b"]
-    run(go())
-
-
-def test_pausing_is_off_when_config_says_so():
+@pytest.mark.parametrize("pausable, policy", [
+    (False, Policy(max_wait_s=0.05)),  # vLLM before 0.26, or the CPU: a sleep cannot keep requests
+    (True, Policy(max_wait_s=0.05, pause_after_s=0.05, pause_in_flight=False)),  # config.toml turns it off
+    (True, Policy(max_wait_s=0.05, pause_after_s=1.0)),  # the answer ends within pause_after_s
+], ids=["vllm-cannot-pause", "pausing-off", "ends-within-pause-after"])
+def test_a_switch_waits_for_the_answer_in_flight_where_it_does_not_pause(pausable, policy):
     async def go():
         w = World(profile("a"), profile("b"))
-        w.pausable = True
-        w.sched.policy = Policy(max_wait_s=0.05, pause_after_s=0.05, pause_in_flight=False)
+        w.pausable = pausable
+        w.sched.policy = policy
         await w.sched.activate(w.profiles["a"])
-        long_answer = await w.sched.acquire(w.profiles["a"])
+        answer = await w.sched.acquire(w.profiles["a"])
         waiting_b = asyncio.ensure_future(w.sched.acquire(w.profiles["b"]))
-        await asyncio.sleep(0.3)
-        assert not waiting_b.done()
-        long_answer.release()
+        await asyncio.sleep(0.3)  # past the hold: the switch waits for the answer
+        assert not waiting_b.done() and w.log == ["start a"]
+        answer.release()
         assert (await asyncio.wait_for(waiting_b, 1.0)).name == "b"
+        assert w.log == ["start a", "sleep a", "start b"]  # a plain sleep: nothing was paused
     run(go())
 
 
@@ -616,19 +607,4 @@ def test_mm_stop_of_a_server_holding_paused_requests_does_not_bring_it_back():
         b.release()
         await asyncio.sleep(0.3)
         assert long_answer.state == State.STOPPED and w.log[-1] == "stop a"
-    run(go())
-
-
-def test_answers_that_end_within_pause_after_are_not_paused():
-    async def go():
-        w = World(profile("a"), profile("b"))
-        w.pausable = True
-        w.sched.policy = Policy(max_wait_s=0.05, pause_after_s=1.0)
-        await w.sched.activate(w.profiles["a"])
-        answer = await w.sched.acquire(w.profiles["a"])
-        waiting_b = asyncio.ensure_future(w.sched.acquire(w.profiles["b"]))
-        await asyncio.sleep(0.3)  # past the hold: the switch waits for the answer, up to 1 s
-        answer.release()
-        assert (await asyncio.wait_for(waiting_b, 1.0)).name == "b"
-        assert w.log == ["start a", "sleep a", "start b"]  # a plain sleep: nothing was paused
     run(go())
