@@ -20,3 +20,13 @@ class ProfileError(MMError):
 
 class DaemonError(MMError):
     pass
+
+
+class Refused(MMError):
+    """A start mm will not make (the profile fails its checks, or this machine cannot serve it).
+    Raised before anything is slept or stopped: what runs stays untouched. The proxy answers it with
+    a 4xx at once."""
+
+    def __init__(self, message: str, status: int = 400):
+        self.status = status
+        super().__init__(message)

@@ -10,7 +10,7 @@ import click
 
 from mmlib.errors import MMError
 
-LIVE_STATES = ("starting", "awake", "asleep", "waking", "stopping")
+LIVE_STATES = ("starting", "awake", "asleep", "checkpointed", "waking", "stopping")
 
 
 def complete_profiles(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:

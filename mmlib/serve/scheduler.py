@@ -35,7 +35,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from mmlib.errors import MMError
 from mmlib.profiles.profile import Profile, load_profile
@@ -85,7 +85,8 @@ class _Pending:
 class Scheduler:
     def __init__(self, make_server: Callable[[Profile], Any], load: Callable[[str], Profile] = load_profile,
                  drain_limit_s: float = 600.0, sleep: Callable[[float], Any] = asyncio.sleep,
-                 memory: Any = None, policy: Policy = Policy()):
+                 memory: Any = None, policy: Policy = Policy(),
+                 preflight: Callable[[Profile], Awaitable[None]] | None = None):
         self.servers: dict[str, Any] = {}
         self.active: list[str] = []  # profiles of the last activation, the target of model "default"
         self.last_switch_s: float | None = None
@@ -97,6 +98,9 @@ class Scheduler:
         self._make_server = make_server
         self._load = load
         self._sleep = sleep  # injectable: tests run backoffs without waiting
+        # Checks a start must pass (guard rails, this machine); raises Refused before anything is slept
+        # or stopped, so a request for a broken profile leaves what runs untouched.
+        self._preflight = preflight
         self._switch = asyncio.Lock()
         self._pending: dict[tuple[str, ...], _Pending] = {}
         self._restarts: dict[str, asyncio.Task] = {}
@@ -148,6 +152,7 @@ class Scheduler:
         if failed is not None and failed.state == State.FAILED and not failed.may_restart:
             # A crashed server is restarted by its policy, not by whoever asks next: say so at once.
             raise MMError(f"{profile.name} failed ({failed.error}); `mm up {profile.name}` starts it again")
+        await self._check(profile)
         return (await self._join(profile, wants_request=True))[-1]
 
     async def activate(self, profile: Profile) -> list[Any]:
@@ -158,7 +163,20 @@ class Scheduler:
             server = self.servers.get(member.name)
             if server is not None and server.state == State.FAILED:
                 server.restarts = 0
-        return self._ready_now_all(profile) or await self._join(profile, wants_request=False)
+        ready = self._ready_now_all(profile)
+        if ready:
+            return ready
+        await self._check(profile)
+        return await self._join(profile, wants_request=False)
+
+    async def _check(self, profile: Profile) -> None:
+        """The preflight of each member that is not running yet (raises Refused)."""
+        if self._preflight is None:
+            return
+        for member in self.members(profile):
+            server = self.servers.get(member.name)
+            if server is None or server.state not in LIVE or server.profile != member:
+                await self._preflight(member)
 
     def _ready_now_all(self, profile: Profile) -> list[Any] | None:
         # Only while no switch is under way or queued: a request for the current model must not

@@ -14,6 +14,7 @@ class State(str, Enum):
     AWAKE = "awake"
     FALLING_ASLEEP = "falling asleep"
     ASLEEP = "asleep"
+    CHECKPOINTED = "checkpointed"  # asleep and off the card: the CUDA driver holds its GPU state in RAM
     WAKING = "waking"
     STOPPING = "stopping"
     FAILED = "failed"
@@ -25,14 +26,17 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.STARTING: frozenset({State.AWAKE, State.FAILED, State.STOPPING}),
     State.AWAKE: frozenset({State.FALLING_ASLEEP, State.STOPPING, State.FAILED}),
     State.FALLING_ASLEEP: frozenset({State.ASLEEP, State.FAILED, State.STOPPING}),
-    State.ASLEEP: frozenset({State.WAKING, State.STOPPING, State.FAILED}),
+    State.ASLEEP: frozenset({State.WAKING, State.STOPPING, State.FAILED, State.CHECKPOINTED}),
+    # Restored and woken in one step (WAKING); a failed restore is a FAILED server, stopped and started again.
+    State.CHECKPOINTED: frozenset({State.WAKING, State.STOPPING, State.FAILED}),
     State.WAKING: frozenset({State.AWAKE, State.FAILED, State.STOPPING}),
     State.STOPPING: frozenset({State.STOPPED, State.FAILED}),
     State.FAILED: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
 }
 
 # A process exists and holds (or may hold) GPU memory.
-LIVE = frozenset({State.STARTING, State.AWAKE, State.FALLING_ASLEEP, State.ASLEEP, State.WAKING, State.STOPPING})
+LIVE = frozenset({State.STARTING, State.AWAKE, State.FALLING_ASLEEP, State.ASLEEP, State.CHECKPOINTED,
+                  State.WAKING, State.STOPPING})
 # It holds (or is about to hold) its whole awake footprint.
 AWAKE_ISH = frozenset({State.STARTING, State.AWAKE, State.WAKING})
 
