@@ -247,7 +247,7 @@ def is_current(stamp: list[str], hash_: str, dev: bool) -> bool:
 def setup_lock(venv_dir: Path):
     """One set-up of a venv at a time: an exclusive lock on a file beside it (in its parent)."""
     venv_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv_dir.parent / f".{venv_dir.name}.lock", "w") as lock:
+    with open(venv_dir.with_name(venv_dir.name + ".lock"), "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -114,15 +114,15 @@ def test_a_second_bootstrap_waits_for_the_first_and_finds_it_done(tmp_path, monk
     first.join(10)
     second.join(10)
     assert installs == ["cuda"] and (venv / ".mm-stamp").read_text() == "h1 cuda"
-    assert (tmp_path / ".venv.lock").exists()  # the lock lives beside the venv, not in it
+    assert (tmp_path / "venv.lock").exists()  # the lock lives beside the venv, not in it
 
 
 def test_the_lock_is_held_while_setting_up(tmp_path):
     venv = tmp_path / "venv"
     with bootstrap.setup_lock(venv):
-        with open(tmp_path / ".venv.lock") as other, pytest.raises(BlockingIOError):
+        with open(tmp_path / "venv.lock") as other, pytest.raises(BlockingIOError):
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    with open(tmp_path / ".venv.lock") as other:
+    with open(tmp_path / "venv.lock") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
 
 
