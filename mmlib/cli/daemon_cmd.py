@@ -1,11 +1,14 @@
 """`mm daemon`: run the daemon in the foreground, or stop the running one."""
 from __future__ import annotations
 
+import os
+import signal
+
 import click
 
 from mmlib import paths
 from mmlib.errors import MMError
-from mmlib.serve.client import Client
+from mmlib.serve.client import Client, KeyRefused
 
 
 @click.group("daemon", invoke_without_command=True)
@@ -16,8 +19,6 @@ from mmlib.serve.client import Client
 def daemon(ctx: click.Context, host: str | None, port: int | None, api_key: str | None) -> None:
     """Run the mm daemon in the foreground (other commands start it in the background)."""
     if ctx.invoked_subcommand is None:
-        import os
-
         from mmlib.serve import daemon as daemon_mod
 
         for var, value in (("MM_PROXY_HOST", host), ("MM_PROXY_PORT", port), ("MM_API_KEY", api_key)):
@@ -33,7 +34,13 @@ def daemon_stop() -> None:
     if not client.alive():
         click.echo("mm daemon is not running")
         return
-    pid = client.post("/shutdown")["pid"]
+    try:
+        pid = client.post("/shutdown")["pid"]
+    except KeyRefused:
+        pid = client.daemon_pid()  # this user's own daemon: SIGTERM stops it as /shutdown does
+        if pid is None:
+            raise
+        os.kill(pid, signal.SIGTERM)
     click.echo("mm daemon stopping: its servers first ...", err=True)
     if not wait_gone(pid, DAEMON_STOP_TIMEOUT_S):
         raise MMError(f"the mm daemon (pid {pid}) is still stopping after {DAEMON_STOP_TIMEOUT_S:.0f} s; "

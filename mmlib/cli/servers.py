@@ -27,15 +27,18 @@ def human_duration(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def own_ports() -> frozenset[int]:
-    """Ports of the servers mm runs now (a running profile's own port is not "in use")."""
+def own_servers() -> tuple[frozenset[int], frozenset[int]]:
+    """The ports and the processes of the servers mm runs now: a running profile's own port is not
+    "in use", and the GPU memory they hold is room mm makes itself."""
+    from mmlib.system import proctree
+
     client = Client(timeout=2.0)
     try:
-        if client.alive():
-            return frozenset(s["port"] for s in client.get("/status").get("servers", []) if s.get("port"))
+        servers = client.get("/status").get("servers", []) if client.alive() else []
     except MMError:
-        pass
-    return frozenset()
+        servers = []
+    return (frozenset(s["port"] for s in servers if s.get("port")),
+            frozenset(p.pid for s in servers for p in proctree.family(s.get("pid"))))
 
 
 def preflight(profile: str, force: bool, model: str | None = None) -> None:
@@ -44,7 +47,8 @@ def preflight(profile: str, force: bool, model: str | None = None) -> None:
         return
     from mmlib.guard import checks
 
-    checks.preflight(profile, own_ports(), model=model)
+    ports, pids = own_servers()
+    checks.preflight(profile, ports, model=model, mm_pids=pids)
 
 
 def activate(profile: str | None, model: str | None = None, force: bool = False, verb: str = "starting",

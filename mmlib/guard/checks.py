@@ -46,14 +46,16 @@ def port_checker(own_ports: frozenset[int] = frozenset()) -> Callable[[str, int]
 
 
 def machine_facts(report: GpuReport | None = None, environ: dict[str, str] | None = None,
-                  own_ports: frozenset[int] = frozenset()) -> tuple[Facts, GpuReport]:
+                  own_ports: frozenset[int] = frozenset(), mm_pids: frozenset[int] = frozenset()
+                  ) -> tuple[Facts, GpuReport]:
     from mmlib.system import nvml
 
     report = report or nvml.probe()
     install = installed_vllm()
     total, available = _ram()
     facts = Facts(gpus=report.gpus, is_cpu=bool(install and install.is_cpu), port_in_use=port_checker(own_ports),
-                  environ=dict(os.environ if environ is None else environ), ram_total=total, ram_available=available)
+                  environ=dict(os.environ if environ is None else environ), ram_total=total, ram_available=available,
+                  mm_pids=mm_pids)
     return facts, report
 
 
@@ -210,8 +212,8 @@ def remote_model_files(model: str) -> tuple[Any, dict[str, Any] | None, str]:
     return remote, remote.config, ""
 
 
-def _holders(gpu: Any) -> str:
-    procs = sorted(gpu.processes, key=lambda q: -(q.used or 0))[:4]
+def _holders(gpu: Any, skip: frozenset[int] = frozenset()) -> str:
+    procs = sorted((q for q in gpu.processes if q.pid not in skip), key=lambda q: -(q.used or 0))[:4]
     return ", ".join(f"{q.name} (pid {q.pid}" + (f", {fitmod.gib(q.used)})" if q.used else ")") for q in procs)
 
 
@@ -324,13 +326,18 @@ def _fit_findings(p: Profile, fp: fitmod.Footprint, card: fitmod.Card, facts: Fa
                                  "long requests queue (fine for short ones)"))
     gpu = facts.gpu
     need = fp.awake_bytes - fitmod.CUDA_CONTEXT
-    if gpu_memory is None and gpu is not None and gpu.free < need:
-        floor = math.floor((gpu.free / card.capacity - 0.01) * 100) / 100
-        held = _holders(gpu)
-        out.append(finding(WARN, f"{fitmod.gib(gpu.free)} free on {gpu.name} now, but the server needs "
-                                 f"{fitmod.gib(need)}; vLLM refuses to start with less"
+    # mm sleeps or stops its own servers to make room: only what other programs hold can stop the start
+    ours = sum(q.used or 0 for q in gpu.processes if q.pid in facts.mm_pids) if gpu is not None else 0
+    if gpu_memory is None and gpu is not None and gpu.free + ours < need:
+        room = gpu.free + ours
+        floor = math.floor((room / card.capacity - 0.01) * 100) / 100
+        held = _holders(gpu, skip=facts.mm_pids)
+        out.append(finding(WARN, f"{fitmod.gib(gpu.free)} free on {gpu.name} now"
+                                 + (f" and {fitmod.gib(ours)} that mm frees by sleeping or stopping its servers"
+                                    if ours else "")
+                                 + f", but the server needs {fitmod.gib(need)}; vLLM refuses to start with less"
                                  + (f" (held by {held})" if held else ""),
-                           "mm sleeps or stops its own servers first; stop other holders"
+                           "stop the other programs holding it"
                            + (f", or lower gpu_memory_utilization to {floor:g}" if floor > 0 and not p.memory else "")))
     return out
 
@@ -464,16 +471,16 @@ def load_spec_quietly(announce: Callable[[str], None] | None = None) -> tuple[Ar
 def check(names: list[str] | None = None, gpu_memory: int | None = None, facts: Facts | None = None,
           spec: ArgSpec | None = None, report: GpuReport | None = None,
           announce: Callable[[str], None] | None = None, own_ports: frozenset[int] = frozenset(),
-          model: str | None = None) -> list[Finding]:
+          model: str | None = None, mm_pids: frozenset[int] = frozenset()) -> list[Finding]:
     """Findings for the named profiles (all of them when None), errors first; `model` replaces a
-    single profile's model."""
+    single profile's model. own_ports and mm_pids: the ports and processes of the servers mm runs."""
     profiles, found, stacks = _expand(list_profile_names() if names is None else names)
     if model:
         if stacks or len(profiles) != 1:
             raise MMError("a model can only replace a single server's model, not a stack's")
         profiles = [profiles[0].with_model(model)]
     if facts is None:
-        facts, report = machine_facts(report, own_ports=own_ports)
+        facts, report = machine_facts(report, own_ports=own_ports, mm_pids=mm_pids)
     if spec is None and profiles:
         spec, problem = load_spec_quietly(announce)
         found += [problem] if problem else []
@@ -489,13 +496,14 @@ def check(names: list[str] | None = None, gpu_memory: int | None = None, facts: 
     return sorted(found, key=lambda f: order.get(f.severity, 3))
 
 
-def preflight(profile_name: str, own_ports: frozenset[int] = frozenset(), model: str | None = None) -> None:
+def preflight(profile_name: str, own_ports: frozenset[int] = frozenset(), model: str | None = None,
+              mm_pids: frozenset[int] = frozenset()) -> None:
     """Raise MMError naming the file, key and fix when the profile cannot work; print warnings.
     `model` replaces the profile's (`mm up X --model Y` checks Y, not X's model)."""
     def announce(text: str) -> None:
         print(f"mm: {text}", file=sys.stderr, flush=True)
 
-    found = check([profile_name], announce=announce, own_ports=own_ports, model=model)
+    found = check([profile_name], announce=announce, own_ports=own_ports, model=model, mm_pids=mm_pids)
     for f in found:
         if f.severity == WARN:
             print(f"mm: warning: {f.line()}", file=sys.stderr)

@@ -44,6 +44,8 @@ class Facts:
     environ: Mapping[str, str] = field(default_factory=dict)  # the shell's environment (servers inherit it)
     ram_total: int | None = None  # this machine's RAM, bytes (None: unknown)
     ram_available: int | None = None
+    # the processes of the servers mm runs: what they hold on the GPU is room mm makes itself
+    mm_pids: frozenset[int] = frozenset()
 
     @property
     def gpu(self) -> GpuInfo | None:

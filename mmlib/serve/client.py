@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -28,6 +29,22 @@ def socket_path():
 
 def daemon_log():
     return paths.logs_dir() / "daemon.log"
+
+
+class KeyRefused(DaemonError):
+    """The daemon answered 401: it runs with another API key than this command sends."""
+
+
+def key_refused(sent: bool) -> KeyRefused:
+    """The one line for a daemon that refuses the key (or its absence): it keeps the key it started with."""
+    config = paths.config_dir() / "config.toml"
+    if sent:
+        return KeyRefused(f"the running mm daemon refused this command's API key: it started with another one "
+                          f"(api_key in {config} or MM_API_KEY changed since); put the old key back, or "
+                          "`mm daemon stop` and retry (it starts again with the new key)")
+    return KeyRefused(f"the running mm daemon wants the API key it started with, and this command sends none "
+                      f"(api_key is gone from {config} and MM_API_KEY is unset); put the key back, or "
+                      "`mm daemon stop` and retry (it starts again without one)")
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -95,9 +112,24 @@ class Client:
             raise DaemonError(f"the daemon did not answer {path} in time; it keeps working: see `mm status`") from None
         except OSError as e:
             raise DaemonError(f"cannot reach the mm daemon ({e}); `mm daemon` runs it in the foreground") from None
+        if status == 401:
+            raise key_refused("authorization" in self.headers)
         if status >= 400:
             raise DaemonError(str(doc.get("error") or doc))
         return doc
+
+    def daemon_pid(self) -> int | None:
+        """The pid of this user's process listening on the socket, from the kernel (SO_PEERCRED): known
+        even when the daemon refuses this command's key. None where nothing listens."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(2.0)
+                s.connect(str(self.sock))
+                pid, uid, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                               struct.calcsize("3i")))
+        except OSError:
+            return None
+        return pid if uid == os.getuid() else None
 
     def get(self, path: str) -> dict[str, Any]:
         return self.call("GET", path)

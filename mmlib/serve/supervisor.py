@@ -30,12 +30,13 @@ from mmlib.serve import records
 from mmlib.serve.phases import PhaseTracker
 from mmlib.serve.states import LIVE, State, check_transition
 from mmlib.system import proctree
-from mmlib.system.files import tail_lines
+from mmlib.system.files import rotate, tail_lines
 from mmlib.system.net import connect_host, free_port, port_taken
 
 STOP_GRACE_S = 15.0
 WATCH_INTERVAL_S = 0.2
 LOG_TAIL_LINES = 15
+OLD_LOGS, OLD_LOGS_BYTES = 3, 64 * 2**20  # per server: its last runs' logs, together at most this
 CONTROL_TIMEOUT_S = 300.0  # a first sleep of a 7B model took 9 s; a level-2 weight reload reads the disk
 
 
@@ -220,9 +221,10 @@ class ManagedServer:
         self._write_record()
 
     def _rotate_log(self) -> Path:
+        """A fresh NAME.log; the last OLD_LOGS runs' logs stay beside it as NAME.log.1, .2, ..."""
         path = paths.logs_dir() / f"{self.name}.log"
         if path.exists() and path.stat().st_size:
-            os.replace(path, path.with_suffix(".log.1"))
+            rotate(path, OLD_LOGS, OLD_LOGS_BYTES)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.write(fd, f"# mm: starting {self.name} at {time.ctime()}\n".encode())
         os.close(fd)

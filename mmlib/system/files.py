@@ -1,5 +1,5 @@
 """Files: written so that a reader never sees half of one (a temp file beside it, fsync, rename),
-and the last lines of a log read without reading all of it."""
+the last lines of a log read without reading all of it, and old logs kept, a few and bounded."""
 from __future__ import annotations
 
 import os
@@ -31,3 +31,32 @@ def tail_lines(path: Path | None, lines: int = 15, max_bytes: int = 64 * 1024) -
         f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
         text = f.read().decode(errors="replace")
     return [line for line in text.splitlines() if line.strip()][-lines:]
+
+
+def rotate(path: Path, keep: int, max_bytes: int) -> None:
+    """Move `path` to path.1 (path.1 to path.2, ... the oldest of `keep` dropped). The old logs
+    together hold at most max_bytes: the oldest go first, and a last log bigger than that alone
+    keeps its end (where a failure shows)."""
+    olds = [path.with_name(f"{path.name}.{i}") for i in range(1, keep + 1)]
+    olds[-1].unlink(missing_ok=True)
+    for newer, older in zip(reversed(olds[:-1]), reversed(olds[1:])):
+        if newer.exists():
+            os.replace(newer, older)
+    os.replace(path, olds[0])
+    if olds[0].stat().st_size > max_bytes:
+        _keep_end(olds[0], max_bytes)
+    total = 0
+    for i, old in enumerate(olds):
+        total += old.stat().st_size if old.exists() else 0
+        if total > max_bytes:  # this one and every older one go
+            for gone in olds[i:]:
+                gone.unlink(missing_ok=True)
+            return
+
+
+def _keep_end(path: Path, max_bytes: int) -> None:
+    with open(path, "rb") as f:
+        f.seek(-max_bytes, os.SEEK_END)
+        end = f.read()
+    with open(path, "wb") as f:
+        f.write(end)

@@ -65,6 +65,23 @@ def test_api_key_is_enforced_on_proxy_and_control_api(fake_mm):
     assert control.get("/status", headers={"authorization": "Bearer s3cret"}).status_code == 200
 
 
+def test_a_key_gone_from_the_config_says_what_happened_and_daemon_stop_still_works(fake_mm):
+    fake_mm.env["MM_API_KEY"] = "s3cret"
+    fake_mm.add_profile("keyed")
+    fake_mm.mm("up", "keyed", "--force")  # starts the daemon with the key
+    fake_mm.env["MM_API_KEY"] = "other"  # config.toml's key changed
+    wrong = fake_mm.mm("status", check=False)
+    assert wrong.returncode == 1 and "refused this command's API key" in wrong.stderr
+    del fake_mm.env["MM_API_KEY"]  # as if api_key were removed from config.toml
+    refused = fake_mm.mm("status", check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert "started with" in refused.stderr and "`mm daemon stop` and retry" in refused.stderr
+    daemon_pid = int((Path(fake_mm.env["MM_HOME"]) / "state" / "daemon.lock").read_text())
+    fake_mm.mm("daemon", "stop")  # without the key: the daemon is this user's, a signal stops it
+    assert not psutil.pid_exists(daemon_pid) or psutil.Process(daemon_pid).status() == psutil.STATUS_ZOMBIE
+    assert fake_mm.mm("status").returncode == 0  # a fresh daemon, without a key
+
+
 def test_profile_values_reach_vllm_as_argv_never_a_shell(fake_mm, tmp_path):
     marker = tmp_path / "pwned"
     fake_mm.add_profile("shelly", extra=f'[engine]\ntokenizer = "x; touch {marker}"\nrevision = "$(touch {marker})"\n')

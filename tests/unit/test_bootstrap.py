@@ -2,11 +2,13 @@
 bootstrap (a GPU that came or went), and the Python floor the code keeps."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,55 @@ def test_a_flavor_change_is_said_in_one_line():
     assert "CPU build" in bootstrap.flavor_change("cuda", "cpu")
 
 
+# ---- one set-up at a time: the second bootstrap waits for the first, then finds it done ----
+
+def test_a_second_bootstrap_waits_for_the_first_and_finds_it_done(tmp_path, monkeypatch):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    installing, release, installs = threading.Event(), threading.Event(), []
+
+    def install(python, flavor, packages):  # the first set-up holds the lock until the test releases it
+        installs.append(flavor)
+        installing.set()
+        assert release.wait(10)
+        return "uv"
+
+    monkeypatch.setattr(bootstrap, "install", install)
+    argv = ["--root", str(tmp_path), "--venv", str(venv), "--hash", "h1", "--flavor", "cuda"]
+    first = threading.Thread(target=bootstrap.main, args=(argv,))
+    first.start()
+    assert installing.wait(10)
+    second = threading.Thread(target=bootstrap.main, args=(argv,))
+    second.start()
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert installs == ["cuda"] and (venv / ".mm-stamp").read_text() == "h1 cuda"
+    assert (tmp_path / "venv.lock").exists()  # the lock lives beside the venv, not in it
+
+
+def test_the_lock_is_held_while_setting_up(tmp_path):
+    venv = tmp_path / "venv"
+    with bootstrap.setup_lock(venv):
+        with open(tmp_path / "venv.lock") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / "venv.lock") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+
+
+def test_the_detector_asks_nvidia_smi_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MM_VLLM_FLAVOR", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    executable(tmp_path / "nvidia-smi", "exit 9\n")  # Failed to initialize NVML: Driver/library version mismatch
+    bootstrap.main(["--detect"])
+    executable(tmp_path / "nvidia-smi", "exit 0\n")
+    bootstrap.main(["--detect"])
+    monkeypatch.setenv("MM_VLLM_FLAVOR", "cpu")
+    bootstrap.main(["--detect"])
+    assert capsys.readouterr().out.split() == ["cpu", "cuda", "cpu"]
+
+
 # ---- the launcher: a fake venv python and a fake bootstrap (python3) record what ./mm ran ----
 
 def executable(path: Path, body: str) -> None:
@@ -96,37 +147,74 @@ def executable(path: Path, body: str) -> None:
 
 @pytest.fixture
 def launcher(tmp_path):
+    """./mm with a fake venv, a fake install (python3 writes the stamp for the hash it was given) and
+    the real GPU detector (the bootstrap's --detect) asking a fake nvidia-smi (exits with the code in
+    smi-rc; 9 = no GPU, or a driver/library mismatch) on a fake /dev and /proc (MM_SYSROOT)."""
     log = tmp_path / "log"
-    venv, bin_ = tmp_path / "venv", tmp_path / "bin"
+    venv, bin_, root = tmp_path / "venv", tmp_path / "bin", tmp_path / "sys"
     (venv / "bin").mkdir(parents=True)
     bin_.mkdir()
+    (root / "proc" / "sys" / "kernel" / "random").mkdir(parents=True)
+    (root / "dev").mkdir()
+    (root / "proc" / "sys" / "kernel" / "random" / "boot_id").write_text("boot-1\n")
+    (tmp_path / "smi-rc").write_text("9")
     executable(venv / "bin" / "python", f'echo "venv $*" >> {log}\n')
-    # the bootstrap's part that matters here: it writes the stamp for the hash it was given
-    executable(bin_ / "python3", f'echo "bootstrap $*" >> {log}\n'
-               'while [ $# -gt 0 ]; do case "$1" in --hash) h=$2;; --venv) v=$2;; esac; shift; done\n'
-               'echo "$h cpu" > "$v/.mm-stamp"\n')
-    executable(bin_ / "nvidia-smi", f'echo "nvidia-smi $*" >> {log}\n')
+    executable(bin_ / "python3", f'case "$*" in *--detect*) exec {sys.executable} "$@";; esac\n'
+               f'echo "bootstrap $*" >> {log}\n'
+               'while [ $# -gt 0 ]; do case "$1" in --hash) h=$2;; --venv) v=$2;; --flavor) f=$2;; esac; shift; done\n'
+               'echo "$h $f" > "$v/.mm-stamp"\n')
+    executable(bin_ / "nvidia-smi", f'echo "nvidia-smi $*" >> {log}\nexit $(cat {tmp_path / "smi-rc"})\n')
     path = f"{bin_}:{os.path.dirname(shutil.which('bash'))}:/usr/bin:/bin"
 
     def run(*args: str, **env: str) -> list[str]:
         log.write_text("")
-        full = {"PATH": path, "MM_VENV": str(venv), **env}
+        full = {"PATH": path, "MM_VENV": str(venv), "MM_SYSROOT": str(root), **env}
         subprocess.run([str(ROOT / "mm"), *args], env=full, check=True)
         return log.read_text().splitlines()
+    run.sysroot, run.smi_rc = root, tmp_path / "smi-rc"
     return run
+
+
+def bootstraps(ran: list[str]) -> list[str]:
+    """The --flavor each bootstrap in `ran` was given."""
+    return [line.partition("--flavor ")[2].partition(" ")[0] or None for line in ran if line.startswith("bootstrap")]
 
 
 def test_a_set_up_machine_runs_mm_without_the_bootstrap_or_a_gpu_query(launcher):
     first = launcher("status")
-    assert first[0].startswith("bootstrap") and first[1] == "venv -m mmlib status"
+    assert first == ["nvidia-smi -L", first[1], "venv -m mmlib status"] and bootstraps(first) == ["cpu"]
     assert launcher("status") == ["venv -m mmlib status"]
 
 
 def test_a_changed_gpu_signal_reruns_the_bootstrap_once(launcher):
     launcher("status")
-    assert launcher("status", MM_VLLM_FLAVOR="cuda")[0].startswith("bootstrap")
+    assert bootstraps(launcher("status", MM_VLLM_FLAVOR="cuda")) == ["cuda"]
     assert launcher("status", MM_VLLM_FLAVOR="cuda") == ["venv -m mmlib status"]
-    assert launcher("status")[0].startswith("bootstrap")
+    assert bootstraps(launcher("status")) == ["cpu"]
+
+
+def test_a_driver_mismatch_mended_by_a_reboot_installs_the_cuda_build(launcher):
+    (launcher.sysroot / "dev" / "nvidia0").write_text("")  # the device node is there, nvidia-smi fails
+    (launcher.sysroot / "proc" / "driver" / "nvidia").mkdir(parents=True)
+    (launcher.sysroot / "proc" / "driver" / "nvidia" / "version").write_text("NVRM 570.1\n")
+    first = launcher("status")
+    assert launcher("status") == ["venv -m mmlib status"]  # asked once, not at every start
+    launcher.smi_rc.write_text("0")  # the reboot: the new driver loads and answers
+    (launcher.sysroot / "proc" / "sys" / "kernel" / "random" / "boot_id").write_text("boot-2\n")
+    (launcher.sysroot / "proc" / "driver" / "nvidia" / "version").write_text("NVRM 575.2\n")
+    ran = launcher("status")
+    assert "nvidia-smi -L" in ran and bootstraps(ran) == ["cuda"]
+    assert launcher("status") == ["venv -m mmlib status"]
+    assert bootstraps(first) == ["cpu"]
+
+
+def test_a_gpu_without_a_device_node_and_then_gone_goes_back_to_the_cpu_build(launcher):
+    launcher.smi_rc.write_text("0")  # nvidia-smi answers, but there is no /dev/nvidia0 (a container's GPU 3)
+    first = launcher("status")
+    launcher.smi_rc.write_text("9")  # the card is gone after a reboot
+    (launcher.sysroot / "proc" / "sys" / "kernel" / "random" / "boot_id").write_text("boot-2\n")
+    assert bootstraps(launcher("status")) == ["cpu"]
+    assert bootstraps(first) == ["cuda"]
 
 
 def test_mm_test_adds_the_test_tools(launcher):

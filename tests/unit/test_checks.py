@@ -197,6 +197,40 @@ def test_fit_warns_when_others_hold_the_memory(local_7b):
     assert "gpu_memory_utilization to 0.24" in warn.fix
 
 
+def test_fit_does_not_warn_about_room_mm_makes_itself(local_7b):
+    # 3 GiB free, 9 GiB held by a sleeping server mm runs: mm sleeps or stops it before the start
+    held = GpuInfo(0, "NVIDIA GeForce RTX 3060", 12 * GIB, 3 * GIB, (8, 6),
+                   (GpuProcess(5001, "VLLM::EngineCore", 9 * GIB),))
+    p = profile({"max_model_len": 8192, "gpu_memory_utilization": 0.75, "max_num_seqs": 16}, model=str(local_7b))
+    assert not [f for f in fit_findings(p, Facts(gpus=(held,), mm_pids=frozenset({5001}))) if f.severity == WARN]
+    # mm frees 2 GiB, a game keeps 7: the warning names the game and counts mm's part as room
+    shared = GpuInfo(0, "NVIDIA GeForce RTX 3060", 12 * GIB, 3 * GIB, (8, 6),
+                     (GpuProcess(5001, "VLLM::EngineCore", 2 * GIB), GpuProcess(4242, "game.exe", 7 * GIB)))
+    warn = [f for f in fit_findings(p, Facts(gpus=(shared,), mm_pids=frozenset({5001}))) if f.severity == WARN][0]
+    assert "2.00 GiB that mm frees" in warn.message and "game.exe (pid 4242" in warn.message
+    assert "EngineCore" not in warn.message and warn.fix.endswith("gpu_memory_utilization to 0.4")
+
+
+def test_the_cli_tells_the_checks_which_processes_are_mms_servers(monkeypatch):
+    import os
+
+    from mmlib.cli import servers
+
+    class Daemon:  # a running daemon with one server: this test's own process stands in for it
+        def __init__(self, timeout=None):
+            pass
+
+        def alive(self):
+            return True
+
+        def get(self, path):
+            return {"servers": [{"port": 8123, "pid": os.getpid()}, {"port": None, "pid": None}]}
+
+    monkeypatch.setattr(servers, "Client", Daemon)
+    ports, pids = servers.own_servers()
+    assert ports == {8123} and os.getpid() in pids
+
+
 def test_fit_skipped_with_reasons(local_7b, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     (f,) = fit_findings(profile(model=str(local_7b)), Facts(is_cpu=True))
