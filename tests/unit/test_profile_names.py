@@ -75,6 +75,17 @@ def test_a_duplicate_served_name_keeps_the_later_profile_out(mm_env):
     assert "b" not in {p.name for p in profiles}
 
 
+def test_the_proxys_index_routes_each_name_to_its_first_file(mm_env):
+    from mmlib.serve.proxy import ModelIndex
+
+    write(mm_env, "aaa", 'model = "x/y"\naliases = ["SmolLM2-135M-Instruct", "aaa-too"]\n')
+    write(mm_env, "zzz", 'model = "x/z"\nserved_model_name = "aaa-too"\n')
+    index = ModelIndex(load_all)
+    assert index.lookup("SmolLM2-135M-Instruct").name == "default"
+    assert index.lookup("aaa-too").name == "aaa" and index.lookup("y").name == "aaa"
+    assert "zzz" not in {p.name for p in index.profiles}  # its served name is taken: /v1/models leaves it out
+
+
 def test_user_files_come_after_shipped_ones(mm_env):
     # "aaa" sorts before every shipped profile, yet the shipped smollm2 keeps its name.
     aaa = write(mm_env, "aaa", 'model = "x/y"\nserved_model_name = "smollm2"\n')
