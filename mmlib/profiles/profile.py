@@ -252,7 +252,8 @@ def claim_names(profiles: list[Profile], all_names: list[str]) -> tuple[list[Pro
     served, errors = [], []
     for p in profiles:
         aliases = []
-        for key, n in [("served_model_name", p.served_model_name)] + [("aliases", a) for a in p.aliases]:
+        claims = [("served_model_name", p.served_model_name)] + [("aliases", a) for a in p.aliases] if p.names else []
+        for key, n in claims:
             what, holder = owner.setdefault(n, (f"a name of profile '{p.name}'", p.name))
             if holder == p.name:
                 aliases += [n] if key == "aliases" else []

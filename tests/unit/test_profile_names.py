@@ -104,6 +104,13 @@ def test_an_alias_that_names_another_profile_is_an_error(mm_env):
     assert any(e.key == "aliases" and "'stt'" in str(e) and str(stt) in str(e) for e in errors)
 
 
+def test_stacks_claim_only_their_profile_names(mm_env):
+    write(mm_env, "pair", 'stack = ["chat", "default"]\n')
+    write(mm_env, "trio", 'stack = ["chat", "default", "ocr"]\n')
+    profiles, errors = load_all()
+    assert errors == [] and {"pair", "trio", "voice"} <= {p.name for p in profiles}
+
+
 def test_own_names_may_repeat_within_one_file(mm_env):
     write(mm_env, "solo", 'model = "x/y"\nserved_model_name = "solo"\naliases = ["solo", "s", "s"]\n')
     p = load_profile("solo")
