@@ -18,7 +18,7 @@ from mmlib.guard import fit as fitmod
 from mmlib.guard import modelinfo, rules
 from mmlib.guard.rules import ERROR, INFO, WARN, Facts, Finding
 from mmlib.models import cache
-from mmlib.profiles.profile import Profile, list_profile_names, load_profile
+from mmlib.profiles.profile import Profile, list_profile_names, load_profile, name_clashes
 from mmlib.profiles.vllm_args import ArgAction, ArgSpec, SpecUnavailable, load_spec
 from mmlib.profiles.vllm_cmd import (
     RESERVED_ENGINE_KEYS,
@@ -131,7 +131,7 @@ def check_engine_args(p: Profile, spec: ArgSpec) -> list[Finding]:
 
     for key, value in p.engine.items():
         if key in RESERVED_ENGINE_KEYS:
-            continue  # mm drops these from the argv; rules.py says so
+            continue  # profile.py refuses them; mm never passes them
         argv = engine_args({key: value})
         option = argv[0]
         action = spec.lookup(option)
@@ -474,7 +474,9 @@ def check(names: list[str] | None = None, gpu_memory: int | None = None, facts: 
           model: str | None = None, mm_pids: frozenset[int] = frozenset()) -> list[Finding]:
     """Findings for the named profiles (all of them when None), errors first; `model` replaces a
     single profile's model. own_ports and mm_pids: the ports and processes of the servers mm runs."""
-    profiles, found, stacks = _expand(list_profile_names() if names is None else names)
+    names = list_profile_names() if names is None else names
+    profiles, found, stacks = _expand(names)
+    found += [_profile_error(e) for e in name_clashes(names + [m.name for m in profiles])]
     if model:
         if stacks or len(profiles) != 1:
             raise MMError("a model can only replace a single server's model, not a stack's")

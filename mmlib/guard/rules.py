@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 
 from mmlib.guard.modelinfo import model_max_len
 from mmlib.profiles.profile import Profile
-from mmlib.profiles.vllm_cmd import engine_int
+from mmlib.profiles.vllm_cmd import engine_int, wants_tcp
 from mmlib.system.nvml import GpuInfo
 
 ERROR, WARN, INFO = "error", "warn", "info"
@@ -136,7 +136,6 @@ def _share_out_of_range(p: Profile, facts: Facts) -> bool:
     return v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1)
 
 
-RESERVED = {"host": "host", "port": "port", "model": "model", "served_model_name": "served_model_name"}
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
@@ -159,10 +158,6 @@ def _weights_missing(p: Profile, facts: Facts) -> bool:
     if folder is None or not folder.is_dir() or _lower(_get(p, "load_format")) == "dummy":
         return False
     return not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES)
-
-
-def _reserved(p: Profile) -> str:
-    return next((k for k in p.engine if k in RESERVED), "")
 
 
 # --- environment variables vLLM no longer reads ------------------------------------------------------
@@ -260,10 +255,12 @@ RULES: list[Rule] = [
     Rule("memory-share-range", ERROR, _share_out_of_range,
          lambda p, f: f"{_get(p, 'gpu_memory_utilization')!r} is not a share of the GPU's memory",
          "use a number above 0 and at most 1, e.g. 0.85", key="engine.gpu_memory_utilization"),
-    Rule("reserved-engine-key", WARN, lambda p, f: bool(_reserved(p)),
-         lambda p, f: f"mm sets --{_reserved(p).replace('_', '-')} itself; this value is ignored",
-         lambda p, f: f"remove it from [engine] and set the top-level `{RESERVED[_reserved(p)]}` instead",
-         key=lambda p, f: f"engine.{_reserved(p)}"),
+    # profile.py refuses sleep mode on anything but loopback; there, other users of this machine remain.
+    Rule("sleep-endpoints-on-tcp", WARN, lambda p, f: not f.is_cpu and p.sleep.enabled and wants_tcp(p),
+         lambda p, f: (f"sleep mode needs vLLM's dev endpoints: /sleep, /wake_up and /collective_rpc answer every "
+                       f"user of this machine on {p.host}:{p.port or 'its port'} (its api_key guards /v1 only)"),
+         "leave port and host out: mm then serves it on a unix socket only you can reach (clients use mm's proxy)",
+         key=lambda p, f: "port" if p.port is not None else "host"),
     *(_env_rule(r) for r in REMOVED_ENV),
 ]
 

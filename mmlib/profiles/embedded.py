@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 from mmlib import paths
 from mmlib.errors import MMError
+from mmlib.system.files import open_private_log
 
 PREFIX = "embedded:"
 NAME = "SmolLM2-135M-Instruct"
@@ -41,7 +42,7 @@ def ensure_converted(log: Path | None = None, python: str = sys.executable) -> P
     """Convert on first use (or wait for a conversion under way); later calls return at once."""
     if is_ready():
         return model_dir()
-    out = open(log, "ab") if log else None
+    out = open_private_log(log) if log else None
     try:
         proc = subprocess.run(_convert_argv(python), stdout=out or subprocess.PIPE, stderr=subprocess.STDOUT)
     finally:
@@ -62,7 +63,7 @@ def converting_meanwhile(models: Iterable[str], log: Path, python: str = sys.exe
     (ensure_converted meets its lock). Stopped if the caller fails."""
     proc = None
     if any(is_embedded(m) for m in models if m) and not is_ready():
-        with open(log, "ab") as out:
+        with open_private_log(log) as out:
             proc = subprocess.Popen(_convert_argv(python), stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT)
     try:

@@ -2,11 +2,16 @@
 
 Shipped profiles live in ./profiles; the user's own (XDG config dir, profiles/) are read after them,
 so a user's file of the same name wins. Every problem is a ProfileError naming the file and key.
+
+One name means one profile: a served name or alias belongs to the file that sets it (`extends` does
+not pass them on; a profile that extends another without its own served_model_name is served under
+its profile name), and a name claimed twice is an error for the file read later (load_all).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import re
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +32,15 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_EXTENDS_DEPTH = 8
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 RESTART_POLICIES = ("no", "on-failure")
+# Names a client sends: each belongs to the one file that sets it, so `extends` does not inherit them.
+OWN_NAME_KEYS = ("served_model_name", "aliases")
+# [engine] keys mm sets itself (a second value would fight the supervisor), and what to write instead.
+RESERVED_ENGINE_KEYS = {
+    "host": "set the top-level `host` instead", "port": "set the top-level `port` instead",
+    "model": "set the top-level `model` instead", "served_model_name": "set the top-level `served_model_name` instead",
+    "api_key": "set the top-level `api_key` instead (mm passes it by environment, never on the command line)",
+    "uds": "remove it: mm puts each server on a unix socket of its own unless the profile sets `port`",
+}
 
 
 @dataclass(frozen=True)
@@ -182,6 +196,8 @@ def load_raw(name: str, chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], li
                            "flatten the chain")
     path = profile_path(name)
     data = read_toml(path)
+    if isinstance(data.get("engine"), dict):  # per file, so a child's spelling replaces its parent's
+        data["engine"] = normalise_engine(str(path), data["engine"])
     parent = data.get("extends")
     if parent is None:
         return data, [str(path)]
@@ -192,8 +208,10 @@ def load_raw(name: str, chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], li
     except ProfileError as e:
         raise ProfileError(str(path), f"no profile named {parent!r}", e.fix, key="extends") from None
     base, files = load_raw(parent, chain + (name,))
-    merged = merge(base, data)
+    merged = merge({k: v for k, v in base.items() if k not in OWN_NAME_KEYS}, data)
     merged.pop("extends", None)
+    if merged.get("model"):  # a stack has no served name
+        merged.setdefault("served_model_name", name)
     return merged, files + [str(path)]
 
 
@@ -202,14 +220,65 @@ def load_profile(name: str) -> Profile:
     return validate(name, data, files[-1])
 
 
+def reading_order() -> list[str]:
+    """Profile names as their files are read: shipped ones first, then the user's (a user's file of
+    a shipped name counts as the user's), each group by name."""
+    user = paths.user_profiles_dir()
+    mine = {p.stem for p in user.glob("*.toml")} if user.is_dir() else set()
+    names = list_profile_names()
+    return [n for n in names if n not in mine] + [n for n in names if n in mine]
+
+
 def load_all() -> tuple[list[Profile], list[ProfileError]]:
-    profiles, errors = [], []
-    for name in list_profile_names():
+    """Every profile that loads, each client name served by one of them; errors for the rest,
+    a name claimed twice among them (claim_names)."""
+    profiles, errors, order = [], [], reading_order()
+    for name in order:
         try:
             profiles.append(load_profile(name))
         except ProfileError as e:
             errors.append(e)
-    return profiles, errors
+    served, clashes = claim_names(profiles, order)
+    return sorted(served, key=lambda p: p.name), errors + clashes
+
+
+def claim_names(profiles: list[Profile], all_names: list[str]) -> tuple[list[Profile], list[ProfileError]]:
+    """One owner per name, in reading order. Profile names come first (`mm up NAME` and `mm chat
+    NAME` always mean NAME.toml), then served names and aliases, first file first. A later claim
+    is an error for its file: a taken alias is dropped from it; a taken served name keeps the whole
+    profile out (vLLM would serve it under that name)."""
+    owner: dict[str, tuple[str, str]] = {n: (f"the name of profile '{n}'", n) for n in all_names}
+    where = {p.name: p.source for p in profiles}
+    served, errors = [], []
+    for p in profiles:
+        aliases = []
+        claims = [("served_model_name", p.served_model_name)] + [("aliases", a) for a in p.aliases] if p.names else []
+        for key, n in claims:
+            what, holder = owner.setdefault(n, (f"a name of profile '{p.name}'", p.name))
+            if holder == p.name:
+                aliases += [n] if key == "aliases" else []
+                continue
+            fix = ("set another served_model_name here" if key == "served_model_name"
+                   else "remove the alias here, or rename one of the two")
+            errors.append(ProfileError(p.source, f"'{n}' is already {what} "
+                                       f"({where.get(holder) or profile_path(holder)}); one name reaches one profile",
+                                       fix, key=key))
+            if key == "served_model_name":
+                break
+        else:
+            served.append(dataclasses.replace(p, aliases=tuple(aliases)) if len(aliases) < len(p.aliases) else p)
+    return served, errors
+
+
+def name_clashes(names: list[str]) -> list[ProfileError]:
+    """The names claimed twice that are errors for these profiles' files (the later files)."""
+    files = set()
+    for name in names:
+        try:
+            files.add(profile_path(name).resolve())
+        except ProfileError:
+            continue
+    return [e for e in load_all()[1] if e.key in OWN_NAME_KEYS and Path(e.file).resolve() in files]
 
 
 def _check_type(file: str, key: str, value: Any, types: tuple[type, ...], what: str) -> None:
@@ -237,6 +306,23 @@ def _strings(file: str, key: str, value: list[Any]) -> tuple[str, ...]:
     return tuple(value)
 
 
+def normalise_engine(file: str, table: Mapping[str, Any]) -> dict[str, Any]:
+    """[engine] with every key in snake_case: vLLM reads max-model-len and max_model_len as one flag.
+    Keys mm sets itself are refused here, in the spelling the file used."""
+    out: dict[str, Any] = {}
+    spelt: dict[str, str] = {}
+    for key, value in table.items():
+        snake = key.replace("-", "_")
+        if snake in RESERVED_ENGINE_KEYS:
+            raise ProfileError(file, f"mm sets --{snake.replace('_', '-')} itself", RESERVED_ENGINE_KEYS[snake],
+                               key=f"engine.{key}")
+        if snake in spelt:
+            raise ProfileError(file, f"set twice, as engine.{spelt[snake]} and engine.{key}",
+                               f"keep one of them (engine.{snake})", key=f"engine.{key}")
+        spelt[snake], out[snake] = key, value
+    return out
+
+
 def _engine(file: str, table: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in table.items():
         if not re.match(r"^[a-z][a-z0-9_-]*$", key):
@@ -244,7 +330,36 @@ def _engine(file: str, table: Mapping[str, Any]) -> dict[str, Any]:
                                key=f"engine.{key}")
         if isinstance(value, list) and not all(isinstance(v, (str, int, float)) for v in value):
             raise ProfileError(file, "lists may hold strings and numbers only", key=f"engine.{key}")
-    return dict(table)
+    return normalise_engine(file, table)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_listen(file: str, host: str, sleep: SleepSettings, env: Mapping[str, str], api_key: str | None) -> None:
+    """Beyond this machine only behind a key, and never with vLLM's dev endpoints: sleep mode needs
+    VLLM_SERVER_DEV_MODE, which opens /sleep, /wake_up and /collective_rpc to whoever reaches the
+    port, and vLLM's api_key guards /v1 only."""
+    if is_loopback(host):
+        return
+    if sleep.enabled:
+        raise ProfileError(file, f"sleep mode on {host} would let anyone who reaches it call vLLM's /sleep, /wake_up "
+                           "and /collective_rpc (its api_key guards /v1 only)",
+                           'set host = "127.0.0.1" (other machines can use mm\'s proxy), or set sleep = false',
+                           key="host")
+    if env.get("VLLM_SERVER_DEV_MODE", "0") not in ("", "0"):
+        raise ProfileError(file, f"opens vLLM's /sleep, /wake_up and /collective_rpc on {host} with no key",
+                           'remove it, or set host = "127.0.0.1"', key="env.VLLM_SERVER_DEV_MODE")
+    if not api_key:
+        raise ProfileError(file, f"host = {host!r} lets other machines use this server with no key",
+                           'set api_key = "<a secret>" (clients send it as a Bearer token), or host = "127.0.0.1"',
+                           key="api_key")
 
 
 def _env(file: str, table: Mapping[str, Any]) -> dict[str, str]:
@@ -303,16 +418,20 @@ def validate(name: str, data: Mapping[str, Any], file: str) -> Profile:
     for key, n in [("served_model_name", served)] + [("aliases", a) for a in aliases]:
         if len(n) > 200 or not n.isprintable():  # clients send it back in JSON and headers
             raise ProfileError(file, f"bad model name {n!r}"[:200], "use a short printable name", key=key)
+    aliases = tuple(a for a in dict.fromkeys(aliases) if a != served)  # one name, once
+    host, env = data.get("host", "127.0.0.1"), _env(file, data.get("env", {}))
+    sleep = _sleep(file, data.get("sleep", {"enabled": False}))
+    _check_listen(file, host, sleep, env, data.get("api_key"))
     return Profile(
         name=name, source=file,
         description=data.get("description", ""),
         model=model, served_model_name=served,
         aliases=aliases,
-        host=data.get("host", "127.0.0.1"), port=port,
+        host=host, port=port,
         startup_timeout=float(data.get("startup_timeout", 900)),
         engine=MappingProxyType(engine), memory=memory,
-        env=MappingProxyType(_env(file, data.get("env", {}))),
-        sleep=_sleep(file, data.get("sleep", {"enabled": False})),
+        env=MappingProxyType(env),
+        sleep=sleep,
         idle_sleep=data.get("idle_sleep"), idle_stop=data.get("idle_stop"),
         restart=restart, max_restarts=max_restarts,
         api_key=data.get("api_key"), stack=stack, share_gpu=data.get("share_gpu", False),

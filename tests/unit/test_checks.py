@@ -256,6 +256,7 @@ VLLM_ATTENTION_BACKEND = "FLASHINFER"
 """
 CLEAN = """
 model = "{model}"
+served_model_name = "clean"  # broken serves the same model under its default name
 [engine]
 load_format = "dummy"
 max_model_len = 8192

@@ -71,3 +71,15 @@ def test_nothing_is_started_for_other_models_or_a_ready_one(cache, tmp_path):
     with embedded.converting_meanwhile(["embedded:SmolLM2-135M-Instruct"], tmp_path / "log", python=python):
         pass
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_the_conversion_log_is_private(cache, tmp_path, umask):
+    log = tmp_path / "embedded-convert.log"
+    old = os.umask(umask)
+    try:
+        with embedded.converting_meanwhile(["embedded:SmolLM2-135M-Instruct"], log, python=fake_python(tmp_path, "")):
+            pass
+    finally:
+        os.umask(old)
+    assert log.stat().st_mode & 0o777 == 0o600

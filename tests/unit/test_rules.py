@@ -75,9 +75,9 @@ CASES = {
     "memory-share-range": (
         (profile({"gpu_memory_utilization": 85}), AMPERE),
         (profile({"gpu_memory_utilization": 0.85}), AMPERE)),
-    "reserved-engine-key": (
-        (profile({"port": 9000}), AMPERE),
-        (profile({"max_num_seqs": 8}), AMPERE)),
+    "sleep-endpoints-on-tcp": (
+        (profile(sleep=True, port=8000), AMPERE),
+        (profile(sleep=True, port=8000), CPU)),  # the CPU build has no sleep mode, so no dev endpoints
     "env-vllm-attention-backend": (
         (profile(env={"VLLM_ATTENTION_BACKEND": "FLASHINFER"}), AMPERE),
         (profile({"attention_backend": "FLASHINFER"}), AMPERE)),

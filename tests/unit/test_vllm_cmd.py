@@ -12,10 +12,10 @@ from mmlib.profiles.vllm_cmd import VllmInstall, engine_args, server_argv, serve
 
 def test_engine_args_spelling():
     argv = engine_args({"max_model_len": 4096, "enforce_eager": True, "enable_prefix_caching": False,
-                        "api_key": ["a", "b"], "override_generation_config": {"temperature": 0.2},
-                        "port": 1})
+                        "middleware": ["a", "b"], "override_generation_config": {"temperature": 0.2},
+                        "port": 1, "served-model-name": "x"})
     assert argv == ["--max-model-len", "4096", "--enforce-eager", "--no-enable-prefix-caching",
-                    "--api-key", "a", "--api-key", "b",
+                    "--middleware", "a", "--middleware", "b",
                     "--override-generation-config", json.dumps({"temperature": 0.2}, separators=(",", ":"))]
 
 
