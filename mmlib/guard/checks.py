@@ -260,14 +260,13 @@ def _local_model_files(p: Profile) -> tuple[Any, dict[str, Any] | None, str]:
     return model_files(p) if local else (None, None, "not on this machine")
 
 
-def sleepers_here(card: fitmod.Card, spec: ArgSpec | None = None, checkpointed: bool | None = None,
-                  profiles: list[Profile] | None = None) -> fitmod.Sleepers:
+def sleepers_here(card: fitmod.Card, spec: ArgSpec | None = None, checkpointed: bool | None = None) -> fitmod.Sleepers:
     """Every server that may sleep on this machine and what it keeps on the card asleep: measured by
     the daemon where it ran, else predicted where its model is on this machine (one that is neither
     has never run here, so it sleeps nowhere yet). `checkpointed` None: as the driver can."""
     measured = measured_residues()
     found: list[tuple[str, int]] = []
-    for p in load_all()[0] if profiles is None else profiles:
+    for p in load_all()[0]:
         if p.is_stack or not p.model or not p.sleep.enabled:
             continue
         residue = measured.get((p.name, p.model))
