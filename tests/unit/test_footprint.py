@@ -462,3 +462,32 @@ def test_check_says_how_many_sleepers_fit_beside_each_profile(mm_env, shipped_mo
     assert got["chat"].startswith("room for all 6 other servers asleep beside it, checkpointed off the card; "
                                   "without the checkpoint, 1 of the 6 (the smallest")
     assert got["default"] == "room for all 6 other servers asleep beside it, checkpointed off the card"
+
+
+def test_a_rotation_beside_a_profile_that_fills_the_card_switches_by_sleep_and_wake(mm_env, shipped_models):
+    """The real scheduler on a 12 GiB card (tests/unit/test_scheduler.py's fake one), each server
+    holding its predicted footprint awake and what it kept asleep on the emulated card."""
+    from tests.unit.test_scheduler import card_world, run
+
+    write_footprints(ASLEEP_MEASURED)
+    names = ("perf", "baseline", "ocr")
+
+    def rotate(sleepers: fit.Sleepers | None) -> list[str]:
+        prints = {n: (checks.footprint(load_profile(n), CARD12, sleepers=sleepers).awake_bytes / GIB,
+                      ASLEEP_MEASURED[n]) for n in names}
+
+        async def go():
+            w, card = card_world(12, prints)
+            for n in names * 3:
+                await w.sched.activate(w.profiles[n])
+            assert card.peak <= card.cap
+            return w.log
+        return run(go())
+
+    # sized beside this machine's sleepers: three starts, then sleep and wake only
+    log = rotate(None)
+    assert [e for e in log if e.startswith(("start", "stop"))] == ["start perf", "start baseline", "start ocr"]
+    assert log.count("wake perf") == 2 and log.count("wake baseline") == 2
+    # sized alone (the whole rest of the card, as before), every switch of the round was a cold start
+    alone = rotate(fit.Sleepers())
+    assert sum(e.startswith("start") for e in alone) == 9 and alone.count("stop ocr") == 2
