@@ -292,8 +292,8 @@ def room_beside(spare: int, sleepers: fitmod.Sleepers, spare_flipped: int | None
     if sleepers.checkpointed:
         return text + ", checkpointed off the card" + (f"; without the checkpoint, {then[0]}{then[1]}"
                                                         if then != now else "")
-    return text + (f"; all {n} where the CUDA driver checkpoints them ({sleepers.why or 'not here'})"
-                   if then != now else "")
+    why = sleepers.why.split(" (")[0] or "not here"  # "no CUDA driver", without the loader's details
+    return text + (f"; all {n} where the CUDA driver checkpoints them ({why})" if then != now else "")
 
 
 def _fitting(spare: int, sleepers: fitmod.Sleepers) -> tuple[str, str]:

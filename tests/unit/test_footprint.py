@@ -448,12 +448,12 @@ def test_check_says_how_many_sleepers_fit_beside_each_profile(mm_env, shipped_mo
 
     got = beside()
     assert got["perf"] == ("room for any 2 of the 6 other servers asleep beside it; all 6 where the CUDA driver "
-                           "checkpoints them (no CUDA driver (a test))")
+                           "checkpoints them (no CUDA driver)")
     assert got["chat"].startswith("room for 1 of the 6 other servers asleep beside it (the smallest; none whichever "
                                   "they are); all 6 where")  # 1.15 GiB spare: default's 0.78, not baseline's 1.33
     assert got["default"] == "room for all 6 other servers asleep beside it"
     assert got["voice"].endswith("room for any 1 of the 5 other servers asleep beside them; all 5 where the CUDA "
-                                 "driver checkpoints them (no CUDA driver (a test))")
+                                 "driver checkpoints them (no CUDA driver)")
     monkeypatch.setattr(checks, "checkpoint_support", lambda: Support(True, "CUDA process checkpoint (a test)"))
     got = beside()
     # without the checkpoint (a key turns it off) "fill" would leave the room again
