@@ -38,6 +38,12 @@ def state_dir() -> Path:
     return d
 
 
+def footprints_file() -> Path:
+    """What the daemon measured each profile's server to hold, awake and asleep (kept across its
+    restarts; `mm check` and "fill" read the residues)."""
+    return state_dir() / "footprints.json"
+
+
 def cache_dir() -> Path:
     d = _dir("cache")
     d.mkdir(parents=True, exist_ok=True)

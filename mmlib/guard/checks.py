@@ -18,7 +18,7 @@ from mmlib.guard import fit as fitmod
 from mmlib.guard import modelinfo, rules
 from mmlib.guard.rules import ERROR, INFO, WARN, Facts, Finding
 from mmlib.models import cache
-from mmlib.profiles.profile import Profile, list_profile_names, load_profile, name_clashes
+from mmlib.profiles.profile import Profile, list_profile_names, load_all, load_profile, name_clashes
 from mmlib.profiles.vllm_args import ArgAction, ArgSpec, SpecUnavailable, load_spec
 from mmlib.profiles.vllm_cmd import (
     RESERVED_ENGINE_KEYS,
@@ -217,15 +217,96 @@ def _holders(gpu: Any, skip: frozenset[int] = frozenset()) -> str:
     return ", ".join(f"{q.name} (pid {q.pid}" + (f", {fitmod.gib(q.used)})" if q.used else ")") for q in procs)
 
 
-def footprint(p: Profile, card: fitmod.Card | None, spec: ArgSpec | None = None) -> fitmod.Footprint:
+def footprint(p: Profile, card: fitmod.Card | None, spec: ArgSpec | None = None,
+              sleepers: fitmod.Sleepers | None = None) -> fitmod.Footprint:
     """The profile's footprint on `card`, its model's shapes found through model_files: what the
-    scheduler budgets with, and (Footprint.engine) the flags server_argv adds."""
+    scheduler budgets with, and (Footprint.engine) the flags server_argv adds. A KV cache sized to
+    fill the card leaves room for `sleepers` (default: this machine's, sleepers_here)."""
     folder, cfg, why = model_files(p) if p.model else (None, None, "")
-    fp = fitmod.predict(p, card, cfg, folder, spec)
+    if sleepers is None and card is not None and p.memory is not None and fitmod.fills_card(p.memory, p.memory.context):
+        sleepers = sleepers_here(card, spec)
+    fp = fitmod.predict(p, card, cfg, folder, spec, sleepers.without(p.name) if sleepers else None)
     if not why or cfg is not None:
         return fp
     notes = tuple(n.replace(fitmod.NO_SHAPES, why) for n in fp.notes)
     return replace(fp, notes=notes if notes != fp.notes else notes + (why,))
+
+
+# --- the servers that may sleep beside a profile ------------------------------------------------------
+def checkpoint_support() -> Any:
+    """Whether the CUDA driver can checkpoint a sleeper off the card (cuda_checkpoint.Support)."""
+    from mmlib.system import cuda_checkpoint
+
+    return cuda_checkpoint.support()
+
+
+def measured_residues() -> dict[tuple[str, str | None], int]:
+    """(profile, model) -> bytes the daemon measured its server to keep on the card asleep
+    (footprints.json); empty where the daemon has measured none."""
+    import json
+
+    from mmlib import paths
+
+    try:
+        rows = json.loads(paths.footprints_file().read_text())
+        return {(name, model or None): int(f["asleep"]) for name, model, f in rows if int(f["asleep"]) > 0}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _local_model_files(p: Profile) -> tuple[Any, dict[str, Any] | None, str]:
+    """model_files where the model is on this machine; never asks the hub."""
+    from mmlib.profiles import embedded
+
+    local = embedded.is_ready() if embedded.is_embedded(p.model) else cache.model_dir(resolve_model(p.model))
+    return model_files(p) if local else (None, None, "not on this machine")
+
+
+def sleepers_here(card: fitmod.Card, spec: ArgSpec | None = None, checkpointed: bool | None = None) -> fitmod.Sleepers:
+    """Every server that may sleep on this machine and what it keeps on the card asleep: measured by
+    the daemon where it ran, else predicted where its model is on this machine (one that is neither
+    has never run here, so it sleeps nowhere yet). `checkpointed` None: as the driver can."""
+    measured = measured_residues()
+    found: list[tuple[str, int]] = []
+    for p in load_all()[0]:
+        if p.is_stack or not p.model or not p.sleep.enabled:
+            continue
+        residue = measured.get((p.name, p.model))
+        if residue is None:
+            folder, cfg, _ = _local_model_files(p)
+            residue = fitmod.predict(p, card, cfg, folder, spec).asleep_bytes if cfg else None
+        if residue:
+            found.append((p.name, residue))
+    support = checkpoint_support()
+    return fitmod.Sleepers(tuple(found), support.ok if checkpointed is None else checkpointed, support.why)
+
+
+def room_beside(spare: int, sleepers: fitmod.Sleepers, spare_flipped: int | None = None) -> str:
+    """How many of the other servers fit asleep in `spare` bytes beside a server awake, and with the
+    checkpoint the other way round (where a KV cache that fills the card leaves another spare:
+    `spare_flipped`) where that differs."""
+    n = len(sleepers.residues)
+    if not n:
+        return "no other server can sleep beside it yet (none ran here, no other profile's model is on this machine)"
+    other = replace(sleepers, checkpointed=not sleepers.checkpointed)
+    now, then = _fitting(spare, sleepers), _fitting(spare if spare_flipped is None else spare_flipped, other)
+    text = f"room for {now[0]} other servers asleep beside it{now[1]}"
+    if sleepers.checkpointed:
+        return text + ", checkpointed off the card" + (f"; without the checkpoint, {then[0]}{then[1]}"
+                                                        if then != now else "")
+    why = sleepers.why.split(" (")[0] or "not here"  # "no CUDA driver", without the loader's details
+    return text + (f"; all {n} where the CUDA driver checkpoints them ({why})" if then != now else "")
+
+
+def _fitting(spare: int, sleepers: fitmod.Sleepers) -> tuple[str, str]:
+    """("all 6" | "any 2 of the 6" | "2 of the 6", an aside): how many of the sleepers fit in `spare`."""
+    n = len(sleepers.residues)
+    any_n, most = sleepers.fitting(spare)
+    if any_n == n:
+        return f"all {n}", ""
+    if any_n == most:
+        return f"any {most} of the {n}", ""
+    return f"{most} of the {n}", f" (the smallest; {any_n or 'none'} whichever they are)"
 
 
 def argv_builder(card: fitmod.Card | None, spec: ArgSpec | None = None,
@@ -266,9 +347,10 @@ def _fix(advice: tuple[tuple[str, str], ...]) -> tuple[str, str]:
 
 def check_fit(p: Profile, facts: Facts, folder: Any, cfg: dict[str, Any] | None, why: str,
               gpu_memory: int | None = None, gpu_error: str | None = None, card: fitmod.Card | None = None,
-              spec: ArgSpec | None = None) -> list[Finding]:
+              spec: ArgSpec | None = None, sleepers: fitmod.Sleepers | None = None) -> list[Finding]:
     """The predicted footprint against the card: one line per finding, errors naming the key and the
-    value that fits."""
+    value that fits; where it fits, how many other servers fit asleep beside it (`sleepers`: those
+    that may, default this machine's)."""
     def finding(severity: str, message: str, fix: str = "", key: str = "") -> Finding:
         key = key or ("memory" if p.memory else "engine.gpu_memory_utilization")
         return Finding(severity, p.source, key, message, fix, "memory-fit")
@@ -287,16 +369,20 @@ def check_fit(p: Profile, facts: Facts, folder: Any, cfg: dict[str, Any] | None,
     share = p.engine.get("gpu_memory_utilization")
     if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
         return []  # rules.py reports the share itself
-    fp = fitmod.predict(p, card, cfg, folder, spec)
+    here = (sleepers if sleepers is not None else sleepers_here(card, spec)).without(p.name)
+    fp = fitmod.predict(p, card, cfg, folder, spec, here)
     if fp.form == "unknown":
         return [finding(INFO, f"memory fit not predicted: {why or 'config.json lacks the shapes'}",
                         "start it once, or point model at a local folder")]
-    return _fit_findings(p, fp, card, facts, gpu_memory, finding) + _ram_findings(p, fp, facts) \
+    flipped = fitmod.predict(p, card, cfg, folder, spec, replace(here, checkpointed=not here.checkpointed)) \
+        if fp.kept_for_sleepers or here.checkpointed else fp
+    beside = room_beside(card.capacity - fp.awake_bytes, here, card.capacity - flipped.awake_bytes)
+    return _fit_findings(p, fp, card, facts, gpu_memory, finding, beside) + _ram_findings(p, fp, facts) \
         + _derived_findings(p, fp, spec)
 
 
 def _fit_findings(p: Profile, fp: fitmod.Footprint, card: fitmod.Card, facts: Facts, gpu_memory: int | None,
-                  finding: Callable[..., Finding]) -> list[Finding]:
+                  finding: Callable[..., Finding], beside: str) -> list[Finding]:
     out = []
     text, spare = fp.summary(where=False), card.capacity - fp.awake_bytes
     if fp.form == "share":
@@ -317,10 +403,7 @@ def _fit_findings(p: Profile, fp: fitmod.Footprint, card: fitmod.Card, facts: Fa
         out.append(finding(ERROR, f"needs more than its gpu_memory_utilization = {cap:g} of {card.label()}: {text}",
                            f"set engine.gpu_memory_utilization = {wider:g}", "engine.gpu_memory_utilization"))
     else:
-        sleepers = spare // fitmod.ASLEEP_BASE
-        out.append(finding(INFO, f"fits {card.label()}: {text}; {fitmod.gib(spare)} spare: room for up to "
-                                 f"{sleepers} sleeping server{'s' if sleepers != 1 else ''} "
-                                 f"(each keeps {fitmod.gib(fitmod.ASLEEP_BASE)} or more)"))
+        out.append(finding(INFO, f"fits {card.label()}: {text}; {fitmod.gib(spare)} spare: {beside}"))
     if fp.full_requests is not None and fp.sequences and fp.starts and fp.sequences > fp.full_requests + 1e-9:
         out.append(finding(INFO, f"{fp.sequences} sequences but room for {fp.full_requests:.1f} at full length: "
                                  "long requests queue (fine for short ones)"))
@@ -384,28 +467,31 @@ def _derived_findings(p: Profile, fp: fitmod.Footprint, spec: ArgSpec | None) ->
 
 # --- putting it together -------------------------------------------------------------------------
 def check_profile(p: Profile, facts: Facts, spec: ArgSpec | None, gpu_memory: int | None = None,
-                  gpu_error: str | None = None, card: fitmod.Card | None = None) -> list[Finding]:
+                  gpu_error: str | None = None, card: fitmod.Card | None = None,
+                  sleepers: fitmod.Sleepers | None = None) -> list[Finding]:
     folder, cfg, why = model_files(p) if p.model else (None, None, "")
     facts = replace(facts, model_config=cfg, vllm_env=spec.env if spec else None)
     found = rules.evaluate(p, facts)
     if spec is not None:
         found += check_engine_args(p, spec) + check_env_names(p, spec)
-    return found + check_fit(p, facts, folder, cfg, why, gpu_memory, gpu_error, card, spec)
+    return found + check_fit(p, facts, folder, cfg, why, gpu_memory, gpu_error, card, spec, sleepers)
 
 
 def check_stack(stack: Profile, members: list[Profile], card: fitmod.Card | None,
-                spec: ArgSpec | None = None) -> list[Finding]:
+                spec: ArgSpec | None = None, sleepers: fitmod.Sleepers | None = None) -> list[Finding]:
     """A stack's members are awake together: their footprints must add up to at most the card."""
     if card is None or not members:
         return []
-    prints = [footprint(m, card, spec) for m in members]
+    prints = [footprint(m, card, spec, sleepers) for m in members]
     if any(fp.form == "unknown" for fp in prints):
         return []
     total = sum(fp.awake_bytes for fp in prints)
     each = ", ".join(f"{fp.profile} {fitmod.gib(fp.awake_bytes)}" for fp in prints)
     if total <= card.capacity - fitmod.HEADROOM:
+        beside = room_beside(card.capacity - total, sleepers.without(*stack.stack)) if sleepers else ""
         return [Finding(INFO, stack.source, "stack", f"its members fit {card.label()} awake together: "
-                        f"{fitmod.gib(total)} ({each})", "", "stack-fit")]
+                        f"{fitmod.gib(total)} ({each})" + (f"; {beside.replace('beside it', 'beside them')}"
+                                                          if beside else ""), "", "stack-fit")]
     biggest = max(prints, key=lambda fp: fp.awake_bytes)
     over = total - (card.capacity - fitmod.HEADROOM)
     member = next(m for m in members if m.name == biggest.profile)
@@ -490,10 +576,12 @@ def check(names: list[str] | None = None, gpu_memory: int | None = None, facts: 
         card = machine_card(facts, gpu_memory)
     except ProfileError as e:
         card, found = None, found + [_profile_error(e)]
+    sleepers = sleepers_here(card, spec) if card is not None and profiles else None  # once for all of them
     for p in profiles:
-        found += check_profile(p, facts, spec, gpu_memory, report.error if report else None, card=card)
+        found += check_profile(p, facts, spec, gpu_memory, report.error if report else None, card=card,
+                               sleepers=sleepers)
     for stack, members in stacks:
-        found += check_stack(stack, members, card, spec)
+        found += check_stack(stack, members, card, spec, sleepers)
     order = {ERROR: 0, WARN: 1, INFO: 2}
     return sorted(found, key=lambda f: order.get(f.severity, 3))
 

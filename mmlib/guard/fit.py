@@ -255,6 +255,7 @@ class Footprint:
     advice: tuple[tuple[str, str], ...] = ()  # (key, value) that would fit, most direct first
     notes: tuple[str, ...] = ()
     weights_from: str = ""
+    kept_for_sleepers: int = 0  # what "fill" left beside it for sleepers' residues (Sleepers.kept_by_fill)
 
     @property
     def awake_bytes(self) -> int:
@@ -294,6 +295,54 @@ class Footprint:
         on = f" on {self.card.label()}" if self.card and where else ""
         asleep = f"asleep {gib(self.asleep_bytes)}" if self.asleep_bytes else "stopped, not slept"
         return f"{gib(self.awake_bytes)} awake{on} = {parts}; {asleep}; RAM {gib(self.host_ram_bytes)}"
+
+
+# --- room for sleepers ---------------------------------------------------------------------------------
+# "fill" leaves room beside it for the SLEEPERS_KEPT largest residues of the other servers that may
+# sleep: the scheduler stops the least recently used sleeper first, so the two used last stay asleep
+# whichever they are, and a rotation through three profiles switches by sleep and wake. It keeps at
+# most SLEEPERS_SHARE of what the KV cache would take, so the profile stays what it was made for: on a
+# 12 GiB card perf's 7B keeps 8 requests of 8192 tokens (16384 with the whole rest).
+SLEEPERS_KEPT = 2
+SLEEPERS_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Sleepers:
+    """The servers that may sleep beside a profile, (profile, bytes it keeps on the card asleep) each,
+    and whether the CUDA driver's process checkpoint takes those bytes off the card."""
+    residues: tuple[tuple[str, int], ...] = ()
+    checkpointed: bool = False
+    why: str = ""  # why the driver can or cannot checkpoint (cuda_checkpoint.Support.why)
+
+    def without(self, *names: str) -> Sleepers:
+        return replace(self, residues=tuple((n, b) for n, b in self.residues if n not in names))
+
+    def on_card(self) -> list[int]:
+        """What each keeps on the card asleep, largest first: nothing where it is checkpointed."""
+        return sorted((0 if self.checkpointed else b for _, b in self.residues), reverse=True)
+
+    def kept_by_fill(self, room: int, floor: int) -> int:
+        """Bytes "fill" leaves for them out of `room` (what its KV cache would otherwise take),
+        leaving the KV cache at least `floor` (one request)."""
+        want = sum(self.on_card()[:SLEEPERS_KEPT])
+        return max(0, min(want, int(SLEEPERS_SHARE * room), room - floor))
+
+    def fitting(self, spare: int) -> tuple[int, int]:
+        """(any, most): how many of them fit in `spare` bytes whichever they are (the largest
+        counted first), and at most (the smallest first)."""
+        sizes = self.on_card()
+        return _count_within(sizes, spare), _count_within(sizes[::-1], spare)
+
+
+def _count_within(sizes: list[int], limit: int) -> int:
+    total = n = 0
+    for size in sizes:
+        total += size
+        if total > limit:
+            break
+        n += 1
+    return n
 
 
 def graph_bytes(shape: Shape, capture: int) -> int:
@@ -412,14 +461,15 @@ def _round_tokens(n: int) -> int:
 
 
 def predict(profile: Profile, card: Card | None, cfg: Mapping[str, Any] | None = None,
-            folder: Path | None = None, spec: ArgSpec | None = None) -> Footprint:
+            folder: Path | None = None, spec: ArgSpec | None = None, sleepers: Sleepers | None = None) -> Footprint:
     """The footprint of `profile`'s server on `card` (None: no GPU; only the [memory] basics are
     derived), from the model's config.json (`cfg`) and checkpoint folder. `spec` is the installed
-    vLLM's parser (vllm_args.load_spec): flags it lacks are left out, with a note. Deterministic:
-    the same inputs always give the same bytes."""
+    vLLM's parser (vllm_args.load_spec): flags it lacks are left out, with a note. `sleepers`: the
+    others that may sleep beside it, for whom a KV cache sized to fill the card leaves room.
+    Deterministic: the same inputs always give the same bytes."""
     model = _model(profile, cfg, folder)
     if profile.memory is not None:
-        return _predict_bytes(profile, card, model, spec)
+        return _predict_bytes(profile, card, model, spec, sleepers or Sleepers())
     return _predict_share(profile, card, model)
 
 
@@ -504,7 +554,8 @@ def _predict_share(profile: Profile, card: Card | None, model: _Model | None) ->
     return replace(fp, advice=_advice(fp, model, share, None))
 
 
-def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, spec: ArgSpec | None) -> Footprint:
+def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, spec: ArgSpec | None,
+                   sleepers: Sleepers) -> Footprint:
     """[memory]: exact KV bytes from tokens and the model's shapes, the rest predicted around them."""
     m = profile.memory
     assert m is not None
@@ -538,7 +589,10 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
     if context and model.limit and context > model.limit and profile.model_replaced:
         notes.append(f"context {context:,} is longer than {profile.model} allows: {model.limit:,}")
         context = model.limit
-    kv = _kv_size(m, context, sequences, extra, per_token, capacity - HEADROOM - fixed if card else None, notes)
+    room = capacity - HEADROOM - fixed if card else None
+    for_sleepers = _kept_for_sleepers(m, context, room, (context or MIN_FIT_CONTEXT) + extra, per_token, sleepers,
+                                      notes)
+    kv = _kv_size(m, context, sequences, extra, per_token, room - for_sleepers if room is not None else None, notes)
     tokens = kv // per_token // KV_BLOCK * KV_BLOCK
     if context is None and tokens:
         context = _fit_context(tokens, extra, model.limit)
@@ -572,8 +626,31 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
                    context=context, sequences=sequences, kv_tokens=tokens, kv_per_token=per_token,
                    kv_dtype=model.kv_dtype, context_limit=model.limit, extra_tokens=extra, kept_activations=kept,
                    starts=card is None and not tokens or 0 < tokens >= (context or 0) + extra, notes=tuple(notes),
-                   weights_from=model.weights_from)
+                   weights_from=model.weights_from, kept_for_sleepers=for_sleepers)
     return replace(fp, advice=_advice(fp, model, None, m))
+
+
+def fills_card(m: Any, context: int | None) -> bool:
+    """Whether the KV cache takes what the card has left (kv_cache = "fill", or no size and context "fit")."""
+    return not m.kv_tokens and not m.kv_cache and (m.kv_fill or context is None)
+
+
+def _kept_for_sleepers(m: Any, context: int | None, room: int | None, floor_tokens: int, per_token: int,
+                       sleepers: Sleepers, notes: list[str]) -> int:
+    """Bytes a KV cache that fills the card leaves for the sleepers beside it, with a note saying so."""
+    if room is None or not fills_card(m, context) or not sleepers.residues:
+        return 0
+    kept = sleepers.kept_by_fill(room, _round_tokens(floor_tokens) * per_token)
+    want, others = sum(sleepers.on_card()[:SLEEPERS_KEPT]), len(sleepers.residues)
+    if sleepers.checkpointed:
+        notes.append('kv_cache = "fill" keeps nothing for sleepers: the CUDA driver checkpoints them off the card')
+    elif kept == want:
+        notes.append(f'kv_cache = "fill" leaves {gib(kept)} for the {min(SLEEPERS_KEPT, others)} largest of the '
+                     f"{others} servers that may sleep beside it")
+    else:
+        notes.append(f'kv_cache = "fill" leaves {gib(kept)} for sleepers beside it, at most {SLEEPERS_SHARE:.0%} of '
+                     f"its room (the {SLEEPERS_KEPT} largest of the {others} that may sleep keep {gib(want)})")
+    return kept
 
 
 def _fall_back(engine: dict[str, Any], spec: ArgSpec | None, card: Card, weights: int, profiled: int,

@@ -42,7 +42,7 @@ IDLE_CHECK_S = 1.0
 
 
 def footprints_path() -> Path:
-    return paths.state_dir() / "footprints.json"
+    return paths.footprints_file()
 
 
 def socket_path() -> Path:

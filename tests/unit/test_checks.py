@@ -16,9 +16,11 @@ from click.testing import CliRunner
 from mmlib.cli import main
 from mmlib.errors import MMError
 from mmlib.guard import checks
+from mmlib.guard.fit import Sleepers
 from mmlib.guard.rules import ERROR, INFO, WARN, Facts
 from mmlib.profiles.profile import Profile, SleepSettings
 from mmlib.profiles.vllm_args import ArgAction, ArgSpec
+from mmlib.system.cuda_checkpoint import Support
 from mmlib.system.nvml import GIB, GpuInfo, GpuProcess
 
 # The same shapes as vLLM 0.32.0's serve parser for these options (see the integration test).
@@ -151,17 +153,26 @@ def local_7b(tmp_path) -> Path:
     return tmp_path
 
 
-def fit_findings(p: Profile, facts: Facts, gpu_memory=None):
-    return [f for f in checks.check_profile(p, facts, SPEC, gpu_memory) if f.rule == "memory-fit"]
+@pytest.fixture(autouse=True)
+def no_checkpoint(monkeypatch):
+    """This machine's CUDA driver cannot checkpoint sleepers (whatever the machine running the tests has)."""
+    monkeypatch.setattr(checks, "checkpoint_support", lambda: Support(False, "no CUDA driver (a test)"))
+
+
+def fit_findings(p: Profile, facts: Facts, gpu_memory=None, sleepers=None):
+    return [f for f in checks.check_profile(p, facts, SPEC, gpu_memory, sleepers=sleepers) if f.rule == "memory-fit"]
 
 
 def test_fit_on_a_12gb_card(local_7b):
     # 0.85 of the card died at warm-up on the emulated 12 GiB card (test_vllm_defaults_... below); 0.75 fits
     p = profile({"max_model_len": 16384, "kv_cache_dtype": "fp8", "gpu_memory_utilization": 0.75,
                  "max_num_seqs": 64}, model=str(local_7b))
-    fit, queue = fit_findings(p, Facts(gpus=(A3060,)))
+    sleepers = Sleepers((("chat", int(0.89 * GIB)), ("ocr", int(0.91 * GIB))), why="no CUDA driver")
+    fit, queue = fit_findings(p, Facts(gpus=(A3060,)), sleepers=sleepers)
     assert fit.severity == INFO and "fits NVIDIA GeForce RTX 3060 (12.00 GiB)" in fit.message
-    assert "requests of 16,384" in fit.message and "1.24 GiB spare: room for up to 1 sleeping server" in fit.message
+    assert "requests of 16,384" in fit.message and fit.message.endswith(
+        "1.24 GiB spare: room for any 1 of the 2 other servers asleep beside it; all 2 where the CUDA driver "
+        "checkpoints them (no CUDA driver)")
     assert "vLLM fills its 9.00 GiB share" in fit.message  # the share form: context and graphs outside it
     assert queue.severity == INFO and "64 sequences but room for 9.9 at full length" in queue.message
 

@@ -12,8 +12,8 @@ from mmlib.guard import fit, modelinfo
 from mmlib.guard.fit import GIB, Card, predict, sized_card
 from mmlib.guard.modelinfo import Shape
 from mmlib.models import cache
-from mmlib.profiles.memory import parse_size
-from mmlib.profiles.profile import Profile
+from mmlib.profiles.memory import MemorySpec, parse_size
+from mmlib.profiles.profile import Profile, SleepSettings
 
 # The random-weight models of /work/shared/gpu/models (config.json only; served with
 # --load-format dummy), copied here so the tests need nothing outside the repository.
@@ -197,3 +197,50 @@ def test_model_dir_finds_local_folders_and_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     assert cache.hf_hub_cache() == tmp_path / "hf" / "hub"
+
+
+# --- room for sleepers beside a profile that fills the card (issue 20, item 5) ----------------------------
+def test_sleepers_fill_keeps_room_for_the_two_largest_at_most_half_its_room():
+    others = fit.Sleepers((("chat", int(0.89 * GIB)), ("ocr", int(0.91 * GIB)), ("baseline", int(1.33 * GIB)),
+                           ("default", int(0.78 * GIB))))
+    two = int(1.33 * GIB) + int(0.91 * GIB)
+    assert others.kept_by_fill(room=8 * GIB, floor=GIB) == two
+    assert others.kept_by_fill(room=3 * GIB, floor=GIB) == int(1.5 * GIB)  # the KV cache keeps half its room
+    assert others.kept_by_fill(room=int(1.2 * GIB), floor=GIB) == int(0.2 * GIB)  # and one request at least
+    assert others.kept_by_fill(room=GIB // 2, floor=GIB) == 0
+    assert fit.Sleepers().kept_by_fill(room=8 * GIB, floor=GIB) == 0
+    checkpointed = fit.Sleepers(others.residues, checkpointed=True)
+    assert checkpointed.kept_by_fill(room=8 * GIB, floor=GIB) == 0 and checkpointed.fitting(0) == (4, 4)
+    # (any, most): whichever two fit in 2.25 GiB (1.33 + 0.91 = 2.24), three of the smallest do too
+    assert others.fitting(int(2.25 * GIB)) == (2, 2) and others.fitting(int(2.6 * GIB)) == (2, 3)
+    assert others.fitting(GIB) == (0, 1) and others.without("baseline", "ocr").fitting(GIB) == (1, 1)
+
+
+FILL_7B = MemorySpec(sequences=64, kv_fill=True)  # perf's [memory]: context "fit", the rest of the card
+
+
+def fill_profile(memory=FILL_7B):
+    return Profile(name="perf", source="perf.toml", model="m", engine=MappingProxyType({"kv_cache_dtype": "fp8"}),
+                   memory=memory, sleep=SleepSettings(enabled=True))
+
+
+def test_fill_leaves_room_for_sleepers_unless_the_driver_checkpoints_them():
+    card = sized_card(12 * GIB, ram=0)
+    others = fit.Sleepers((("chat", int(0.89 * GIB)), ("voice-stt", int(0.9 * GIB)), ("voice-llm", int(0.9 * GIB)),
+                           ("ocr", int(0.91 * GIB)), ("default", int(0.78 * GIB))))
+    alone = predict(fill_profile(), card, DUMMY_7B_AWQ)
+    beside = predict(fill_profile(), card, DUMMY_7B_AWQ, sleepers=others)
+    assert alone.awake_bytes == 12 * GIB - fit.HEADROOM and alone.kept_for_sleepers == 0
+    # the two largest sleepers fit beside it awake, whichever two the scheduler kept
+    assert beside.awake_bytes + int(0.91 * GIB) + int(0.9 * GIB) <= 12 * GIB - fit.HEADROOM
+    assert beside.kept_for_sleepers == int(0.91 * GIB) + int(0.9 * GIB)
+    assert beside.engine["kv_cache_memory_bytes"] == beside.parts["kv_cache"] < alone.parts["kv_cache"]
+    assert beside.context >= 8192 and beside.full_requests >= fit.FIT_REQUESTS and beside.starts
+    assert any("leaves 1.81 GiB for the 2 largest of the 5 servers" in n for n in beside.notes)
+    # where the CUDA driver takes sleepers off the card, "fill" keeps today's size
+    checkpointed = predict(fill_profile(), card, DUMMY_7B_AWQ, sleepers=fit.Sleepers(others.residues, True))
+    assert checkpointed.parts == alone.parts and checkpointed.engine == alone.engine
+    # a KV cache of a fixed size leaves nothing more: it already leaves what it leaves
+    fixed = MemorySpec(context=8192, sequences=16)
+    assert predict(fill_profile(fixed), card, DUMMY_7B_AWQ, sleepers=others) == \
+        predict(fill_profile(fixed), card, DUMMY_7B_AWQ)
