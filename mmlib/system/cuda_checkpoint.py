@@ -61,7 +61,7 @@ class LibCuda:
         try:
             self._lib = ctypes.CDLL(path)
         except OSError as e:
-            raise CheckpointError(f"no CUDA driver ({path}: {e})") from None
+            raise CheckpointError(f"no CUDA driver ({e})") from None
         missing = [f for f in FUNCTIONS if not hasattr(self._lib, f)]
         if missing:
             raise CheckpointError(f"the CUDA driver has no process checkpoint ({missing[0]} missing; "
