@@ -42,9 +42,9 @@ def preflight(profile: str, force: bool, model: str | None = None) -> None:
     """Guard rails before anything starts (`--force` skips them), on the model that will be served."""
     if force:
         return
-    from mmlib.guard import checks
+    from mmlib.guard import preflight as guard
 
-    checks.preflight(profile, own_ports(), model=model)
+    guard.check_named(profile, own_ports(), model=model)
 
 
 def activate(profile: str | None, model: str | None = None, force: bool = False, verb: str = "starting",
@@ -66,7 +66,8 @@ def activate(profile: str | None, model: str | None = None, force: bool = False,
         client = Client().ensure_daemon()
         what = (profile or "default") + (f" ({model})" if model else "")
         poller = Client(timeout=2.0, sock=client.sock)
-        result = wait_for_up(lambda: client.post("/up", {"profile": profile, "model": model}, timeout=None),
+        result = wait_for_up(lambda: client.post("/up", {"profile": profile, "model": model, "force": force},
+                                                         timeout=None),
                              lambda: poller.get("/status"), f"{verb} {what}", console)
     proxy = result["proxy"]
     for s in result["servers"]:
