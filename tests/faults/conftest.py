@@ -21,12 +21,12 @@ enabled = {sleep}
 """
 
 
-def fake_model(env: dict, model: str) -> None:
-    """`model` in the hub cache (config.json and a weight file, both empty): mm refuses to start a
+def fake_model(env: dict, model: str, config: str = "{}") -> None:
+    """`model` in the hub cache (config.json, empty unless given, and an empty weight file): mm refuses to start a
     hub model that is not on disk while HF_HUB_OFFLINE is set, and the fake loads nothing anyway."""
     snapshot = Path(env["HF_HUB_CACHE"]) / f"models--{model.replace('/', '--')}" / "snapshots" / "fake"
     snapshot.mkdir(parents=True, exist_ok=True)
-    (snapshot / "config.json").write_text("{}")
+    (snapshot / "config.json").write_text(config)
     (snapshot / "model.safetensors").touch()
 
 
