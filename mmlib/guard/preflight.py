@@ -165,19 +165,18 @@ class Preflight:
         self._background: asyncio.Task | None = None
 
     async def __call__(self, profile: Profile) -> None:
-        if self._forced.get(profile.name) == profile:
-            return  # `mm up --force`: the user starts it anyway
         spec = await self._spec()
         try:
             verdict = await asyncio.to_thread(self.check, profile, spec, self._own_ports())
         except Exception:  # a bug in a check must not stop a start that vLLM may well make
             log.exception("%s: the checks failed; starting it unchecked", profile.name)
             return
-        if verdict.refusal:
+        if verdict.refusal and self._forced.get(profile.name) != profile:
             raise Refused(verdict.refusal)
 
     def force(self, profile: Profile) -> None:
-        """Skip the checks for this profile (this value of it) from now on."""
+        """`mm up --force`: start this profile (this value of it) whatever the checks say; they still
+        run, for its footprint."""
         self._forced[profile.name] = profile
 
     def check(self, profile: Profile, spec: ArgSpec | None, own_ports: frozenset[int] = frozenset()) -> Verdict:

@@ -307,6 +307,8 @@ class Daemon:
                 log.info("adopted %s (pid %s, %s)", profile.name, server.pid, server.state.value)
             else:
                 records.stop_recorded(f, record)
+        # Their footprints until they are measured (the scheduler reads only what the checks found).
+        self.preflight.check_soon([s.profile for s in self.scheduler.servers.values()])
 
     async def stop_everything(self) -> None:
         await self.scheduler.close()

@@ -78,11 +78,12 @@ def test_a_verdict_is_kept_until_the_profile_changes(files):
     assert files.calls == ["p", "p"]
 
 
-def test_forced_profiles_are_not_checked():
+def test_a_forced_profile_starts_whatever_the_checks_say():
     pf = made()
     broken = profile({"no_such_flag": 1})
     pf.force(broken)
     asyncio.run(pf(broken))
+    assert pf.footprint(broken) is not None  # checked all the same, for its footprint
     with pytest.raises(Refused):
         asyncio.run(pf(profile({"no_such_flag": 2})))  # another value of it is checked
 
