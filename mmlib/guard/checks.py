@@ -390,8 +390,8 @@ def model_missing(p: Profile) -> Finding | None:
     if not p.model or not cache.is_hub_id(p.model) or not hub.offline() or cache.complete_snapshot(p.model):
         return None
     return Finding(ERROR, p.source, "model", f"{p.model} is not on this machine and HF_HUB_OFFLINE is set",
-                   f"unset HF_HUB_OFFLINE (mm pulls it before the start), or `mm pull {p.model}` where the "
-                   "hub is reachable", "model-missing")
+                   f"unset HF_HUB_OFFLINE so that mm pulls it before the start, or run `mm pull {p.model}` "
+                   "where the hub is reachable", "model-missing")
 
 
 def check_profile(p: Profile, facts: Facts, spec: ArgSpec | None, gpu_memory: int | None = None,
