@@ -44,7 +44,8 @@ def refusal(name: str, found: list[Finding], force: bool = False) -> str | None:
     if not force:
         return f"{errors[0].line()} (and {len(errors) - 1} more: `mm check {name}`)"
     lines = "\n".join(f"  {f.line()}" for f in errors)
-    return f"{name} would not start ({len(errors)} problems{'; `--force` starts it anyway' if forcible else ''}):\n{lines}"
+    hint = "; `--force` starts it anyway" if forcible else ""
+    return f"{name} would not start ({len(errors)} problems{hint}):\n{lines}"
 
 
 def check_named(profile_name: str, own_ports: frozenset[int] = frozenset(), model: str | None = None) -> None:
