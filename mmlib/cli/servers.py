@@ -45,10 +45,10 @@ def preflight(profile: str, force: bool, model: str | None = None) -> None:
     """Guard rails before anything starts (`--force` skips them), on the model that will be served."""
     if force:
         return
-    from mmlib.guard import checks
+    from mmlib.guard import preflight as guard
 
     ports, pids = own_servers()
-    checks.preflight(profile, ports, model=model, mm_pids=pids)
+    guard.check_named(profile, ports, model=model, mm_pids=pids)
 
 
 def activate(profile: str | None, model: str | None = None, force: bool = False, verb: str = "starting",
@@ -70,7 +70,8 @@ def activate(profile: str | None, model: str | None = None, force: bool = False,
         client = Client().ensure_daemon()
         what = (profile or "default") + (f" ({model})" if model else "")
         poller = Client(timeout=2.0, sock=client.sock)
-        result = wait_for_up(lambda: client.post("/up", {"profile": profile, "model": model}, timeout=None),
+        result = wait_for_up(lambda: client.post("/up", {"profile": profile, "model": model, "force": force},
+                                                         timeout=None),
                              lambda: poller.get("/status"), f"{verb} {what}", console)
     proxy = result["proxy"]
     for s in result["servers"]:

@@ -180,8 +180,9 @@ def check_env_names(p: Profile, spec: ArgSpec) -> list[Finding]:
 
 
 # --- memory fit -------------------------------------------------------------------------------------
-def model_files(p: Profile) -> tuple[Any, dict[str, Any] | None, str]:
-    """(folder, config.json, why not) for the profile's model, from disk only: never downloads."""
+def model_files(p: Profile, remote: bool = True) -> tuple[Any, dict[str, Any] | None, str]:
+    """(folder, config.json, why not) for the profile's model: never downloads it, but asks the hub
+    for its metadata where it is not on disk (unless remote=False: the event loop must not wait on it)."""
     from mmlib.profiles import embedded
 
     if not p.model:
@@ -190,7 +191,7 @@ def model_files(p: Profile) -> tuple[Any, dict[str, Any] | None, str]:
         return None, None, "the embedded model is converted on its first start"
     folder = cache.model_dir(resolve_model(p.model))
     if folder is None:
-        return remote_model_files(p.model)
+        return remote_model_files(p.model) if remote else (None, None, f"no config.json for {p.model} on disk")
     cfg = modelinfo.read_config(folder)
     return folder, cfg, "" if cfg else f"cannot read {folder / 'config.json'}"
 
@@ -218,11 +219,13 @@ def _holders(gpu: Any, skip: frozenset[int] = frozenset()) -> str:
 
 
 def footprint(p: Profile, card: fitmod.Card | None, spec: ArgSpec | None = None,
-              sleepers: fitmod.Sleepers | None = None) -> fitmod.Footprint:
-    """The profile's footprint on `card`, its model's shapes found through model_files: what the
-    scheduler budgets with, and (Footprint.engine) the flags server_argv adds. A KV cache sized to
-    fill the card leaves room for `sleepers` (default: this machine's, sleepers_here)."""
-    folder, cfg, why = model_files(p) if p.model else (None, None, "")
+              sleepers: fitmod.Sleepers | None = None,
+              files: tuple[Any, dict[str, Any] | None, str] | None = None) -> fitmod.Footprint:
+    """The profile's footprint on `card`, its model's shapes found through model_files (or `files`,
+    its answer already at hand): what the scheduler budgets with, and (Footprint.engine) the flags
+    server_argv adds. A KV cache sized to fill the card leaves room for `sleepers` (default: this
+    machine's, sleepers_here)."""
+    folder, cfg, why = files or (model_files(p) if p.model else (None, None, ""))
     if sleepers is None and card is not None and p.memory is not None and fitmod.fills_card(p.memory, p.memory.context):
         sleepers = sleepers_here(card, spec)
     fp = fitmod.predict(p, card, cfg, folder, spec, sleepers.without(p.name) if sleepers else None)
@@ -309,12 +312,15 @@ def _fitting(spare: int, sleepers: fitmod.Sleepers) -> tuple[str, str]:
     return f"{most} of the {n}", f" (the smallest; {any_n or 'none'} whichever they are)"
 
 
-def argv_builder(card: fitmod.Card | None, spec: ArgSpec | None = None,
-                 python: str = sys.executable) -> Callable[[Profile, int | str], list[str]]:
+def argv_builder(card: fitmod.Card | None, spec: ArgSpec | None = None, python: str = sys.executable,
+                 known: Callable[[Profile], fitmod.Footprint | None] = lambda p: None,
+                 ) -> Callable[[Profile, int | str], list[str]]:
     """The supervisor's argv builder for this card: server_argv with the flags derived from the
-    profile's [memory] (and a share scaled to a gpu_budget) added."""
+    profile's [memory] (and a share scaled to a gpu_budget) added. `known`: a footprint already
+    worked out (the daemon's preflight); else it is worked out from what is on disk."""
     def build(p: Profile, listen: int | str) -> list[str]:
-        return server_argv(p, listen, python, derived=footprint(p, card, spec).engine)
+        fp = known(p) or footprint(p, card, spec, files=model_files(p, remote=False) if p.model else None)
+        return server_argv(p, listen, python, derived=fp.engine)
     return build
 
 
@@ -466,12 +472,25 @@ def _derived_findings(p: Profile, fp: fitmod.Footprint, spec: ArgSpec | None) ->
 
 
 # --- putting it together -------------------------------------------------------------------------
+def model_missing(p: Profile) -> Finding | None:
+    """A hub model that is not whole in the cache while HF_HUB_OFFLINE forbids the download: vLLM
+    would fail its start after half a minute of retries."""
+    from mmlib.models import hub
+
+    if not p.model or not cache.is_hub_id(p.model) or not hub.offline() or cache.complete_snapshot(p.model):
+        return None
+    return Finding(ERROR, p.source, "model", f"{p.model} is not on this machine and HF_HUB_OFFLINE is set",
+                   f"unset HF_HUB_OFFLINE so that mm pulls it before the start, or run `mm pull {p.model}` "
+                   "where the hub is reachable", "model-missing")
+
+
 def check_profile(p: Profile, facts: Facts, spec: ArgSpec | None, gpu_memory: int | None = None,
                   gpu_error: str | None = None, card: fitmod.Card | None = None,
-                  sleepers: fitmod.Sleepers | None = None) -> list[Finding]:
-    folder, cfg, why = model_files(p) if p.model else (None, None, "")
+                  sleepers: fitmod.Sleepers | None = None,
+                  files: tuple[Any, dict[str, Any] | None, str] | None = None) -> list[Finding]:
+    folder, cfg, why = files or (model_files(p) if p.model else (None, None, ""))
     facts = replace(facts, model_config=cfg, vllm_env=spec.env if spec else None)
-    found = rules.evaluate(p, facts)
+    found = rules.evaluate(p, facts) + [f for f in [model_missing(p)] if f]
     if spec is not None:
         found += check_engine_args(p, spec) + check_env_names(p, spec)
     return found + check_fit(p, facts, folder, cfg, why, gpu_memory, gpu_error, card, spec, sleepers)
@@ -584,25 +603,3 @@ def check(names: list[str] | None = None, gpu_memory: int | None = None, facts: 
         found += check_stack(stack, members, card, spec, sleepers)
     order = {ERROR: 0, WARN: 1, INFO: 2}
     return sorted(found, key=lambda f: order.get(f.severity, 3))
-
-
-def preflight(profile_name: str, own_ports: frozenset[int] = frozenset(), model: str | None = None,
-              mm_pids: frozenset[int] = frozenset()) -> None:
-    """Raise MMError naming the file, key and fix when the profile cannot work; print warnings.
-    `model` replaces the profile's (`mm up X --model Y` checks Y, not X's model)."""
-    def announce(text: str) -> None:
-        print(f"mm: {text}", file=sys.stderr, flush=True)
-
-    found = check([profile_name], announce=announce, own_ports=own_ports, model=model, mm_pids=mm_pids)
-    for f in found:
-        if f.severity == WARN:
-            print(f"mm: warning: {f.line()}", file=sys.stderr)
-    errors = [f for f in found if f.severity == ERROR]
-    if not errors:
-        return
-    forcible = not all(f.rule == "profile" for f in errors)
-    if len(errors) == 1:  # the common case stays one line
-        raise MMError(errors[0].line() + (" (`--force` starts it anyway)" if forcible else ""))
-    lines = "\n".join(f"  {f.line()}" for f in errors)
-    force = "; `--force` starts it anyway" if forcible else ""
-    raise MMError(f"{profile_name} would not start ({len(errors)} problems{force}):\n{lines}")

@@ -23,7 +23,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from mmlib import paths
-from mmlib.errors import MMError
+from mmlib.errors import MMError, Refused
+from mmlib.guard.preflight import Preflight
 from mmlib.profiles.config import Config, load_config
 from mmlib.profiles.profile import Profile, load_all, load_profile
 from mmlib.serve import records
@@ -61,20 +62,22 @@ class Daemon:
     def __init__(self, config: Config):
         self.config = config
         self.metrics = Metrics(status=self._status)  # metrics and page (issue 14)
+        # Every start passes the same checks as `mm up`, in a thread, before anything is slept or stopped.
+        self.preflight = Preflight(self._vllm_spec, self._card, own_ports=self._own_ports)
         self.scheduler = Scheduler(self.make_server, drain_limit_s=config.upstream_timeout,
                                    memory=CardMemory(config.gpu_budget, predict=self._predict),
                                    policy=Policy(max_wait_s=config.switch_max_wait,
                                                  pause_in_flight=config.switch_pause_in_flight,
-                                                 pause_after_s=config.switch_pause_after))
+                                                 pause_after_s=config.switch_pause_after),
+                                   preflight=self.preflight)
         self.scheduler.on_switch = self.metrics.switched
         self.index = ModelIndex(load_all)
         self.proxy = Proxy(self.scheduler, self.index, lambda: load_profile(config.default_profile),
                            api_key=config.api_key, upstream_timeout=config.upstream_timeout,
-                           max_body=config.max_body_mib * 2**20, metrics=self.metrics)
+                           max_body=config.max_body_mib * 2**20, metrics=self.metrics, guard=self.preflight)
         self.started_at = time.time()
         self.stopping = asyncio.Event()
         self._spec: asyncio.Future | None = None
-        self._predicted: dict[str, tuple[Profile, Footprint | None]] = {}
         self._saved_footprints = ""
         self.page = Page(self._status, {"wake": self._activate, "sleep": self._sleep, "stop": self._stop},
                          self.metrics, api_key=config.api_key, stopping=self.stopping)  # page: /, /metrics, /mm/...
@@ -111,29 +114,23 @@ class Daemon:
 
         return fit.card(self.config, nvml.probe(with_processes=False))
 
+    def _own_ports(self) -> frozenset[int]:
+        return frozenset(s.port for s in self.scheduler.servers.values() if getattr(s, "port", None))
+
     def _argv(self, profile: Profile, listen: int | str) -> list[str]:
         """The server's command line with what its [memory] table derives for this card (exact KV
-        bytes, CUDA-graph capture size, a share that passes vLLM's start check)."""
+        bytes, CUDA-graph capture size, a share that passes vLLM's start check): the preflight's
+        footprint, else one from what is on disk (never the hub: this runs on the event loop)."""
         from mmlib.guard import checks
 
         spec = self._spec.result() if self._spec is not None and self._spec.done() else None
-        return checks.argv_builder(self._card(), spec)(profile, listen)
+        return checks.argv_builder(self._card(), spec, known=self.preflight.footprint)(profile, listen)
 
     def _predict(self, profile: Profile, capacity: int) -> Footprint | None:
-        """What a profile never seen running will hold, from its model's shapes (guard's estimate)."""
-        from mmlib.guard import checks
-
-        known = self._predicted.get(profile.name)
-        if known is not None and known[0] == profile:
-            return known[1]  # the scheduler asks often; the model's files (or the hub) once
-        try:
-            fp = checks.footprint(profile, self._card())
-        except Exception as e:  # a guess gone wrong must not stop a start: shares decide then
-            log.warning("%s: no footprint estimate (%s)", profile.name, e)
-            return None
-        found = Footprint(awake=fp.awake_bytes, asleep=fp.asleep_bytes) if fp.awake_bytes else None
-        self._predicted[profile.name] = (profile, found)
-        return found
+        """What a profile never seen running will hold: the preflight's estimate from its model's
+        shapes (worked out in a thread; read here, on the event loop, never computed)."""
+        fp = self.preflight.footprint(profile)
+        return Footprint(awake=fp.awake_bytes, asleep=fp.asleep_bytes) if fp and fp.awake_bytes else None
 
     # --- control API -------------------------------------------------------------------------------
     async def _args(self, request: Request) -> dict:
@@ -153,6 +150,8 @@ class Daemon:
             return JSONResponse({"error": str(e)}, status_code=401)
         except (ValueError, KeyError, TypeError) as e:
             return JSONResponse({"error": f"bad request: {e}"}, status_code=400)
+        except Refused as e:  # the checks' line; nothing was slept or stopped
+            return JSONResponse({"error": str(e)}, status_code=e.status)
         except MMError as e:
             return JSONResponse({"error": str(e)}, status_code=409)
         except Exception as e:  # a bug or an outside failure: one line to the caller, the trace to the log
@@ -205,6 +204,9 @@ class Daemon:
     async def _activate(self, args: dict) -> dict:
         profile = self._profile(args)
         self.index.refresh()
+        if args.get("force") is True:  # `mm up --force`: start it whatever the checks say
+            for member in self.scheduler.members(profile):
+                self.preflight.force(member)
         t0 = time.perf_counter()
         servers = await self.scheduler.activate(profile)
         return {"servers": [s.snapshot() for s in servers], "switch_s": time.perf_counter() - t0,
@@ -305,6 +307,8 @@ class Daemon:
                 log.info("adopted %s (pid %s, %s)", profile.name, server.pid, server.state.value)
             else:
                 records.stop_recorded(f, record)
+        # Their footprints until they are measured (the scheduler reads only what the checks found).
+        self.preflight.check_soon([s.profile for s in self.scheduler.servers.values()])
 
     async def stop_everything(self) -> None:
         await self.scheduler.close()
@@ -385,6 +389,7 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, daemon.stopping.set)
     daemon.load_footprints()
     await daemon.adopt_orphans()
+    asyncio.ensure_future(daemon._vllm_spec())  # read once now: the first request's checks need it
     tasks = [asyncio.create_task(control.serve(sockets=[control_sock])),
              asyncio.create_task(proxy.serve(sockets=[proxy_sock])),
              asyncio.create_task(daemon.idle_loop())]

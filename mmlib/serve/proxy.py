@@ -3,7 +3,12 @@
 The request path is kept short because it is the hot path: one JSON parse of the body to read
 `model`, then bytes pass through unchanged (re-serialized only when `model` must be rewritten,
 e.g. "default"). Streaming responses are relayed chunk by chunk; a client that goes away closes the
-upstream connection, which makes vLLM abort the request.
+upstream connection at once (also while vLLM is silent, e.g. its answer paused by a switch), which
+makes vLLM abort the request and frees its place on the server.
+
+Nothing is started or switched for a request that cannot be served: one its model does not answer
+at that endpoint (a chat for Whisper) gets a 400 naming the endpoint that would, and a start the
+checks refuse (guard/preflight) gets a 4xx with their line; what runs stays untouched.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mmlib.errors import MMError
+from mmlib.errors import MMError, Refused
+from mmlib.guard.preflight import Preflight, misdirected
 from mmlib.profiles.profile import Profile
 from mmlib.serve.auth import bearer_ok
 from mmlib.serve.metrics import Metrics
@@ -38,8 +44,9 @@ MULTIPART_MODEL = re.compile(rb'name="model"\r\n\r\n([^\r\n]*)\r\n')
 
 def error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None,
           **extra) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, **extra}}, status_code=status,
-                        headers=headers)
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None, **extra}},
+                        status_code=status, headers=headers)
 
 
 class ModelIndex:
@@ -86,8 +93,9 @@ def request_model(body: bytes, content_type: str) -> tuple[str | None, dict | No
 class Proxy:
     def __init__(self, scheduler: Scheduler, index: ModelIndex, default_profile: Callable[[], Profile],
                  api_key: str | None = None, upstream_timeout: float = 600.0, max_body: int = 100 * 2**20,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, guard: Preflight | None = None):
         self.scheduler, self.index, self.default_profile = scheduler, index, default_profile
+        self.guard = guard  # what each model serves, and which cannot start here
         self.api_key = api_key
         self.upstream_timeout, self.max_body = upstream_timeout, max_body
         self.metrics = metrics or Metrics()
@@ -126,14 +134,21 @@ class Proxy:
         if not self.authorized(request):
             return error(401, "missing or wrong API key (send Authorization: Bearer <key>)", "authentication_error")
         self.index.refresh()
-        data = []
+        # What cannot start here is not offered (a client would pick it and get an error); it is
+        # listed apart, with why, for people and scripts.
+        refused = await self.guard.unavailable(self.index.profiles) if self.guard else {}
+        data, unavailable = [], []
         for p in self.index.profiles:
             server = self.scheduler.servers.get(p.name)
             state = server.state.value if server else State.STOPPED.value
-            data.append({"id": p.served_model_name, "object": "model", "created": 0, "owned_by": "mm",
-                         "mm": {"profile": p.name, "state": state, "aliases": list(p.aliases),
-                                "model": p.model}})
-        return JSONResponse({"object": "list", "data": data})
+            mm = {"profile": p.name, "state": state, "aliases": list(p.aliases), "model": p.model}
+            if p.name in refused and (server is None or server.state not in LIVE):
+                unavailable.append({"id": p.served_model_name, "mm": {**mm, "why": refused[p.name]}})
+                continue
+            data.append({"id": p.served_model_name, "object": "model", "created": 0, "owned_by": "mm", "mm": mm})
+        if self.guard:
+            self.guard.check_soon(self.index.profiles)  # the full checks, for the next listing
+        return JSONResponse({"object": "list", "data": data, "mm_unavailable": unavailable})
 
     def resolve(self, model: str | None) -> Profile | None:
         if model in DEFAULT_NAMES or model is None:
@@ -174,6 +189,9 @@ class Proxy:
             known = sorted(self.index.by_name)
             return await error(404, f"unknown model {model!r}; known models: {', '.join(known)}",
                                "model_not_found", known_models=known)(scope, receive, send)
+        wrong = await self._misdirected(profile, scope["path"], doc)
+        if wrong:
+            return await error(400, wrong)(scope, receive, send)
         meter = self.metrics.request(profile.name, scope["path"], doc, body)  # metrics (issue 14)
         body, send = meter.body, meter.wrap(send)  # metrics: may ask for a stream's usage
         # From here on a client that goes away must free what it holds: its place in a switch's
@@ -198,6 +216,13 @@ class Proxy:
             gone.cancel()
             meter.done()  # metrics
 
+    async def _misdirected(self, profile: Profile, path: str, doc: dict | None) -> str | None:
+        """Why this model cannot answer at `path` (None: it can, or what it serves is unknown)."""
+        if self.guard is None:
+            return None
+        what = self.guard.serves_known(profile) or await self.guard.serves(profile)
+        return misdirected(what, profile.served_model_name, path, doc)
+
     async def _acquire(self, profile: Profile, gone: asyncio.Future):
         """The server for this request, or None when the client left while it waited."""
         acquiring = asyncio.ensure_future(self.scheduler.acquire(profile))
@@ -209,6 +234,8 @@ class Proxy:
             return None
         try:
             return acquiring.result()
+        except Refused as e:  # the checks' line, at once: nothing was slept or stopped for it
+            raise _Unavailable(str(e), e.status, "invalid_request_error") from None
         except MMError as e:
             raise _Unavailable(str(e)) from None
         except Exception as e:  # an outside failure while switching: one line, never a traceback
@@ -232,7 +259,15 @@ class Proxy:
             upstream = posting.result()
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             raise _Unavailable(f"{server.name}: upstream failed: {e!r}", 502, "upstream_error") from None
+
+        def hang_up(_: asyncio.Future) -> None:  # the client left: even while vLLM sends nothing
+            upstream.close()  # vLLM aborts the request; the loop below ends and the count is released
+        gone.add_done_callback(hang_up)
         try:
+            if upstream.status == 404 and "json" not in upstream.headers.get("content-type", ""):
+                # vLLM's bare 404 for an endpoint this server lacks (embeddings from a chat model)
+                raise _Unavailable(f"{server.profile.served_model_name} does not answer {scope['path']} "
+                                   "(its vLLM server has no such endpoint)", 404, "invalid_request_error")
             response_headers = [(k.encode(), v.encode()) for k, v in upstream.headers.items()
                                 if k.lower() not in HOP_BY_HOP]
             event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
@@ -246,6 +281,8 @@ class Proxy:
                         return
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                if gone.done():
+                    return  # we hung up: nobody is left to tell
                 if not event_stream:
                     raise  # a plain body cannot carry an error: drop the connection, the client sees it
                 # The server died (or hung) mid-answer: end the event stream with an error the client can show.
@@ -253,6 +290,7 @@ class Proxy:
                 await send({"type": "http.response.body", "body": f"\n\ndata: {msg}\n\n".encode(), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            gone.remove_done_callback(hang_up)
             upstream.release()
 
 
@@ -264,7 +302,8 @@ class _Unavailable(Exception):
         self.status, self.kind = status, kind
 
     def response(self, scope, receive, send):
-        return error(self.status, str(self), self.kind, headers={"Retry-After": "5"})(scope, receive, send)
+        retry = {"Retry-After": "5"} if self.status >= 500 else None  # a 4xx is the same next time
+        return error(self.status, str(self), self.kind, headers=retry)(scope, receive, send)
 
 
 class BodyTooLarge(Exception):

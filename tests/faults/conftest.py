@@ -21,10 +21,20 @@ enabled = {sleep}
 """
 
 
+def fake_model(env: dict, model: str, config: str = "{}") -> None:
+    """`model` in the hub cache (config.json, empty unless given, and an empty weight file): mm refuses to start a
+    hub model that is not on disk while HF_HUB_OFFLINE is set, and the fake loads nothing anyway."""
+    snapshot = Path(env["HF_HUB_CACHE"]) / f"models--{model.replace('/', '--')}" / "snapshots" / "fake"
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (snapshot / "config.json").write_text(config)
+    (snapshot / "model.safetensors").touch()
+
+
 class FakeMM(LiveMM):
     def add_profile(self, name: str, sleep: bool = True, extra: str = "", startup_timeout: float = 30) -> None:
         d = Path(self.env["MM_HOME"]) / "config" / "profiles"
         d.mkdir(parents=True, exist_ok=True)
+        fake_model(self.env, f"fake/{name}")
         (d / f"{name}.toml").write_text(FAKE_PROFILE.format(name=name, sleep=str(sleep).lower(), extra=extra,
                                                                        startup_timeout=startup_timeout))
 
@@ -40,6 +50,7 @@ def fake_mm(tmp_path):
     env = {"MM_HOME": str(tmp_path / "home"), "MM_PROXY_PORT": str(free_port()), "MM_RUNTIME_DIR": runtime_dir(),
            "MM_RESULTS_DIR": str(tmp_path / "results"),
            "HF_HUB_OFFLINE": "1",  # the fake models (fake/NAME) are on no hub: mm must not pull them first
+           "HF_HUB_CACHE": str(tmp_path / "hf"),  # where add_profile puts them (fake_model)
            "PYTHONPATH": os.pathsep.join([str(FAKE_VLLM), str(Path(__file__).resolve().parents[2])])}
     fake = FakeMM(env)
     yield fake

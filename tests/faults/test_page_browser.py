@@ -18,7 +18,7 @@ import pytest
 
 from mmlib import paths
 from tests.conftest import runtime_dir, free_port
-from tests.faults.conftest import FAKE_VLLM, FakeMM
+from tests.faults.conftest import FAKE_VLLM, FakeMM, fake_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -46,11 +46,13 @@ def page_mm(tmp_path_factory):
     env = {"MM_HOME": str(home / "home"), "MM_PROXY_PORT": str(free_port()), "MM_API_KEY": KEY,
            "MM_RESULTS_DIR": str(home / "results"), "MM_RUNTIME_DIR": runtime_dir(),
            "HF_HUB_OFFLINE": "1",  # its models' names are real hub ids, served by the fake: no pull first
+           "HF_HUB_CACHE": str(home / "hf"),  # where they are "on disk" (fake_model)
            "PYTHONPATH": os.pathsep.join([str(FAKE_VLLM), str(ROOT)])}
     profiles = home / "home" / "config" / "profiles"
     profiles.mkdir(parents=True)
     for name, (model, extra) in PROFILES.items():
         (profiles / f"{name}.toml").write_text(TOML.format(model=model, name=name, extra=extra))
+        fake_model(env, model)
     shutil.copytree(ROOT / "benchmark_results", home / "results", ignore=shutil.ignore_patterns("*.tmp"))
     fake = FakeMM(env)
     yield fake

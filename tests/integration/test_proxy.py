@@ -44,6 +44,41 @@ def test_openai_client_streams_through_mm(live_mm):
     assert "smollm2" in models
 
 
+TYPOFLAG = """
+extends = "default"
+served_model_name = "typoflag"
+aliases = []
+[engine]
+kv_ofloading_backend = "native"
+"""
+
+
+def test_a_request_for_a_refused_profile_leaves_the_working_model_serving(live_mm):
+    """Issue 21: a chat request for a profile the checks refuse (a misspelt engine key) is answered
+    within 1 s with the checks' line; the working model is not slept or restarted for it."""
+    live_mm.chat("Hi", max_tokens=2)
+    server = next(s for s in live_mm.status()["servers"] if "smollm2" in s["aliases"] + [s["served_model_name"]])
+    log_before = Path(server["log"]).read_text()
+    d = Path(live_mm.env["MM_HOME"]) / "config" / "profiles"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "typoflag.toml").write_text(TYPOFLAG)
+    t0 = time.monotonic()
+    r = httpx.post(f"{live_mm.proxy}/v1/chat/completions", timeout=120,
+                   json={"model": "typoflag", "messages": [{"role": "user", "content": "Hi"}]})
+    took = time.monotonic() - t0
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["type"] == "invalid_request_error", r.text
+    assert "engine.kv_ofloading_backend" in error["message"] and "--kv-ofloading-backend" in error["message"]
+    assert "\n" not in error["message"] and took < 1, took
+    t0 = time.monotonic()
+    assert live_mm.chat("Hi", max_tokens=2)["choices"]
+    assert time.monotonic() - t0 < 30  # answered by the running server, not after a restart (~45 s)
+    after = {s["profile"]: s for s in live_mm.status()["servers"]}
+    assert "typoflag" not in after and after[server["profile"]]["pid"] == server["pid"]
+    log_after = Path(server["log"]).read_text()
+    assert log_after.startswith(log_before) and log_after.count("# mm: starting") == log_before.count("# mm: starting")
+
+
 def vllm_and_mm_tokens(live_mm, model: str) -> tuple[float, float]:
     """(tokens out as mm counted them from usage, as vLLM's own /metrics counted them), one scrape."""
     from prometheus_client.parser import text_string_to_metric_families

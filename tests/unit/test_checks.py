@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from mmlib.cli import main
 from mmlib.errors import MMError
-from mmlib.guard import checks
+from mmlib.guard import checks, preflight
 from mmlib.guard.fit import Sleepers
 from mmlib.guard.rules import ERROR, INFO, WARN, Facts
 from mmlib.profiles.profile import Profile, SleepSettings
@@ -289,7 +289,7 @@ def user_profiles(mm_env, local_7b, monkeypatch) -> Path:
 
 def test_preflight_raises_every_error_one_line_each(user_profiles, capsys):
     with pytest.raises(MMError) as e:
-        checks.preflight("broken")
+        preflight.check_named("broken")
     text = str(e.value)
     assert text.startswith("broken would not start (4 problems; `--force` starts it anyway):")
     lines = text.splitlines()[1:]
@@ -302,15 +302,15 @@ def test_preflight_raises_every_error_one_line_each(user_profiles, capsys):
 
 
 def test_preflight_passes_a_clean_profile(user_profiles, capsys):
-    checks.preflight("clean")
-    checks.preflight("default")
+    preflight.check_named("clean")
+    preflight.check_named("default")
     assert "Traceback" not in capsys.readouterr().err
 
 
 def test_preflight_of_a_profile_with_a_typo(user_profiles):
     with pytest.raises(MMError, match=r"^[^\n]*typo.toml: descripton: "
                                       r"unknown key \(fix: did you mean 'description'\?\)$"):
-        checks.preflight("typo")
+        preflight.check_named("typo")
 
 
 def test_port_in_use_by_another_program(user_profiles):
@@ -321,7 +321,7 @@ def test_port_in_use_by_another_program(user_profiles):
         porty = CLEAN.format(model="x/y").replace("[engine]", f"port = {port}\n[engine]")
         (user_profiles / "porty.toml").write_text(porty)
         with pytest.raises(MMError, match=f"port {port} is already in use"):
-            checks.preflight("porty")
+            preflight.check_named("porty")
 
 
 def test_stack_members_are_checked_and_their_shares_summed(user_profiles):
@@ -423,5 +423,5 @@ def test_the_helper_runs_with_the_servers_environment(monkeypatch):
 def test_preflight_checks_the_model_that_will_be_served(user_profiles, tmp_path):
     """`mm up clean --model PATH` checks PATH, not clean's own model."""
     with pytest.raises(MMError, match="does not exist"):
-        checks.preflight("clean", model=str(tmp_path / "no-such-model"))
-    checks.preflight("clean")  # its own model is fine
+        preflight.check_named("clean", model=str(tmp_path / "no-such-model"))
+    preflight.check_named("clean")  # its own model is fine

@@ -67,7 +67,7 @@ def within(value: float, expected: float, tolerance: float) -> bool:
 @pytest.fixture
 def shipped_models(monkeypatch):
     """checks.model_files answers with the fixture folders for the shipped profiles' models."""
-    def model_files(p):
+    def model_files(p, remote=True):
         if p.model.startswith("embedded:"):
             return None, SMOLLM2_135M, ""
         folder = MODELS / FIXTURES.get(p.model, p.model)
