@@ -190,7 +190,7 @@ class Preflight:
         files = checks.model_files(profile)
         card = self._card()
         found = checks.check_profile(profile, self._facts(own_ports), spec, card=card, files=files)
-        verdict = Verdict(profile, key, refusal(profile.name, found), checks.footprint(profile, card, spec, files),
+        verdict = Verdict(profile, key, refusal(profile.name, found), checks.footprint(profile, card, spec, files=files),
                           serves(profile, files[1]))
         if verdict.refusal:
             log.info("refused to start %s: %s", profile.name, verdict.refusal)
