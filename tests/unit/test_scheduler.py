@@ -42,6 +42,9 @@ class FakeServer:
         self.in_flight -= 1
         self.on_release(self)
 
+    def snapshot(self) -> dict:
+        return {"profile": self.name, "state": self.state.value, "in_flight": self.in_flight}
+
     async def start(self) -> None:
         if self.state == State.AWAKE:
             return
