@@ -36,6 +36,7 @@ from mmlib.serve.scheduler import Policy, Scheduler
 from mmlib.serve.states import State
 from mmlib.serve.supervisor import ManagedServer
 from mmlib.system.files import replace_atomic
+from mmlib.system.usage import host_ram
 
 log = logging.getLogger("mm.daemon")
 IDLE_CHECK_S = 1.0
@@ -65,7 +66,8 @@ class Daemon:
                                    memory=CardMemory(config.gpu_budget, predict=self._predict),
                                    policy=Policy(max_wait_s=config.switch_max_wait,
                                                  pause_in_flight=config.switch_pause_in_flight,
-                                                 pause_after_s=config.switch_pause_after))
+                                                 pause_after_s=config.switch_pause_after),
+                                   ram_budget=config.ram_budget, host_ram=host_ram)
         self.scheduler.on_switch = self.metrics.switched
         self.index = ModelIndex(load_all)
         self.proxy = Proxy(self.scheduler, self.index, lambda: load_profile(config.default_profile),
@@ -193,7 +195,8 @@ class Daemon:
         return {"daemon": await self._ping(), "active": self.scheduler.active, "card": card,
                 "last_switch_s": self.scheduler.last_switch_s,
                 "switches_per_min": self.scheduler.switches_per_minute(), "servers": servers,
-                "background_errors": list(self.background_errors.values())}
+                "background_errors": list(self.background_errors.values()),
+                "ram_budget": self.scheduler.ram_budget_now()}
 
     def _profile(self, args: dict) -> Profile:
         name = args.get("profile") or self.config.default_profile
@@ -293,6 +296,7 @@ class Daemon:
             elif p.idle_sleep and s.state == State.AWAKE and idle > p.idle_sleep:
                 log.info("%s idle %.0f s: sleeping", s.name, idle)
                 await self._duty("idle sleep", s.name, lambda: self.scheduler.sleep(s.name))
+        await self._duty("keep RAM", None, self.scheduler.keep_ram)  # other programs may take it too
         for key in set(self.background_errors) - self._duties_run:  # no longer due: nothing to show
             del self.background_errors[key]
 

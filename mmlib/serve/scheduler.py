@@ -18,8 +18,15 @@ is answered at once, and nothing is slept for it; a command (`mm up`) resets the
 Memory is counted in bytes where the card answers (serve/memory.CardMemory): what each server
 holds awake and asleep (measured over its process tree once it ran, predicted before), against the
 card's capacity or the budget in config.toml. Servers that fit stay awake together; a target that
-does not fit puts the others to sleep, then stops the least recently used sleepers, then waits until
-the card shows the memory free. Without a GPU, declared shares (share_gpu) decide as before.
+does not fit puts the others to sleep, then moves the least recently used sleepers off the card
+(checkpointed into RAM by the CUDA driver where the server can be, else stopped; lazily: a sleeper
+keeps its residue while everything fits), then waits until the card shows the memory free. A
+checkpointed server holds no GPU memory; its wake restores it, and a failed restore is a cold start.
+Without a GPU, declared shares (share_gpu) decide as before.
+
+Sleepers hold RAM (the weights a sleep moved off the card, checkpoints): their total stays under the
+RAM budget (config.toml ram_budget, else derived_ram_budget), and while the machine's free RAM is
+under ram_floor the least recently used sleepers are stopped, so it never swaps.
 
 Under mixed traffic a switch is not made for every request of the other model: the awake model keeps
 serving until the other model's oldest waiter has waited policy.max_wait_s, or the awake model has
@@ -56,6 +63,21 @@ log = logging.getLogger("mm.scheduler")
 GPU_SHARE_LIMIT = 1.0
 SETTLE_POLL_S = 0.1  # the card is asked (NVML) this often while freed memory settles
 MEASURE_DELAY_S = 0.05
+# Without a ram_budget in config.toml, sleepers may hold this share of the machine's RAM, less what
+# other programs hold; and whatever the budget, sleepers stop while free RAM is under the floor.
+RAM_SHARE = 0.6
+SLEEPING = frozenset({State.ASLEEP, State.CHECKPOINTED})  # sleepers: on the card, or off it in RAM
+
+
+def ram_floor(total: int) -> int:
+    """Free RAM below which sleepers are stopped, so the machine never swaps."""
+    return max(512 << 20, total // 20)
+
+
+def derived_ram_budget(total: int, available: int, held_by_mm: int) -> int:
+    """RAM_SHARE of the machine's RAM less what other programs hold now."""
+    others = max(0, total - available - held_by_mm)
+    return max(0, int(total * RAM_SHARE) - others)
 
 
 @dataclass(frozen=True)
@@ -100,7 +122,7 @@ class _Activation:
         if self.since is None or self.requests > 0:
             return True
         s = self.paused_for
-        return s is not None and s.in_flight > 0 and s.state == State.ASLEEP
+        return s is not None and s.in_flight > 0 and s.state in SLEEPING
 
 
 @dataclass
@@ -116,10 +138,15 @@ class _StartFailures:
         return self.count > self.profile.max_restarts
 
 
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 class Scheduler:
     def __init__(self, make_server: Callable[[Profile], Any], load: Callable[[str], Profile] = load_profile,
                  drain_limit_s: float = 600.0, memory: Any = None, policy: Policy = Policy(),
-                 preflight: Callable[[Profile], Awaitable[None]] | None = None, clock: Any = None):
+                 preflight: Callable[[Profile], Awaitable[None]] | None = None, clock: Any = None,
+                 ram_budget: int | None = None, host_ram: Callable[[], tuple[int, int] | None] | None = None):
         self.servers: dict[str, Any] = {}
         self.active: list[str] = []  # profiles of the last activation, the target of model "default"
         self.last_switch_s: float | None = None
@@ -127,6 +154,8 @@ class Scheduler:
         self.memory = memory or NoCard()
         self.policy = policy
         self.clock = clock or Clock()  # now() and sleep(): tests advance a fake one
+        self.ram_budget = ram_budget  # bytes the sleepers may hold in RAM; None: derived_ram_budget
+        self.host_ram = host_ram  # () -> (total, available) bytes of the machine's RAM; None: unknown
         self.footprints: dict[tuple[str, str | None], Footprint] = {}  # (profile, model) -> measured
         self.switch_times: deque[float] = deque(maxlen=1000)
         self._make_server = make_server
@@ -307,7 +336,7 @@ class Scheduler:
         if f is None or f.profile != server.profile:
             f = self._failures[server.name] = _StartFailures(server.profile)
         f.count += 1
-        f.error = str(error).splitlines()[0] if str(error) else type(error).__name__
+        f.error = _first_line(error)
         f.retry_at = self.clock.now() + restart_backoff_s(f.count)
         log.warning("%s: start %d failed (%s); %s", server.name, f.count, f.error,
                     "no more tries until `mm up`" if f.fatal else
@@ -409,7 +438,7 @@ class Scheduler:
             pending.done.set_exception(e)
             if pending.paused_for is not None and pending.requests == 0:
                 log.warning("%s: bringing it back for its paused requests failed: %s", pending.key[-1],
-                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+                            _first_line(e))
         else:
             # The waiting requests hold their places before the loop looks at the next switch.
             targets[-1].in_flight += pending.requests
@@ -517,7 +546,7 @@ class Scheduler:
         """Stop a server and return once the card shows its memory free again."""
         before, fp = self.memory.free(), self.footprint(server.profile)
         held = None
-        if fp and server.state in LIVE and server.pid:
+        if fp and server.state in LIVE and server.state != State.CHECKPOINTED and server.pid:
             held = fp.asleep if server.state == State.ASLEEP else fp.awake
         await server.stop()
         if before is not None and held:
@@ -531,6 +560,7 @@ class Scheduler:
             if fp is None or t.state == State.AWAKE:
                 continue
             need += (fp.awake - fp.asleep if t.state == State.ASLEEP
+                     else fp.awake if t.state == State.CHECKPOINTED  # restored: what it held, nothing more
                      else self._awake_bytes(t.profile, starting=True))
         return need
 
@@ -553,7 +583,7 @@ class Scheduler:
         for t in targets:  # one at a time: vLLM checks free GPU memory when it starts
             self._cancel_restart(t.name)
             await self._await_room(self._room_needed([t]))
-            await self._bring_up(t)
+            await self._bring_up(t, targets)
             self._measure_soon(t)
         took = self.clock.now() - t0
         for t in targets:
@@ -564,12 +594,20 @@ class Scheduler:
         self.on_switch(awake_before, self.active, took)  # metrics (issue 14)
         return targets
 
-    async def _bring_up(self, server: Any) -> None:
-        """Wake or start one target; a start that fails spends its profile's start budget."""
-        starting = server.state not in LIVE
+    async def _bring_up(self, server: Any, targets: list[Any]) -> None:
+        """Wake (restoring a checkpointed one) or start one target; a start that fails spends its
+        profile's start budget. A failed restore is a cold start, not a hang or an error."""
+        starting, restoring = server.state not in LIVE, server.state == State.CHECKPOINTED
         try:
             await server.wake()
         except MMError as e:
+            if restoring and server.state != State.AWAKE:
+                log.warning("%s: restoring it from its checkpoint failed (%s); starting it again",
+                            server.name, _first_line(e))
+                await server.stop()  # whatever is left of it
+                await self._make_room(targets)  # a start peaks above what a wake needs
+                await self._await_room(self._room_needed([server]))
+                return await self._bring_up(server, targets)
             if starting and server.state == State.FAILED:  # not a stop that cancelled the start
                 self._start_failed(server, e)
             raise
@@ -587,16 +625,86 @@ class Scheduler:
             await asyncio.gather(*(self._drain_then_sleep(s) for s in others))
             for s in others:
                 self._measure_soon(s)
-        # Sleepers holding paused requests go last: stopping one ends its requests.
+            await self._keep_ram(names)  # a sleep moves weights to RAM
+        # Least recently used first; sleepers holding paused requests last (stopping one ends them).
+        # Each is checkpointed off the card where it can be, else stopped.
         sleepers = sorted((s for s in self.servers.values() if s.state == State.ASLEEP and s.name not in names),
                           key=lambda s: (s.in_flight > 0, s.last_used))
         for s in sleepers:
             if self._fits(tp, [a.profile for a in self.awake() if a.name not in names],
                           self._asleep_profiles(names), starting):
                 break
+            if s.state != State.ASLEEP:
+                continue  # stopped meanwhile to keep RAM
+            if await self._checkpoint(s, names):
+                continue
             log.info("stopping %s (asleep, least recently used) to make room for %s", s.name, ", ".join(names))
             self._drop_come_back(s.name)  # its paused requests end with it: nobody to bring it back for
             await self._stop_released(s)
+
+    async def _checkpoint(self, server: Any, exclude: set[str]) -> bool:
+        """Move a sleeper's GPU residue to RAM (the CUDA driver's checkpoint) where it can be and RAM
+        allows; False where it stays on the card. A failed checkpoint stops it (one log line)."""
+        if not getattr(server, "can_checkpoint", False):
+            return False
+        fp = self.footprint(server.profile)
+        extra = fp.asleep if fp else 0  # what the checkpoint adds to RAM
+        await self._keep_ram(exclude, extra)  # older sleepers give way first; it may go itself
+        if server.state != State.ASLEEP or self._ram_short(extra):
+            return False
+        log.info("checkpointing %s (asleep, least recently used) to make room", server.name)
+        try:
+            await server.checkpoint()
+        except MMError as e:
+            log.warning("%s: checkpoint failed (%s); stopping it", server.name, _first_line(e))
+            self._drop_come_back(server.name)
+            await self._stop_released(server)
+        return True
+
+    # --- host RAM: the sleepers' share, and never a swapping machine ------------------------------------
+    def _sleepers(self, exclude: set[str] = frozenset()) -> list[Any]:
+        return [s for s in self.servers.values() if s.state in SLEEPING and s.name not in exclude]
+
+    @staticmethod
+    def _host_bytes(server: Any) -> int:
+        measure = getattr(server, "host_bytes", None)
+        return (measure() if measure else None) or 0
+
+    def ram_budget_now(self) -> int | None:
+        """Bytes the sleepers may hold in RAM now: config.toml's ram_budget, else derived."""
+        if self.ram_budget is not None:
+            return self.ram_budget
+        ram = self.host_ram() if self.host_ram else None
+        if ram is None:
+            return None
+        mine = sum(self._host_bytes(s) for s in self.servers.values() if s.state in LIVE)
+        return derived_ram_budget(ram[0], ram[1], mine)
+
+    def _ram_short(self, extra: int = 0) -> bool:
+        """Whether the sleepers (plus `extra` bytes more) hold more than the budget, or free RAM is
+        (or would be) under the floor."""
+        budget = self.ram_budget_now()
+        if budget is not None and sum(self._host_bytes(s) for s in self._sleepers()) + extra > budget:
+            return True
+        ram = self.host_ram() if self.host_ram else None
+        return ram is not None and ram[1] - extra < ram_floor(ram[0])
+
+    async def _keep_ram(self, exclude: set[str] = frozenset(), extra: int = 0) -> None:
+        """Stop the least recently used sleepers while RAM is short (see _ram_short)."""
+        while self._ram_short(extra):
+            victims = sorted(self._sleepers(exclude), key=lambda s: (s.in_flight > 0, s.last_used))
+            if not victims:
+                return
+            s = victims[0]
+            log.info("stopping %s (asleep, least recently used): the sleepers' RAM is over its budget "
+                     "or the machine's free RAM low", s.name)
+            self._drop_come_back(s.name)
+            await self._stop_released(s)
+
+    async def keep_ram(self) -> None:
+        """For the daemon's background duty: RAM may run short through other programs too."""
+        if self._ram_short():
+            await self._in_loop(self._keep_ram)
 
     async def _drain(self, server: Any, limit_s: float | None = None) -> None:
         """Requests already on a server finish before it sleeps; none is cut off by a switch. The
@@ -652,6 +760,7 @@ class Scheduler:
                                    if s.state == State.AWAKE))
             for s in servers:
                 self.measure(s)
+            await self._keep_ram()
         await self._in_loop(job)
         self.active = [n for n in self.active if self.servers[n].state == State.AWAKE]
 

@@ -46,3 +46,11 @@ def test_a_failing_idle_sleep_is_logged_shown_in_status_and_the_loop_goes_on(mm_
         assert (await daemon._status())["background_errors"] == []
         loop.cancel()
     asyncio.run(go())
+
+
+def test_the_ram_budget_reaches_the_scheduler(mm_env):
+    async def go():
+        assert Daemon(Config(ram_budget=24 << 30)).scheduler.ram_budget_now() == 24 << 30
+        derived = Daemon(Config()).scheduler  # from this machine's RAM (scheduler.derived_ram_budget)
+        assert derived.ram_budget is None and derived.ram_budget_now() >= 0
+    asyncio.run(go())

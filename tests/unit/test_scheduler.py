@@ -33,6 +33,9 @@ class FakeServer:
         self.on_release = lambda s: None
         self.cancelled = False
         self.can_pause_requests = False  # vLLM's sleep with mode=keep
+        self.can_checkpoint = False  # the CUDA driver's process checkpoint
+        self.fails: set[str] = set()  # "checkpoint", "restore": what goes wrong for this server
+        self.ram = {State.ASLEEP: 0, State.CHECKPOINTED: 0}  # bytes of RAM it holds in those states
 
     name = property(lambda self: self.profile.name)
     may_restart = property(lambda self: self.profile.restart == "on-failure"
@@ -67,7 +70,25 @@ class FakeServer:
             self.log.append(f"wake {self.name}")
             self.state = State.AWAKE
             return
+        if self.state == State.CHECKPOINTED:
+            self.log.append(f"restore {self.name}")
+            if "restore" in self.fails:
+                self.state, self.error = State.FAILED, "restore failed"
+                raise MMError(f"{self.name}: cuCheckpointProcessRestore failed (CUDA_ERROR_ILLEGAL_STATE)")
+            self.state = State.AWAKE
+            return
         await self.start()
+
+    async def checkpoint(self) -> None:
+        assert self.state == State.ASLEEP and self.can_checkpoint
+        self.log.append(f"checkpoint {self.name}")
+        if "checkpoint" in self.fails:
+            self.state, self.error = State.FAILED, "checkpoint failed"
+            raise MMError(f"{self.name}: cuCheckpointProcessCheckpoint failed (CUDA_ERROR_NOT_SUPPORTED)")
+        self.state = State.CHECKPOINTED
+
+    def host_bytes(self) -> int | None:
+        return self.ram.get(self.state, 0)
 
     async def sleep(self, level=None, keep_requests=False) -> None:
         if self.state == State.AWAKE:
@@ -724,4 +745,144 @@ def test_a_request_that_leaves_before_its_switch_runs_drops_the_switch():
         busy.release()
         await settle()
         assert w.log == ["start a"] and w.sched.waiting("b") == 0
+    run(go())
+
+
+# --- issue 20: room by checkpoint, and host RAM -----------------------------------------------------------
+def checkpoint_world(prints: dict[str, tuple[float, float]], capacity_gib: float = 12, ram_asleep_gib: float = 4,
+                     ram_budget_gib: float | None = None, total_ram_gib: float | None = None,
+                     others_ram_gib: float = 0) -> tuple[World, FakeCard]:
+    """A card world whose sleepers can be checkpointed: asleep each holds ram_asleep_gib of RAM (its
+    weights), checkpointed that plus its GPU residue. total_ram_gib: a machine whose other programs hold
+    others_ram_gib."""
+    w, card = card_world(capacity_gib, prints)
+    for s in w.sched.servers.values():
+        s.can_checkpoint = True
+        s.ram = {State.ASLEEP: int(ram_asleep_gib * GIB),
+                 State.CHECKPOINTED: int(ram_asleep_gib * GIB) + card.prints[s.name].asleep}
+    w.sched.ram_budget = None if ram_budget_gib is None else int(ram_budget_gib * GIB)
+    if total_ram_gib is not None:
+        def host_ram():
+            mine = sum(s.host_bytes() for s in w.sched.servers.values() if s.state in LIVE)
+            return int(total_ram_gib * GIB), int((total_ram_gib - others_ram_gib) * GIB) - mine
+        w.sched.host_ram = host_ram
+    return w, card
+
+
+FOUR = {"a": (8, 1.5), "b": (8, 1.5), "c": (8, 1.5), "big": (9, 1)}
+
+
+async def visit(w: World, *names: str) -> None:
+    for n in names:
+        await w.clock.run(w.sched.activate(w.profiles[n]))
+
+
+def test_a_sleeper_is_checkpointed_instead_of_stopped_and_restored_on_its_next_use():
+    async def go():
+        w, card = checkpoint_world(FOUR, ram_budget_gib=100)
+        await visit(w, "a", "b", "c", "big")
+        # 9 + three residues of 1.5 > 12: a, the least recently used, leaves the card but not RAM
+        assert [w.server(n).state for n in ("a", "b", "c")] == [State.CHECKPOINTED, State.ASLEEP, State.ASLEEP]
+        assert "checkpoint a" in w.log and "stop a" not in w.log and card.peak <= card.cap
+        await visit(w, "a")
+        assert w.log[-2:] == ["sleep big", "restore a"] and w.log.count("start a") == 1
+        assert w.server("a").state == State.AWAKE and card.peak <= card.cap
+    run(go())
+
+
+def test_nothing_is_checkpointed_while_everything_fits():
+    async def go():
+        w, card = checkpoint_world({"a": (8, 1), "b": (8, 1), "c": (2, 0.5)}, ram_budget_gib=100)
+        await visit(w, "a", "b", "c", "a", "b", "a")
+        assert not any(e.startswith("checkpoint") for e in w.log)
+        assert not any(e.startswith("stop") for e in w.log)
+    run(go())
+
+
+def test_the_ram_budget_stops_the_least_recently_used_sleeper_after_a_sleep():
+    async def go():
+        w, card = checkpoint_world(FOUR, ram_budget_gib=10)  # two sleepers' weights (4 GiB each) fit
+        await visit(w, "a", "b", "c", "big")  # c's sleep would make three
+        assert w.server("a").state == State.STOPPED and "checkpoint a" not in w.log
+        assert (w.server("b").state, w.server("c").state) == (State.ASLEEP, State.ASLEEP)
+        assert w.server("big").state == State.AWAKE and card.peak <= card.cap
+    run(go())
+
+
+def test_a_checkpoint_that_would_exceed_the_ram_budget_is_a_stop():
+    async def go():
+        w, card = checkpoint_world(FOUR, ram_budget_gib=13)  # 3 x 4 fits; + a's 1.5 residue does not
+        await visit(w, "a", "b", "c", "big")
+        assert w.server("a").state == State.STOPPED and "checkpoint a" not in w.log
+        assert w.server("big").state == State.AWAKE and card.peak <= card.cap
+    run(go())
+
+
+def test_sleepers_stop_before_the_machine_would_swap():
+    async def go():
+        # 32 GiB, 22 held by other programs: two sleepers' 4 GiB each leave 2 GiB free (floor 1.6)
+        w, card = checkpoint_world({"a": (8, 1), "b": (8, 1), "c": (8, 1)}, ram_budget_gib=100,
+                                   total_ram_gib=32, others_ram_gib=22)
+        await visit(w, "a", "b", "c", "a")  # a third sleeper would leave -2 GiB
+        assert "stop b" in w.log and w.server("c").state == State.ASLEEP
+        assert w.sched.host_ram()[1] >= 1.6 * GIB
+    run(go())
+
+
+def test_the_default_ram_budget_is_a_share_of_the_machine_less_other_programs():
+    from mmlib.serve.scheduler import derived_ram_budget
+
+    assert derived_ram_budget(32 * GIB, 20 * GIB, 4 * GIB) == int(0.6 * 32 * GIB) - 8 * GIB
+    assert derived_ram_budget(32 * GIB, 2 * GIB, 0) == 0  # others hold more than the share: no sleepers
+
+
+def test_a_failed_restore_is_a_cold_start_and_the_request_is_served(caplog):
+    async def go():
+        w, card = checkpoint_world(FOUR, ram_budget_gib=100)
+        await visit(w, "a", "b", "c", "big")
+        w.server("a").fails.add("restore")
+        server = await w.clock.run(w.sched.acquire(w.profiles["a"]))
+        assert server.state == State.AWAKE and server.in_flight == 1
+        assert w.log[-3:] == ["restore a", "stop a", "start a"] and card.peak <= card.cap
+        lines = [r.message for r in caplog.records if "restoring it from its checkpoint failed" in r.message]
+        assert len(lines) == 1 and "starting it again" in lines[0]
+    run(go())
+
+
+def test_a_failed_checkpoint_stops_the_sleeper_and_the_switch_goes_on():
+    async def go():
+        w, card = checkpoint_world(FOUR, ram_budget_gib=100)
+        w.server("a").fails.add("checkpoint")
+        await visit(w, "a", "b", "c", "big")
+        assert w.log[-3:] == ["checkpoint a", "stop a", "start big"] and w.server("big").state == State.AWAKE
+    run(go())
+
+
+def test_a_crash_while_checkpointed_starts_it_again_on_its_next_request():
+    async def go():
+        w, card = checkpoint_world(FOUR, ram_budget_gib=100)
+        await visit(w, "a", "b", "c", "big")
+        w.server("a").crash()
+        await w.clock.advance(30)
+        assert w.server("a").state == State.FAILED and w.log[-1] == "start big"  # not restarted for nobody
+        server = await w.clock.run(w.sched.acquire(w.profiles["a"]))
+        assert server.state == State.AWAKE and w.log[-1] == "start a" and card.peak <= card.cap
+    run(go())
+
+
+def test_a_paused_sleeper_checkpointed_keeps_its_requests():
+    async def go():
+        w, card = checkpoint_world({"a": (8, 1.5), "b": (8, 1.5), "big": (11, 1)}, ram_budget_gib=100)
+        w.sched.policy = Policy(max_wait_s=0.05, pause_after_s=0.05, settle_timeout_s=1)
+        w.server("a").can_pause_requests = True
+        w.server("b").can_checkpoint = False
+        await visit(w, "a")
+        long_answer = await w.sched.acquire(w.profiles["a"])
+        (await w.clock.run(w.sched.acquire(w.profiles["b"]))).release()  # a pauses its answer
+        assert "sleep a keeping 1" in w.log
+        await visit(w, "big")  # 11 + 1.5: b is stopped, then a, paused, leaves the card
+        assert "stop b" in w.log and "checkpoint a" in w.log and "stop a" not in w.log
+        await w.clock.advance(1)  # big idle: a comes back for its paused answer
+        assert w.log[-1] == "restore a" and long_answer.state == State.AWAKE and long_answer.in_flight == 1
+        assert card.peak <= card.cap
     run(go())
