@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -328,8 +329,10 @@ class Scheduler:
                               f"`mm up {member.name}` tries again")
             wait = f.retry_at - self.clock.now()
             if wait > 0:
-                raise MMError(f"{member.name} failed to start ({f.error}); next try in {wait:.0f} s "
-                              f"(`mm up {member.name}` tries now)")
+                error = MMError(f"{member.name} failed to start ({f.error}); next try in {math.ceil(wait)} s "
+                                f"(`mm up {member.name}` tries now)")
+                error.retry_after_s = math.ceil(wait)  # for the proxy's Retry-After
+                raise error
 
     def _start_failed(self, server: Any, error: BaseException) -> None:
         f = self._failures.get(server.name)
