@@ -49,7 +49,7 @@ import itertools
 import logging
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from mmlib.errors import MMError
@@ -411,8 +411,15 @@ class Scheduler:
         return self._jobs.pop(0) if self._jobs else None
 
     def _next_activation(self) -> _Activation | None:
-        ready = [p for p in self._pending.values() if not self._held_off(p)]
+        ready = [p for p in self._pending.values() if not self._held_off_or_broken(p)]
         return min(ready, key=lambda p: p.seq) if ready else None
+
+    def _held_off_or_broken(self, pending: _Activation) -> bool:
+        try:
+            return self._held_off(pending)
+        except Exception:  # the fit cannot be judged (a profile or estimate broke): its switch says why
+            log.exception("%s: judging the hold-off failed", pending.key[-1])
+            return False
 
     def _next_deadline(self) -> float | None:
         held = [p.since + self.policy.max_wait_s for p in self._pending.values() if p.since is not None]
