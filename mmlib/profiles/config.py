@@ -19,6 +19,8 @@ KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "upstream_timeout": ((int, float), "seconds a model may stay silent mid-request, e.g. 600"),
     "max_body_mib": ((int, float), "MiB, the largest request body the endpoint takes, e.g. 100"),
     "gpu_budget": ((str, int), 'a size such as "12GiB": the GPU memory mm may use (default: the whole card)'),
+    "ram_budget": ((str, int), 'a size such as "24GiB": the RAM sleeping models may hold (default: 60% of '
+                   "the machine's RAM less what other programs hold)"),
     "switch_max_wait": ((int, float), "seconds a request waits for its model while another serves, e.g. 1"),
     "switch_pause_in_flight": (bool, "true (a switch pauses an answer still running after switch_pause_after; "
                                "it goes on when its model is back) or false (a switch waits for it to finish)"),
@@ -40,6 +42,9 @@ class Config:
     # GPU memory mm may use, bytes: a desktop's share of the card, or an emulated smaller card.
     # None: the whole card, as NVML reports it.
     gpu_budget: int | None = None
+    # RAM the sleepers may hold (weights a sleep moved off the card, checkpoints), bytes; None: derived
+    # (the scheduler's derived_ram_budget).
+    ram_budget: int | None = None
     switch_max_wait: float = 1.0
     switch_pause_in_flight: bool = True
     switch_pause_after: float = 5.0
@@ -54,16 +59,17 @@ def config_path():
     return paths.config_dir() / "config.toml"
 
 
-def _budget(where: str, value: str | int) -> int:
+def _budget(where: str, value: str | int, key: str = "gpu_budget") -> int:
     from mmlib.profiles.memory import gib, parse_size
 
     try:
         n = value if isinstance(value, int) else parse_size(value)
     except ValueError:
         n = 0
+    what = "a GPU memory budget" if key == "gpu_budget" else "a RAM budget"
     if n < 256 << 20:
-        raise ProfileError(where, f"{value!r} is not a GPU memory budget", 'write it like "12GiB" (bytes as a number '
-                           f"also work; at least {gib(256 << 20)})", key="gpu_budget")
+        raise ProfileError(where, f"{value!r} is not {what}", 'write it like "12GiB" (bytes as a number '
+                           f"also work; at least {gib(256 << 20)})", key=key)
     return n
 
 
@@ -90,6 +96,8 @@ def load_config() -> Config:
     if "gpu_budget" in data:
         where = ENV["gpu_budget"] if os.environ.get(ENV["gpu_budget"]) else str(path)
         data["gpu_budget"] = _budget(where, data["gpu_budget"])
+    if "ram_budget" in data:
+        data["ram_budget"] = _budget(str(path), data["ram_budget"], "ram_budget")
     for key in ("upstream_timeout", "max_body_mib", "switch_max_wait", "switch_pause_after"):
         if key in data and not data[key] > 0:
             raise ProfileError(str(path), f"{data[key]!r} is not above 0", f"set {key} to {KEYS[key][1]}", key=key)

@@ -37,6 +37,7 @@ from mmlib.serve.scheduler import Policy, Scheduler
 from mmlib.serve.states import State
 from mmlib.serve.supervisor import ManagedServer
 from mmlib.system.files import replace_atomic
+from mmlib.system.usage import host_ram
 
 log = logging.getLogger("mm.daemon")
 IDLE_CHECK_S = 1.0
@@ -69,7 +70,7 @@ class Daemon:
                                    policy=Policy(max_wait_s=config.switch_max_wait,
                                                  pause_in_flight=config.switch_pause_in_flight,
                                                  pause_after_s=config.switch_pause_after),
-                                   preflight=self.preflight)
+                                   preflight=self.preflight, ram_budget=config.ram_budget, host_ram=host_ram)
         self.scheduler.on_switch = self.metrics.switched
         self.index = ModelIndex(load_all)
         self.proxy = Proxy(self.scheduler, self.index, lambda: load_profile(config.default_profile),
@@ -79,6 +80,8 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._spec: asyncio.Future | None = None
         self._saved_footprints = ""
+        self.background_errors: dict[str, dict] = {}  # background duty -> its last failure (status)
+        self._duties_run: set[str] = set()
         self.page = Page(self._status, {"wake": self._activate, "sleep": self._sleep, "stop": self._stop},
                          self.metrics, api_key=config.api_key, stopping=self.stopping)  # page: /, /metrics, /mm/...
         self.proxy.app = host_guard(self.page.around(self.proxy.app), config.api_key, config.proxy_host)
@@ -180,6 +183,7 @@ class Daemon:
             snap = s.snapshot()
             snap["memory"] = await asyncio.to_thread(tree_memory, s.pid)
             snap["waiting"] = self.scheduler.waiting(s.name)
+            snap.update(self.scheduler.start_status(s.name))  # failed starts: backoff, FATAL
             servers.append(snap)
         memory, mib = self.scheduler.memory, lambda n: round(n / 2**20) if n else None
         capacity = memory.capacity()
@@ -188,7 +192,9 @@ class Daemon:
                 "total_mib": mib(capacity), "budget_mib": mib(memory.budget), "name": memory.name()}
         return {"daemon": await self._ping(), "active": self.scheduler.active, "card": card,
                 "last_switch_s": self.scheduler.last_switch_s,
-                "switches_per_min": self.scheduler.switches_per_minute(), "servers": servers}
+                "switches_per_min": self.scheduler.switches_per_minute(), "servers": servers,
+                "background_errors": list(self.background_errors.values()),
+                "ram_budget": self.scheduler.ram_budget_now()}
 
     def _profile(self, args: dict) -> Profile:
         name = args.get("profile") or self.config.default_profile
@@ -268,22 +274,51 @@ class Daemon:
             self._saved_footprints = text
 
     async def idle_loop(self) -> None:
+        """The background duties, once a second for the daemon's life: a duty that fails is logged
+        (one line, with its server) and tried again next round, and shows in status meanwhile."""
         while True:
-            await asyncio.sleep(IDLE_CHECK_S)
-            self.save_footprints()
-            now = time.monotonic()
-            for s in list(self.scheduler.servers.values()):
-                self.scheduler.measure(s)  # the awake peak and the asleep residue, for room decisions
-                idle = now - s.last_used
-                p = s.profile
-                if s.in_flight or self.scheduler.waiting(s.name) or self.scheduler.closed:
-                    continue
-                if p.idle_stop and s.state in (State.AWAKE, State.ASLEEP) and idle > p.idle_stop:
-                    log.info("%s idle %.0f s: stopping", s.name, idle)
-                    await self.scheduler.stop(s.name)
-                elif p.idle_sleep and s.state == State.AWAKE and idle > p.idle_sleep:
-                    log.info("%s idle %.0f s: sleeping", s.name, idle)
-                    await self.scheduler.sleep(s.name)
+            await self.scheduler.clock.sleep(IDLE_CHECK_S)
+            await self.idle_round()
+
+    async def idle_round(self) -> None:
+        self._duties_run = set()
+        await self._duty("save footprints", None, self.save_footprints)
+        now = self.scheduler.clock.now()
+        for s in list(self.scheduler.servers.values()):
+            # the awake peak and the asleep residue, for room decisions
+            await self._duty("measure", s.name, lambda: self.scheduler.measure(s))
+            idle = now - s.last_used
+            p = s.profile
+            if s.in_flight or self.scheduler.waiting(s.name) or self.scheduler.closed:
+                continue
+            if p.idle_stop and s.state in (State.AWAKE, State.ASLEEP) and idle > p.idle_stop:
+                log.info("%s idle %.0f s: stopping", s.name, idle)
+                await self._duty("idle stop", s.name, lambda: self.scheduler.stop(s.name))
+            elif p.idle_sleep and s.state == State.AWAKE and idle > p.idle_sleep:
+                log.info("%s idle %.0f s: sleeping", s.name, idle)
+                await self._duty("idle sleep", s.name, lambda: self.scheduler.sleep(s.name))
+        await self._duty("keep RAM", None, self.scheduler.keep_ram)  # other programs may take it too
+        for key in set(self.background_errors) - self._duties_run:  # no longer due: nothing to show
+            del self.background_errors[key]
+
+    async def _duty(self, what: str, server: str | None, act) -> None:
+        """One background duty; its failure is kept for status (cleared once it succeeds again) and
+        logged once per streak, not once a second."""
+        key = f"{server}: {what}" if server else what
+        self._duties_run.add(key)
+        try:
+            result = act()
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception as e:
+            line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            failed = self.background_errors.get(key, {"count": 0, "error": None})
+            if failed["error"] != line:
+                log.warning("%s failed: %s (tried again every %.0f s; see `mm status`)", key, line, IDLE_CHECK_S)
+            self.background_errors[key] = {"server": server, "duty": what, "error": line,
+                                           "at": time.time(), "count": failed["count"] + 1}
+        else:
+            self.background_errors.pop(key, None)
 
     async def adopt_orphans(self) -> None:
         """Servers a previous daemon started (it may have been killed): take them back or stop them."""

@@ -1,38 +1,53 @@
-"""Which servers are awake: one place decides (Ollama's sched.go idea), under one lock.
+"""Which servers are awake: one loop decides (Ollama's sched.go idea).
 
-A switch puts to sleep (or stops, where sleep mode is unavailable) every awake server whose memory
-share does not fit beside the target, then wakes or starts the target. Requests that arrive during
-a switch wait on the same activation instead of starting a second one.
+Every change to a server's life goes through the scheduler's loop: a request or a command for a
+server that is not ready joins a pending activation (one per target), and the loop runs the
+activations one at a time, each when its hold-off ends. An activation belongs to the loop, never to
+the request that asked for it: requests wait on it and may leave, and when the last one leaves before
+it runs, it is dropped. A switch puts to sleep (or stops, where sleep mode is unavailable) every awake
+server whose memory share does not fit beside the target, then wakes or starts the target. `mm stop`
+is not queued behind a switch: it cancels a start under way at once.
 
 Crashes come here too (a server's on_death): a server that crashed while serving is restarted by
-its policy, after a backoff, through the same activation path as any start, so the switch lock and
-memory rules hold for it; `mm stop` during the backoff cancels it. A server that crashed while
-asleep is not brought back awake beside the active one: it starts again on its next request.
+its policy, after a backoff, through the same loop as any start, so the memory rules hold for it;
+`mm stop` during the backoff cancels it. A server that crashed while asleep is not brought back awake
+beside the active one: it starts again on its next request. A start that fails spends the same kind of
+budget (supervisor's BACKOFF, then FATAL after max_restarts): until its backoff ends a request for it
+is answered at once, and nothing is slept for it; a command (`mm up`) resets the budget.
 
 Memory is counted in bytes where the card answers (serve/memory.CardMemory): what each server
 holds awake and asleep (measured over its process tree once it ran, predicted before), against the
 card's capacity or the budget in config.toml. Servers that fit stay awake together; a target that
-does not fit puts the others to sleep, then stops the least recently used sleepers, then waits until
-the card shows the memory free. Without a GPU, declared shares (share_gpu) decide as before.
+does not fit puts the others to sleep, then moves the least recently used sleepers off the card
+(checkpointed into RAM by the CUDA driver where the server can be, else stopped; lazily: a sleeper
+keeps its residue while everything fits), then waits until the card shows the memory free. A
+checkpointed server holds no GPU memory; its wake restores it, and a failed restore is a cold start.
+Without a GPU, declared shares (share_gpu) decide as before.
+
+Sleepers hold RAM (the weights a sleep moved off the card, checkpoints): their total stays under the
+RAM budget (config.toml ram_budget, else derived_ram_budget), and while the machine's free RAM is
+under ram_floor the least recently used sleepers are stopped, so it never swaps.
 
 Under mixed traffic a switch is not made for every request of the other model: the awake model keeps
 serving until the other model's oldest waiter has waited policy.max_wait_s, or the awake model has
 nothing in flight (Policy). Then the requests in flight get policy.pause_after_s to finish; where
 vLLM can keep them across a sleep (0.26+, mode=keep: preempted, recomputed on waking), those still
-running then pause with their server, which comes back for them as it would for a waiting request.
-No model starves, and no answer's length holds another model up: every waiter is served within
-max_wait_s plus pause_after_s plus one switch (without pausing: max_wait_s plus the requests in
-flight plus one switch). Short requests finish inside pause_after_s and are never paused: pausing
-costs the paused answer a recompute and a second switch, worth it only against a long answer.
+running then pause with their server, which comes back for them as it would for a waiting request
+(unless every paused request has gone by then). No model starves, and no answer's length holds
+another model up: every waiter is served within max_wait_s plus pause_after_s plus one switch
+(without pausing: max_wait_s plus the requests in flight plus one switch). Short requests finish
+inside pause_after_s and are never paused: pausing costs the paused answer a recompute and a second
+switch, worth it only against a long answer.
 
-Servers, the profile loader, the card and the backoff sleep are injected: tests drive the real
-scheduler with fake servers and a fake card (tests/unit/test_scheduler.py).
+Servers, the profile loader, the card and the clock are injected: tests drive the real scheduler with
+fake servers, a fake card and a clock they advance (tests/unit/test_scheduler.py).
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import time
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -41,15 +56,29 @@ from mmlib.errors import MMError
 from mmlib.profiles.profile import Profile, load_profile
 from mmlib.serve.memory import Footprint, NoCard
 from mmlib.serve.states import AWAKE_ISH, LIVE, State
+from mmlib.system.clock import Clock
 
 log = logging.getLogger("mm.scheduler")
 
 # Shares of one GPU's memory (vLLM's gpu_memory_utilization) that may be awake at once.
 GPU_SHARE_LIMIT = 1.0
-DRAIN_POLL_S = 0.002
-HOLD_POLL_S = 0.005
-SETTLE_POLL_S = 0.1
+SETTLE_POLL_S = 0.1  # the card is asked (NVML) this often while freed memory settles
 MEASURE_DELAY_S = 0.05
+# Without a ram_budget in config.toml, sleepers may hold this share of the machine's RAM, less what
+# other programs hold; and whatever the budget, sleepers stop while free RAM is under the floor.
+RAM_SHARE = 0.6
+SLEEPING = frozenset({State.ASLEEP, State.CHECKPOINTED})  # sleepers: on the card, or off it in RAM
+
+
+def ram_floor(total: int) -> int:
+    """Free RAM below which sleepers are stopped, so the machine never swaps."""
+    return max(512 << 20, total // 20)
+
+
+def derived_ram_budget(total: int, available: int, held_by_mm: int) -> int:
+    """RAM_SHARE of the machine's RAM less what other programs hold now."""
+    others = max(0, total - available - held_by_mm)
+    return max(0, int(total * RAM_SHARE) - others)
 
 
 @dataclass(frozen=True)
@@ -76,34 +105,74 @@ def restart_backoff_s(restarts: int) -> float:
 
 
 @dataclass
-class _Pending:
+class _Activation:
+    """One target the loop will bring up; requests and commands for it join it."""
+    key: tuple[str, ...]
+    profile: Profile
+    members: list[Profile]
     since: float | None  # when its first request arrived; None for a command (no holding off)
-    task: asyncio.Task | None = None
+    seq: int
+    done: asyncio.Future
     requests: int = 0
+    paused_for: Any = None  # the sleeping server whose paused requests it brings back
+    running: bool = False
+
+    @property
+    def wanted(self) -> bool:
+        """Whether anyone still waits for it (a come-back is wanted while its paused requests last)."""
+        if self.since is None or self.requests > 0:
+            return True
+        s = self.paused_for
+        return s is not None and s.in_flight > 0 and s.state in SLEEPING
+
+
+@dataclass
+class _StartFailures:
+    """Failed starts of one profile: the backoff before the next try, FATAL past max_restarts."""
+    profile: Profile
+    count: int = 0
+    retry_at: float = 0.0
+    error: str = ""
+
+    @property
+    def fatal(self) -> bool:
+        return self.count > self.profile.max_restarts
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 class Scheduler:
     def __init__(self, make_server: Callable[[Profile], Any], load: Callable[[str], Profile] = load_profile,
-                 drain_limit_s: float = 600.0, sleep: Callable[[float], Any] = asyncio.sleep,
-                 memory: Any = None, policy: Policy = Policy(),
-                 preflight: Callable[[Profile], Awaitable[None]] | None = None):
+                 drain_limit_s: float = 600.0, memory: Any = None, policy: Policy = Policy(),
+                 preflight: Callable[[Profile], Awaitable[None]] | None = None, clock: Any = None,
+                 ram_budget: int | None = None, host_ram: Callable[[], tuple[int, int] | None] | None = None):
         self.servers: dict[str, Any] = {}
         self.active: list[str] = []  # profiles of the last activation, the target of model "default"
         self.last_switch_s: float | None = None
         self.drain_limit_s = drain_limit_s
         self.memory = memory or NoCard()
         self.policy = policy
+        self.clock = clock or Clock()  # now() and sleep(): tests advance a fake one
+        self.ram_budget = ram_budget  # bytes the sleepers may hold in RAM; None: derived_ram_budget
+        self.host_ram = host_ram  # () -> (total, available) bytes of the machine's RAM; None: unknown
         self.footprints: dict[tuple[str, str | None], Footprint] = {}  # (profile, model) -> measured
         self.switch_times: deque[float] = deque(maxlen=1000)
         self._make_server = make_server
         self._load = load
-        self._sleep = sleep  # injectable: tests run backoffs without waiting
         # Checks a start must pass (guard rails, this machine); raises Refused before anything is slept
         # or stopped, so a request for a broken profile leaves what runs untouched.
         self._preflight = preflight
-        self._switch = asyncio.Lock()
-        self._pending: dict[tuple[str, ...], _Pending] = {}
+        self._pending: dict[tuple[str, ...], _Activation] = {}
+        self._jobs: list[tuple[int, Callable[[], Awaitable[Any]], asyncio.Future]] = []  # commands' sleeps
+        self._seq = itertools.count()
+        self._busy = False  # the loop is running an activation or a job
+        self._loop: asyncio.Task | None = None
+        self._changed = asyncio.Event()  # set (and replaced) on every change the loop may wait for
         self._restarts: dict[str, asyncio.Task] = {}
+        self._failures: dict[str, _StartFailures] = {}
+        self._background: set[asyncio.Task] = set()
         self.closed = False  # a daemon shutting down takes no new work
         self.on_switch: Callable[[list[str], list[str], float], None] = lambda before, after, s: None  # metrics
 
@@ -126,7 +195,16 @@ class Scheduler:
             server = self._make_server(profile)
             server.on_death = self.on_death
             self.servers[profile.name] = server
+        self._wire(server)
         return server
+
+    def _wire(self, server: Any) -> None:
+        """A request's release must reach the loop (a drain or a paused server's come-back waits on it)."""
+        if getattr(server, "on_release", None) != self._on_release:
+            server.on_release = self._on_release
+
+    def _on_release(self, server: Any) -> None:
+        self._kick()
 
     def awake(self) -> list[Any]:
         return [s for s in self.servers.values() if s.state in AWAKE_ISH]
@@ -146,12 +224,14 @@ class Scheduler:
         self._check_open()
         server = self._ready_now(profile)
         if server is not None:
+            self._wire(server)
             server.in_flight += 1
             return server
         failed = self.servers.get(profile.name)
         if failed is not None and failed.state == State.FAILED and not failed.may_restart:
             # A crashed server is restarted by its policy, not by whoever asks next: say so at once.
             raise MMError(f"{profile.name} failed ({failed.error}); `mm up {profile.name}` starts it again")
+        self._refuse_in_backoff(profile)
         await self._check(profile)
         return (await self._join(profile, wants_request=True))[-1]
 
@@ -160,6 +240,7 @@ class Scheduler:
         the user asking again, so a failed server gets a fresh restart budget."""
         self._check_open()
         for member in self.members(profile):
+            self._failures.pop(member.name, None)
             server = self.servers.get(member.name)
             if server is not None and server.state == State.FAILED:
                 server.restarts = 0
@@ -179,16 +260,16 @@ class Scheduler:
                 await self._preflight(member)
 
     def _ready_now_all(self, profile: Profile) -> list[Any] | None:
-        # Only while no switch is under way or queued: a request for the current model must not
-        # jump ahead of a switch that is waiting for that model's requests to finish.
-        if self._switch.locked():
+        # Only while the loop runs nothing: a request for the current model must not jump ahead of a
+        # switch that is waiting for that model's requests to finish.
+        if self._busy:
             return None
         members = self.members(profile)
         servers = [self.servers.get(m.name) for m in members]
         if all(s is not None and s.state == State.AWAKE and s.profile.model == m.model
                for s, m in zip(servers, members)) and self._fits_all():
             for s in servers:
-                s.last_used = time.monotonic()
+                s.last_used = self.clock.now()
             return servers
         return None
 
@@ -197,65 +278,212 @@ class Scheduler:
         return servers[-1] if servers else None
 
     async def _join(self, profile: Profile, wants_request: bool) -> list[Any]:
-        """Wait on the pending activation of this target, starting one if there is none.
+        """Wait on the pending activation of this target, queueing one if there is none.
 
         Requests that join are counted onto the server by the activation itself, at the instant it
-        completes, so the next queued switch cannot put the server to sleep before they run."""
-        key = tuple(m.name for m in self.members(profile))
+        completes, so the next switch cannot put the server to sleep before they run."""
+        members = self.members(profile)
+        key = tuple(m.name for m in members)
         pending = self._pending.get(key)
         if pending is None:
-            pending = self._pending[key] = _Pending(since=time.monotonic() if wants_request else None)
-            pending.task = asyncio.ensure_future(self._activate(profile, key, pending))
+            pending = self._queue(profile, members, self.clock.now() if wants_request else None)
         elif not wants_request:
             pending.since = None  # a command does not wait for a slice to end
         if wants_request:
             pending.requests += 1
+        self._kick()
         try:
-            return await asyncio.shield(pending.task)
+            return await asyncio.shield(pending.done)
         except asyncio.CancelledError:
             # The caller gave up (its client left): its place must not stay counted.
-            if wants_request and not pending.task.done():
+            if wants_request and not pending.done.done():
                 pending.requests -= 1
-            elif wants_request and not pending.task.cancelled() and pending.task.exception() is None:
-                pending.task.result()[-1].release()
+                self._kick()  # nobody left: the loop drops it
+            elif wants_request and not pending.done.cancelled() and pending.done.exception() is None:
+                pending.done.result()[-1].release()
             raise
+
+    def _queue(self, profile: Profile, members: list[Profile], since: float | None,
+               paused_for: Any = None) -> _Activation:
+        done = asyncio.get_running_loop().create_future()
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody may be waiting
+        pending = _Activation(tuple(m.name for m in members), profile, members, since, next(self._seq),
+                              done, paused_for=paused_for)
+        self._pending[pending.key] = pending
+        self._ensure_loop()
+        return pending
 
     def _fits_all(self) -> bool:
         awake = [s.profile for s in self.awake()]
         return len(awake) <= 1 or self._fits([], awake, [])
 
-    async def _activate(self, profile: Profile, key: tuple[str, ...], pending: _Pending) -> list[Any]:
-        try:
-            await self._hold_off(pending, self.members(profile))
-        except BaseException:
-            self._pending.pop(key, None)
-            raise
-        async with self._switch:
-            try:
-                targets = await self._switch_to(profile)
-            finally:
-                self._pending.pop(key)
-            # Still under the lock: the waiting requests hold their places before the next switch.
-            targets[-1].in_flight += pending.requests
-            return targets
+    # --- start failures: backoff, then FATAL ---------------------------------------------------------------
+    def _refuse_in_backoff(self, profile: Profile) -> None:
+        """A request for a profile whose start keeps failing is answered at once: no sleep for it."""
+        for member in self.members(profile):
+            f = self._failures.get(member.name)
+            if f is None or f.profile != member:
+                continue  # never failed, or changed since (a fix gets its try at once)
+            if f.fatal:
+                raise MMError(f"{member.name} failed to start {f.count} times ({f.error}); "
+                              f"`mm up {member.name}` tries again")
+            wait = f.retry_at - self.clock.now()
+            if wait > 0:
+                error = MMError(f"{member.name} failed to start ({f.error}); next try in {math.ceil(wait)} s "
+                                f"(`mm up {member.name}` tries now)")
+                error.retry_after_s = math.ceil(wait)  # for the proxy's Retry-After
+                raise error
 
-    async def _hold_off(self, pending: _Pending, members: list[Profile]) -> None:
-        """Let the awake model serve on while this switch may wait: until the first waiter has waited
-        max_wait_s, or the servers the switch would put to sleep have nothing in flight."""
-        names = {m.name for m in members}
-        while pending.since is not None:
-            if self._switch.locked() and time.monotonic() - pending.since < self.policy.max_wait_s:
-                # A switch under way: judge what it leaves awake. (Queued at once, a waiter that
-                # came during a switch took the card back the moment it ended: under steady mixed
-                # traffic every phase was one batch and a switch.)
-                await asyncio.sleep(HOLD_POLL_S)
-                continue
-            conflicting = [s for s in self.awake() if s.name not in names]
-            if not conflicting or all(s.in_flight == 0 for s in conflicting) \
-                    or time.monotonic() - pending.since >= self.policy.max_wait_s \
-                    or self._fits(members, [s.profile for s in conflicting], self._asleep_profiles(names)):
-                return
-            await asyncio.sleep(HOLD_POLL_S)
+    def _start_failed(self, server: Any, error: BaseException) -> None:
+        f = self._failures.get(server.name)
+        if f is None or f.profile != server.profile:
+            f = self._failures[server.name] = _StartFailures(server.profile)
+        f.count += 1
+        f.error = _first_line(error)
+        f.retry_at = self.clock.now() + restart_backoff_s(f.count)
+        log.warning("%s: start %d failed (%s); %s", server.name, f.count, f.error,
+                    "no more tries until `mm up`" if f.fatal else
+                    f"a request may try again in {restart_backoff_s(f.count):.0f} s")
+
+    def start_status(self, name: str) -> dict[str, Any]:
+        """For status: failed starts in a row and when the next try may come (None: none due, or FATAL)."""
+        f = self._failures.get(name)
+        if f is None:
+            return {"failed_starts": 0, "retry_in_s": None, "start_fatal": False}
+        wait = max(0.0, f.retry_at - self.clock.now())
+        return {"failed_starts": f.count, "retry_in_s": None if f.fatal else round(wait, 1),
+                "start_fatal": f.fatal, "start_error": f.error}
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def _kick(self) -> None:
+        """Something the loop (or a drain) may wait for changed: look again."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _until_change(self, deadline: float | None = None) -> None:
+        """Until the next kick, or the deadline on the clock."""
+        waits = [asyncio.ensure_future(self._changed.wait())]
+        if deadline is not None:
+            waits.append(asyncio.ensure_future(self.clock.sleep(max(0.0, deadline - self.clock.now()))))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    def _ensure_loop(self) -> None:
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._step()
+            except Exception:  # a bug here must not leave every later request waiting forever
+                log.exception("the scheduler's loop failed; going on")
+                await self._until_change(self.clock.now() + 1.0)
+
+    async def _step(self) -> None:
+        self._drop_unwanted()
+        job = self._next_job()
+        if job is not None:
+            await self._run_job(*job)
+            return
+        pending = self._next_activation()
+        if pending is not None:
+            await self._run_activation(pending)
+            return
+        await self._until_change(self._next_deadline())
+
+    def _drop_unwanted(self) -> None:
+        """Activations nobody waits for any more are dropped before they run (a start for nobody)."""
+        for key, pending in list(self._pending.items()):
+            if not pending.running and not pending.wanted:
+                self._discard(pending)
+
+    def _discard(self, pending: _Activation) -> None:
+        if self._pending.get(pending.key) is pending:
+            del self._pending[pending.key]
+        if not pending.done.done():
+            pending.done.cancel()
+
+    def _next_job(self):
+        return self._jobs.pop(0) if self._jobs else None
+
+    def _next_activation(self) -> _Activation | None:
+        ready = [p for p in self._pending.values() if not self._held_off_or_broken(p)]
+        return min(ready, key=lambda p: p.seq) if ready else None
+
+    def _held_off_or_broken(self, pending: _Activation) -> bool:
+        try:
+            return self._held_off(pending)
+        except Exception:  # the fit cannot be judged (a profile or estimate broke): its switch says why
+            log.exception("%s: judging the hold-off failed", pending.key[-1])
+            return False
+
+    def _next_deadline(self) -> float | None:
+        held = [p.since + self.policy.max_wait_s for p in self._pending.values() if p.since is not None]
+        return min(held) if held else None
+
+    def _held_off(self, pending: _Activation) -> bool:
+        """Whether the awake model serves on while this switch waits: until its first waiter has waited
+        max_wait_s, or the servers it would put to sleep have nothing in flight."""
+        if pending.since is None:
+            return False
+        names = set(pending.key)
+        conflicting = [s for s in self.awake() if s.name not in names]
+        return not (not conflicting or all(s.in_flight == 0 for s in conflicting)
+                    or self.clock.now() >= pending.since + self.policy.max_wait_s  # as _next_deadline
+                    or self._fits(pending.members, [s.profile for s in conflicting],
+                                  self._asleep_profiles(names)))
+
+    async def _run_activation(self, pending: _Activation) -> None:
+        pending.running, self._busy = True, True
+        try:
+            targets = await self._switch_to(pending.profile)
+        except asyncio.CancelledError:
+            pending.done.cancel()
+            raise
+        except Exception as e:
+            pending.done.set_exception(e)
+            if pending.paused_for is not None and pending.requests == 0:
+                log.warning("%s: bringing it back for its paused requests failed: %s", pending.key[-1],
+                            _first_line(e))
+        else:
+            # The waiting requests hold their places before the loop looks at the next switch.
+            targets[-1].in_flight += pending.requests
+            pending.done.set_result(targets)
+        finally:
+            if self._pending.get(pending.key) is pending:
+                del self._pending[pending.key]
+            self._busy = False
+            self._kick()
+
+    async def _run_job(self, seq: int, job: Callable[[], Awaitable[Any]], done: asyncio.Future) -> None:
+        self._busy = True
+        try:
+            done.set_result(await job())
+        except asyncio.CancelledError:
+            done.cancel()
+            raise
+        except Exception as e:
+            done.set_exception(e)
+        finally:
+            self._busy = False
+            self._kick()
+
+    async def _in_loop(self, job: Callable[[], Awaitable[Any]]) -> Any:
+        """Run a command's change (a sleep) in the loop, between switches."""
+        done = asyncio.get_running_loop().create_future()
+        self._jobs.append((next(self._seq), job, done))
+        self._ensure_loop()
+        self._kick()
+        return await asyncio.shield(done)
+
+    def _later(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # --- memory ----------------------------------------------------------------------------------------
     def footprint(self, profile: Profile) -> Footprint | None:
@@ -307,17 +535,20 @@ class Scheduler:
     def _measure_soon(self, server: Any) -> None:
         """Measure once the switch's waiters run: walking a process tree and asking NVML takes
         milliseconds that a switch should not wait for."""
-        asyncio.get_running_loop().call_later(MEASURE_DELAY_S, self.measure, server)
+        async def later() -> None:
+            await self.clock.sleep(MEASURE_DELAY_S)
+            self.measure(server)
+        self._later(later())
 
     async def _await_room(self, need: int) -> None:
         """Until the card shows `need` bytes free (a stopped or sleeping vLLM lets go of its memory
         a moment after its request returns), at most policy.settle_timeout_s."""
-        deadline = time.monotonic() + self.policy.settle_timeout_s
-        while time.monotonic() < deadline:
+        deadline = self.clock.now() + self.policy.settle_timeout_s
+        while self.clock.now() < deadline:
             free = self.memory.free()
             if free is None or free >= need:
                 return
-            await asyncio.sleep(SETTLE_POLL_S)
+            await self.clock.sleep(SETTLE_POLL_S)
         log.warning("only %s bytes free after %.0f s, %s wanted; starting anyway", self.memory.free(),
                     self.policy.settle_timeout_s, need)
 
@@ -325,7 +556,7 @@ class Scheduler:
         """Stop a server and return once the card shows its memory free again."""
         before, fp = self.memory.free(), self.footprint(server.profile)
         held = None
-        if fp and server.state in LIVE and server.pid:
+        if fp and server.state in LIVE and server.state != State.CHECKPOINTED and server.pid:
             held = fp.asleep if server.state == State.ASLEEP else fp.awake
         await server.stop()
         if before is not None and held:
@@ -339,12 +570,13 @@ class Scheduler:
             if fp is None or t.state == State.AWAKE:
                 continue
             need += (fp.awake - fp.asleep if t.state == State.ASLEEP
+                     else fp.awake if t.state == State.CHECKPOINTED  # restored: what it held, nothing more
                      else self._awake_bytes(t.profile, starting=True))
         return need
 
     # --- the switch ------------------------------------------------------------------------------------
     async def _switch_to(self, profile: Profile) -> list[Any]:
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
         awake_before = [s.name for s in self.awake()]  # metrics (issue 14)
         for m in self.members(profile):  # `mm chat OTHER/MODEL` on a running profile: a new server
             old = self.servers.get(m.name)
@@ -361,16 +593,36 @@ class Scheduler:
         for t in targets:  # one at a time: vLLM checks free GPU memory when it starts
             self._cancel_restart(t.name)
             await self._await_room(self._room_needed([t]))
-            await t.wake()
+            await self._bring_up(t, targets)
             self._measure_soon(t)
-        took = time.perf_counter() - t0
+        took = self.clock.now() - t0
         for t in targets:
             t.last_switch_s = took
         self.last_switch_s = took
-        self.switch_times.append(time.monotonic())
+        self.switch_times.append(self.clock.now())
         self.active = [t.name for t in targets]
         self.on_switch(awake_before, self.active, took)  # metrics (issue 14)
         return targets
+
+    async def _bring_up(self, server: Any, targets: list[Any]) -> None:
+        """Wake (restoring a checkpointed one) or start one target; a start that fails spends its
+        profile's start budget. A failed restore is a cold start, not a hang or an error."""
+        starting, restoring = server.state not in LIVE, server.state == State.CHECKPOINTED
+        try:
+            await server.wake()
+        except MMError as e:
+            if restoring and server.state != State.AWAKE:
+                log.warning("%s: restoring it from its checkpoint failed (%s); starting it again",
+                            server.name, _first_line(e))
+                await server.stop()  # whatever is left of it
+                await self._make_room(targets)  # a start peaks above what a wake needs
+                await self._await_room(self._room_needed([server]))
+                return await self._bring_up(server, targets)
+            if starting and server.state == State.FAILED:  # not a stop that cancelled the start
+                self._start_failed(server, e)
+            raise
+        if starting:
+            self._failures.pop(server.name, None)
 
     async def _make_room(self, targets: list[Any]) -> None:
         """Others stay awake where everything fits; else they sleep; then the least recently used
@@ -383,23 +635,95 @@ class Scheduler:
             await asyncio.gather(*(self._drain_then_sleep(s) for s in others))
             for s in others:
                 self._measure_soon(s)
-        # Sleepers holding paused requests go last: stopping one ends its requests.
+            await self._keep_ram(names)  # a sleep moves weights to RAM
+        # Least recently used first; sleepers holding paused requests last (stopping one ends them).
+        # Each is checkpointed off the card where it can be, else stopped.
         sleepers = sorted((s for s in self.servers.values() if s.state == State.ASLEEP and s.name not in names),
                           key=lambda s: (s.in_flight > 0, s.last_used))
         for s in sleepers:
             if self._fits(tp, [a.profile for a in self.awake() if a.name not in names],
                           self._asleep_profiles(names), starting):
                 break
+            if s.state != State.ASLEEP:
+                continue  # stopped meanwhile to keep RAM
+            if await self._checkpoint(s, names):
+                continue
             log.info("stopping %s (asleep, least recently used) to make room for %s", s.name, ", ".join(names))
+            self._drop_come_back(s.name)  # its paused requests end with it: nobody to bring it back for
             await self._stop_released(s)
+
+    async def _checkpoint(self, server: Any, exclude: set[str]) -> bool:
+        """Move a sleeper's GPU residue to RAM (the CUDA driver's checkpoint) where it can be and RAM
+        allows; False where it stays on the card. A failed checkpoint stops it (one log line)."""
+        if not getattr(server, "can_checkpoint", False):
+            return False
+        fp = self.footprint(server.profile)
+        extra = fp.asleep if fp else 0  # what the checkpoint adds to RAM
+        await self._keep_ram(exclude, extra)  # older sleepers give way first; it may go itself
+        if server.state != State.ASLEEP or self._ram_short(extra):
+            return False
+        log.info("checkpointing %s (asleep, least recently used) to make room", server.name)
+        try:
+            await server.checkpoint()
+        except MMError as e:
+            log.warning("%s: checkpoint failed (%s); stopping it", server.name, _first_line(e))
+            self._drop_come_back(server.name)
+            await self._stop_released(server)
+        return True
+
+    # --- host RAM: the sleepers' share, and never a swapping machine ------------------------------------
+    def _sleepers(self, exclude: set[str] = frozenset()) -> list[Any]:
+        return [s for s in self.servers.values() if s.state in SLEEPING and s.name not in exclude]
+
+    @staticmethod
+    def _host_bytes(server: Any) -> int:
+        measure = getattr(server, "host_bytes", None)
+        return (measure() if measure else None) or 0
+
+    def ram_budget_now(self) -> int | None:
+        """Bytes the sleepers may hold in RAM now: config.toml's ram_budget, else derived."""
+        if self.ram_budget is not None:
+            return self.ram_budget
+        ram = self.host_ram() if self.host_ram else None
+        if ram is None:
+            return None
+        mine = sum(self._host_bytes(s) for s in self.servers.values() if s.state in LIVE)
+        return derived_ram_budget(ram[0], ram[1], mine)
+
+    def _ram_short(self, extra: int = 0) -> bool:
+        """Whether the sleepers (plus `extra` bytes more) hold more than the budget, or free RAM is
+        (or would be) under the floor."""
+        budget = self.ram_budget_now()
+        if budget is not None and sum(self._host_bytes(s) for s in self._sleepers()) + extra > budget:
+            return True
+        ram = self.host_ram() if self.host_ram else None
+        return ram is not None and ram[1] - extra < ram_floor(ram[0])
+
+    async def _keep_ram(self, exclude: set[str] = frozenset(), extra: int = 0) -> None:
+        """Stop the least recently used sleepers while RAM is short (see _ram_short)."""
+        while self._ram_short(extra):
+            victims = sorted(self._sleepers(exclude), key=lambda s: (s.in_flight > 0, s.last_used))
+            if not victims:
+                return
+            s = victims[0]
+            log.info("stopping %s (asleep, least recently used): the sleepers' RAM is over its budget "
+                     "or the machine's free RAM low", s.name)
+            self._drop_come_back(s.name)
+            await self._stop_released(s)
+
+    async def keep_ram(self) -> None:
+        """For the daemon's background duty: RAM may run short through other programs too."""
+        if self._ram_short():
+            await self._in_loop(self._keep_ram)
 
     async def _drain(self, server: Any, limit_s: float | None = None) -> None:
         """Requests already on a server finish before it sleeps; none is cut off by a switch. The
         wait ends early when the server stops serving (it crashed), and at limit_s (default
         drain_limit_s; the proxy's upstream timeout bounds each request as well)."""
-        deadline = time.monotonic() + (self.drain_limit_s if limit_s is None else limit_s)
-        while server.in_flight > 0 and server.state == State.AWAKE and time.monotonic() < deadline:
-            await asyncio.sleep(DRAIN_POLL_S)
+        self._wire(server)
+        deadline = self.clock.now() + (self.drain_limit_s if limit_s is None else limit_s)
+        while server.in_flight > 0 and server.state == State.AWAKE and self.clock.now() < deadline:
+            await self._until_change(deadline)
 
     async def _drain_then_sleep(self, server: Any) -> None:
         """For a switch: the requests in flight get pause_after_s to finish where the server can
@@ -417,32 +741,37 @@ class Scheduler:
 
     def _come_back_for(self, server: Any) -> None:
         """Requests paused in a sleeping server wait like a request for it: an activation with its
-        hold-off, so they go on within max_wait_s plus a switch once the switch that paused them ends."""
-        key = tuple(m.name for m in self.members(server.profile))
+        hold-off, so they go on within max_wait_s plus a switch once the switch that paused them ends.
+        It is dropped if they all leave first (their client went away) or the server is stopped."""
+        members = self.members(server.profile)
+        key = tuple(m.name for m in members)
         if key in self._pending:
-            return  # requests already wait for it: their activation brings it back
-        pending = self._pending[key] = _Pending(since=time.monotonic())
-        pending.task = asyncio.ensure_future(self._activate(server.profile, key, pending))
+            self._pending[key].paused_for = server  # requests already wait for it: theirs brings it back
+            return
+        self._queue(server.profile, members, self.clock.now(), paused_for=server)
 
-        def done(task: asyncio.Task) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                log.warning("%s: bringing it back for its paused requests failed: %s", server.name,
-                            task.exception())
-        pending.task.add_done_callback(done)
+    def _drop_come_back(self, name: str) -> None:
+        for pending in list(self._pending.values()):
+            if pending.key[-1] == name and not pending.running and pending.requests == 0 \
+                    and pending.since is not None:
+                self._discard(pending)
 
     def switches_per_minute(self) -> int:
-        now = time.monotonic()
+        now = self.clock.now()
         return sum(1 for t in self.switch_times if now - t <= 60)
 
     # --- commands: sleep, stop ---------------------------------------------------------------------------
     async def sleep(self, name: str | None = None, level: int | None = None) -> None:
         """Put one server (or every awake one) to sleep, after the requests counted on it finish."""
         servers = [self.servers[name]] if name else list(self.servers.values())
-        async with self._switch:
+
+        async def job() -> None:
             await asyncio.gather(*(self._drain_then_sleep_at(s, level) for s in servers
                                    if s.state == State.AWAKE))
             for s in servers:
                 self.measure(s)
+            await self._keep_ram()
+        await self._in_loop(job)
         self.active = [n for n in self.active if self.servers[n].state == State.AWAKE]
 
     async def _drain_then_sleep_at(self, server: Any, level: int | None) -> None:
@@ -450,28 +779,35 @@ class Scheduler:
         await server.sleep(level)
 
     async def stop(self, name: str | None = None) -> list[str]:
-        """Stop one server (or all). Not under the switch lock: a server that is loading is
+        """Stop one server (or all). Not queued behind a switch: a server that is loading is
         cancelled at once instead of waiting for the switch that started it."""
         servers = [self.servers[name]] if name else list(self.servers.values())
         for s in servers:
             self._cancel_restart(s.name)
-            for key, pending in list(self._pending.items()):
-                if key[-1] == s.name and pending.requests == 0 and pending.since is not None:
-                    pending.task.cancel()  # it came back for paused requests, which the stop ends
+            self._drop_come_back(s.name)  # it came back for paused requests, which the stop ends
         await asyncio.gather(*(self._stop_released(s) for s in servers))
         self.active = [n for n in self.active if self.servers[n].state == State.AWAKE]
+        self._kick()
         return [s.name for s in servers]
 
     async def close(self) -> None:
         """Shutdown: refuse new work, cancel restarts and starts, stop every server."""
         self.closed = True
-        for task in self._pending.values():
-            task.task.cancel()
+        for pending in list(self._pending.values()):
+            self._discard(pending)
+        for _, _, done in self._jobs:
+            done.cancel()
+        self._jobs.clear()
+        if self._loop is not None:
+            self._loop.cancel()
+        for task in list(self._background):
+            task.cancel()
         await self.stop()
 
     # --- crashes -----------------------------------------------------------------------------------------
     def on_death(self, server: Any, was: State) -> None:
         self.active = [n for n in self.active if n != server.name]
+        self._kick()  # a drain waiting on it ends
         if self.closed or was not in AWAKE_ISH or not server.may_restart:
             # Asleep when it died: it starts again on its next request, not beside the active one.
             return
@@ -483,7 +819,7 @@ class Scheduler:
         self._restarts[server.name] = asyncio.ensure_future(self._restart_after(server, delay))
 
     async def _restart_after(self, server: Any, delay: float) -> None:
-        await self._sleep(delay)
+        await self.clock.sleep(delay)
         self._restarts.pop(server.name, None)
         if self.closed or server.state != State.FAILED or self.servers.get(server.name) is not server:
             return  # stopped, restarted by a request, or replaced meanwhile

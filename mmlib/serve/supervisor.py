@@ -66,6 +66,8 @@ class ManagedServer:
     on_change: Callable[["ManagedServer"], None] = lambda s: None
     # Told after a crash, with the state the server was in; the scheduler decides what follows.
     on_death: Callable[["ManagedServer", State], Any] = lambda s, was: None
+    # Told when a request ends: the scheduler's drains and paused servers' come-backs wait on it.
+    on_release: Callable[["ManagedServer"], None] = lambda s: None
     # Whether the installed vLLM has --uds (asked of its own parser); None: TCP.
     uds_supported: Callable[[], Awaitable[bool]] | None = None
     state: State = State.STOPPED
@@ -96,6 +98,7 @@ class ManagedServer:
     # --- what it is ----------------------------------------------------------------------------------
     def release(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)
+        self.on_release(self)
 
     @property
     def name(self) -> str:

@@ -1,8 +1,11 @@
 """What one process tree holds now: GPU memory through NVML, RAM through psutil (for `mm status`,
-the scheduler's footprints and the bench/eval sampler)."""
+the scheduler's footprints and the bench/eval sampler); and the machine's RAM (the scheduler's RAM
+budget for sleepers)."""
 from __future__ import annotations
 
 from typing import Any
+
+import psutil
 
 from mmlib.system import proctree
 from mmlib.system.nvml import MIB, Nvml, session
@@ -24,3 +27,10 @@ def tree_memory(pid: int | None, nv: Nvml | None = None) -> dict[str, Any]:
     rss = proctree.rss_bytes(procs)
     return {"gpu_mib": None if gpu is None or isinstance(gpu, str) else round(gpu / MIB, 1),
             "rss_mib": None if rss is None else round(rss / MIB, 1), "gpu": note}
+
+
+def host_ram() -> tuple[int, int]:
+    """(total, available) bytes of the machine's RAM; available as the kernel counts it (free plus
+    what it can reclaim without swapping)."""
+    vm = psutil.virtual_memory()
+    return int(vm.total), int(vm.available)

@@ -109,6 +109,19 @@ def test_gpu_budget_in_config_and_env(mm_env, monkeypatch):
         load_config()
 
 
+def test_ram_budget_in_config(mm_env):
+    from mmlib.profiles.config import load_config
+
+    assert load_config().ram_budget is None  # derived by the scheduler from the machine's RAM
+    cfg = Path(mm_env["MM_HOME"]) / "config" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text('ram_budget = "24GiB"\n')
+    assert load_config().ram_budget == 24 * GIB
+    cfg.write_text('ram_budget = "lots"\n')
+    with pytest.raises(ProfileError, match=r"config.toml: ram_budget: 'lots' is not a RAM budget \(fix: write it"):
+        load_config()
+
+
 def test_switch_settings_in_config(mm_env):
     from mmlib.profiles.config import load_config
 

@@ -1,6 +1,6 @@
 """The real scheduler against fake servers whose every step the test releases by hand (Ollama's
 sched_test.go idea): starts, sleeps and wakes take as long as the test says, crashes happen when it
-says, and backoffs are an injected sleep. No processes, no ports, no real time."""
+says, and time is a fake clock the test advances. No processes, no ports, no real time."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +12,7 @@ from mmlib.errors import MMError
 from mmlib.profiles.profile import Profile, SleepSettings
 from mmlib.serve.scheduler import Scheduler
 from mmlib.serve.states import LIVE, State
+from tests.fakeclock import FakeClock, settle
 
 
 def profile(name: str, **kw) -> Profile:
@@ -23,14 +24,18 @@ class FakeServer:
     """Implements what the scheduler uses of ManagedServer. `gate` holds every start and wake until
     the test opens it; calls are recorded in order."""
 
-    def __init__(self, p: Profile, log: list[str], gate: asyncio.Event):
-        self.profile, self.log, self.gate = p, log, gate
+    def __init__(self, p: Profile, log: list[str], gate: asyncio.Event, broken: set[str] = frozenset()):
+        self.profile, self.log, self.gate, self.broken = p, log, gate, broken
         self.state = State.STOPPED
         self.in_flight, self.restarts, self.last_used, self.last_switch_s = 0, 0, 0.0, None
         self.error, self.pid = None, None
         self.on_death = lambda s, was: None
+        self.on_release = lambda s: None
         self.cancelled = False
         self.can_pause_requests = False  # vLLM's sleep with mode=keep
+        self.can_checkpoint = False  # the CUDA driver's process checkpoint
+        self.fails: set[str] = set()  # "checkpoint", "restore": what goes wrong for this server
+        self.ram = {State.ASLEEP: 0, State.CHECKPOINTED: 0}  # bytes of RAM it holds in those states
 
     name = property(lambda self: self.profile.name)
     may_restart = property(lambda self: self.profile.restart == "on-failure"
@@ -38,11 +43,18 @@ class FakeServer:
 
     def release(self) -> None:
         self.in_flight -= 1
+        self.on_release(self)
+
+    def snapshot(self) -> dict:
+        return {"profile": self.name, "state": self.state.value, "in_flight": self.in_flight}
 
     async def start(self) -> None:
         if self.state == State.AWAKE:
             return
         self.log.append(f"start {self.name}")
+        if self.name in self.broken:  # vLLM exits during start-up
+            self.state, self.error = State.FAILED, "exited during start-up (code 1)"
+            raise MMError(f"{self.name}: exited during start-up (code 1)")
         self.state = State.STARTING
         try:
             await self.gate.wait()
@@ -58,7 +70,25 @@ class FakeServer:
             self.log.append(f"wake {self.name}")
             self.state = State.AWAKE
             return
+        if self.state == State.CHECKPOINTED:
+            self.log.append(f"restore {self.name}")
+            if "restore" in self.fails:
+                self.state, self.error = State.FAILED, "restore failed"
+                raise MMError(f"{self.name}: cuCheckpointProcessRestore failed (CUDA_ERROR_ILLEGAL_STATE)")
+            self.state = State.AWAKE
+            return
         await self.start()
+
+    async def checkpoint(self) -> None:
+        assert self.state == State.ASLEEP and self.can_checkpoint
+        self.log.append(f"checkpoint {self.name}")
+        if "checkpoint" in self.fails:
+            self.state, self.error = State.FAILED, "checkpoint failed"
+            raise MMError(f"{self.name}: cuCheckpointProcessCheckpoint failed (CUDA_ERROR_NOT_SUPPORTED)")
+        self.state = State.CHECKPOINTED
+
+    def host_bytes(self) -> int | None:
+        return self.ram.get(self.state, 0)
 
     async def sleep(self, level=None, keep_requests=False) -> None:
         if self.state == State.AWAKE:
@@ -82,28 +112,19 @@ class World:
         self.log: list[str] = []
         self.gate = asyncio.Event()
         self.gate.set()
-        self.backoffs: list[float] = []
-        self.backoff_gate = asyncio.Event()
+        self.clock = FakeClock()
+        self.broken: set[str] = set()  # profiles whose start fails
         self.profiles = {p.name: p for p in profiles}
         self.pausable = False  # servers whose sleep can keep the requests in flight (vLLM 0.26+)
-        self.sched = Scheduler(self._server, load=self.profiles.__getitem__, sleep=self._backoff)
+        self.sched = Scheduler(self._server, load=self.profiles.__getitem__, clock=self.clock)
 
     def _server(self, p: Profile) -> FakeServer:
-        server = FakeServer(p, self.log, self.gate)
+        server = FakeServer(p, self.log, self.gate, self.broken)
         server.can_pause_requests = self.pausable
         return server
 
-    async def _backoff(self, seconds: float) -> None:
-        self.backoffs.append(seconds)
-        await self.backoff_gate.wait()
-
     def server(self, name: str) -> FakeServer:
         return self.sched.servers[name]
-
-
-async def settle() -> None:
-    for _ in range(20):
-        await asyncio.sleep(0)
 
 
 def run(coro):
@@ -115,10 +136,9 @@ def test_a_crash_while_serving_restarts_through_the_scheduler_after_a_backoff():
         w = World(profile("a"), profile("b"))
         await w.sched.activate(w.profiles["a"])
         w.server("a").crash()
-        await settle()
-        assert w.backoffs == [1.0] and w.server("a").state == State.FAILED  # waiting, not restarted yet
-        w.backoff_gate.set()
-        await settle()
+        await w.clock.advance(0.99)
+        assert w.server("a").state == State.FAILED  # waiting 1 s, not restarted yet
+        await w.clock.advance(0.01)
         assert w.server("a").state == State.AWAKE and w.server("a").restarts == 1
         assert w.log == ["start a", "start a"] and w.sched.active == ["a"]
     run(go())
@@ -131,8 +151,7 @@ def test_mm_stop_during_the_backoff_is_not_undone():
         w.server("a").crash()
         await settle()
         await w.sched.stop("a")
-        w.backoff_gate.set()
-        await settle()
+        await w.clock.advance(30)
         assert w.server("a").state == State.STOPPED and w.log == ["start a", "stop a"]
     run(go())
 
@@ -144,9 +163,9 @@ def test_a_server_that_crashed_asleep_does_not_come_back_awake_beside_the_active
         await w.sched.activate(w.profiles["b"])  # a sleeps
         assert w.server("a").state == State.ASLEEP
         w.server("a").crash()
-        w.backoff_gate.set()
-        await settle()
-        assert w.backoffs == [] and w.server("a").state == State.FAILED and w.server("b").state == State.AWAKE
+        await w.clock.advance(30)
+        assert w.log == ["start a", "sleep a", "start b"]  # no restart
+        assert w.server("a").state == State.FAILED and w.server("b").state == State.AWAKE
         # ... and its next request starts it the normal way: b sleeps first
         server = await w.sched.acquire(w.profiles["a"])
         assert server.name == "a" and w.server("b").state == State.ASLEEP
@@ -157,14 +176,13 @@ def test_a_server_that_crashed_asleep_does_not_come_back_awake_beside_the_active
 def test_the_restart_policy_bounds_restarts():
     async def go():
         w = World(profile("a", max_restarts=1))
-        w.backoff_gate.set()
         await w.sched.activate(w.profiles["a"])
         w.server("a").crash()
-        await settle()
+        await w.clock.advance(1.0)
         assert w.server("a").state == State.AWAKE
         w.server("a").crash()
-        await settle()
-        assert w.server("a").state == State.FAILED and w.backoffs == [1.0]
+        await w.clock.advance(30)
+        assert w.server("a").state == State.FAILED and w.log == ["start a", "start a"]
         with pytest.raises(MMError, match="mm up a"):
             await w.sched.acquire(w.profiles["a"])
     run(go())
@@ -252,12 +270,11 @@ def test_a_shutting_down_scheduler_takes_no_new_work():
 def test_a_crash_during_shutdown_is_not_restarted():
     async def go():
         w = World(profile("a"))
-        w.backoff_gate.set()
         await w.sched.activate(w.profiles["a"])
         w.sched.closed = True
         w.server("a").crash()
-        await settle()
-        assert w.backoffs == [] and w.server("a").state == State.FAILED
+        await w.clock.advance(30)
+        assert w.log == ["start a"] and w.server("a").state == State.FAILED
     run(go())
 
 
@@ -427,7 +444,7 @@ def test_a_start_waits_until_the_card_shows_the_memory_free():
             reads.append(value)
             return value
         card.free = counting_free
-        await w.sched.activate(w.profiles["big"])
+        await w.clock.run(w.sched.activate(w.profiles["big"]))
         # a was stopped; its memory showed free only after the lag; big started after that
         assert reads and min(reads) < 10 * GIB <= reads[-1]
         assert w.server("big").state == State.AWAKE
@@ -438,7 +455,7 @@ def test_stop_returns_only_once_the_memory_is_free():
     async def go():
         w, card = card_world(12, {"a": (8, 1)}, lag=4)
         await w.sched.activate(w.profiles["a"])
-        await w.sched.stop("a")
+        await w.clock.run(w.sched.stop("a"))
         assert card.free() == card.cap  # nothing left held when stop returned
     run(go())
 
@@ -452,7 +469,7 @@ def test_the_budget_is_never_exceeded_over_many_switches():
         rng = random.Random(7)
         for _ in range(60):
             name = rng.choice(list(prints))
-            await w.sched.activate(w.profiles[name])
+            await w.clock.run(w.sched.activate(w.profiles[name]))
             assert w.server(name).state == State.AWAKE
             assert card._used() <= card.cap
         assert card.peak <= card.cap
@@ -467,16 +484,16 @@ def test_the_awake_model_keeps_serving_while_the_other_waits_less_than_the_bound
         await w.sched.activate(w.profiles["a"])
         busy = await w.sched.acquire(w.profiles["a"])  # a is serving
         waiting_b = asyncio.ensure_future(w.sched.acquire(w.profiles["b"]))
-        await asyncio.sleep(0.05)
+        await w.clock.advance(0.05)
         more_a = await asyncio.wait_for(w.sched.acquire(w.profiles["a"]), 0.1)  # served at once, no switch
         assert more_a.name == "a" and not waiting_b.done()
-        t0 = asyncio.get_running_loop().time()
+        t0 = w.clock.now()
         # a stays busy: b is served once its request has waited the bound (plus a's drain)
-        await asyncio.sleep(0.3)
+        await w.clock.advance(0.3)
         busy.release()
         more_a.release()
-        got = await asyncio.wait_for(waiting_b, 2.0)
-        assert got.name == "b" and asyncio.get_running_loop().time() - t0 < 1.0
+        got = await w.clock.run(waiting_b)
+        assert got.name == "b" and w.clock.now() - t0 < 1.0
         assert w.log == ["start a", "sleep a", "start b"]
     run(go())
 
@@ -506,14 +523,14 @@ def test_under_a_steady_mix_no_model_starves_and_every_request_gets_its_model(pa
         async def client(i):
             for _ in range(25):
                 name = "small" if rng.random() < 0.1 else "big"
-                t0 = asyncio.get_running_loop().time()
+                t0 = w.clock.now()
                 server = await w.sched.acquire(w.profiles[name])
-                waits[name].append(asyncio.get_running_loop().time() - t0)
+                waits[name].append(w.clock.now() - t0)
                 assert server.state == State.AWAKE
                 served_by.append((name, server.name))
-                await asyncio.sleep(rng.uniform(0.001, 0.01))  # the request runs
+                await w.clock.sleep(rng.uniform(0.001, 0.01))  # the request runs
                 server.release()
-        await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(16))), 60)
+        await w.clock.run(asyncio.gather(*(client(i) for i in range(16))), 60)
         assert len(served_by) == 400 and all(a == b for a, b in served_by)
         # every wait is bounded: max_wait + the longest request in flight + switches (instant here)
         assert max(waits["small"]) < 0.5 and max(waits["big"]) < 0.5
@@ -552,22 +569,20 @@ def test_a_long_answer_pauses_after_the_bound_and_goes_on_once_its_model_is_back
         w.sched.policy = Policy(max_wait_s=0.1, pause_after_s=0.1)
         await w.sched.activate(w.profiles["a"])
         long_answer = await w.sched.acquire(w.profiles["a"])  # streams for minutes
-        t0 = asyncio.get_running_loop().time()
-        b = await asyncio.wait_for(w.sched.acquire(w.profiles["b"]), 2.0)
-        assert b.name == "b" and asyncio.get_running_loop().time() - t0 < 0.5  # 0.1 hold + 0.1 drain
+        t0 = w.clock.now()
+        b = await w.clock.run(w.sched.acquire(w.profiles["b"]))
+        assert b.name == "b" and w.clock.now() - t0 < 0.5  # 0.1 hold + 0.1 drain
         assert w.log == ["start a", "sleep a keeping 1", "start b"]
         assert long_answer.state == State.ASLEEP and long_answer.in_flight == 1  # paused, not cut off
         # both answers run on: the two servers take turns, each serving at least the bound
-        await asyncio.sleep(0.3)
+        await w.clock.advance(0.3)
         assert w.log[3:5] == ["sleep b keeping 1", "wake a"] and long_answer.state == State.AWAKE
         long_answer.release()  # a's answer ends: b comes back at once for its paused one
-        for _ in range(100):
-            if b.state == State.AWAKE and long_answer.state == State.ASLEEP:
-                break
-            await asyncio.sleep(0.01)
-        assert b.state == State.AWAKE and w.log[-2:] == ["sleep a", "wake b"]
+        await settle()
+        assert b.state == State.AWAKE and long_answer.state == State.ASLEEP
+        assert w.log[-2:] == ["sleep a", "wake b"]
         b.release()
-        await asyncio.sleep(0.3)
+        await w.clock.advance(0.3)
         assert w.log[-1] == "wake b"  # nothing paused or waiting: no more switches
     run(go())
 
@@ -585,10 +600,10 @@ def test_a_switch_waits_for_the_answer_in_flight_where_it_does_not_pause(pausabl
         await w.sched.activate(w.profiles["a"])
         answer = await w.sched.acquire(w.profiles["a"])
         waiting_b = asyncio.ensure_future(w.sched.acquire(w.profiles["b"]))
-        await asyncio.sleep(0.3)  # past the hold: the switch waits for the answer
+        await w.clock.advance(0.3)  # past the hold: the switch waits for the answer
         assert not waiting_b.done() and w.log == ["start a"]
         answer.release()
-        assert (await asyncio.wait_for(waiting_b, 1.0)).name == "b"
+        assert (await w.clock.run(waiting_b)).name == "b"
         assert w.log == ["start a", "sleep a", "start b"]  # a plain sleep: nothing was paused
     run(go())
 
@@ -600,11 +615,274 @@ def test_mm_stop_of_a_server_holding_paused_requests_does_not_bring_it_back():
         w.sched.policy = Policy(max_wait_s=0.05, pause_after_s=0.05)
         await w.sched.activate(w.profiles["a"])
         long_answer = await w.sched.acquire(w.profiles["a"])
-        b = await asyncio.wait_for(w.sched.acquire(w.profiles["b"]), 1.0)  # a pauses its answer
+        b = await w.clock.run(w.sched.acquire(w.profiles["b"]))  # a pauses its answer
         assert w.log[-2:] == ["sleep a keeping 1", "start b"]
         await w.sched.stop("a")  # the paused answer ends with the server
         long_answer.release()
         b.release()
-        await asyncio.sleep(0.3)
+        await w.clock.advance(0.3)
         assert long_answer.state == State.STOPPED and w.log[-1] == "stop a"
+    run(go())
+
+
+# --- issue 21: activations belong to the scheduler; start failures back off -----------------------------
+def test_a_paused_server_stopped_while_another_starts_starts_again_on_its_next_request():
+    """Issue 21 item 4: the come-back of a paused server, cancelled by `mm stop` while it waited for a
+    cold start to finish, left its entry behind, and every later request for it awaited the cancelled
+    task."""
+    async def go():
+        w = World(profile("a"), profile("b"))
+        w.pausable = True
+        w.sched.policy = Policy(max_wait_s=0.02, pause_after_s=0.02)
+        await w.sched.activate(w.profiles["a"])
+        long_answer = await w.sched.acquire(w.profiles["a"])
+        w.gate.clear()  # b cold-starts for a long time
+        for_b = asyncio.ensure_future(w.sched.acquire(w.profiles["b"]))
+        await w.clock.advance(0.15)
+        assert w.log == ["start a", "sleep a keeping 1", "start b"]  # a's come-back waits behind b's start
+        await w.sched.stop("a")
+        long_answer.release()
+        w.gate.set()
+        (await w.clock.run(for_b)).release()
+        got = await w.clock.run(w.sched.acquire(w.profiles["a"]))
+        assert got.name == "a" and got.state == State.AWAKE and w.log[-2:] == ["sleep b", "start a"]
+    run(go())
+
+
+def test_a_paused_sleeper_stopped_to_make_room_is_not_started_again_for_nobody():
+    """Issue 21 item 6."""
+    async def go():
+        w, card = card_world(12, {"a": (8, 2), "b": (8, 1), "c": (10.5, 1)})
+        for s in w.sched.servers.values():
+            s.can_pause_requests = True
+        w.sched.policy = Policy(max_wait_s=0.02, pause_after_s=0.02, settle_timeout_s=1)
+        await w.sched.activate(w.profiles["a"])
+        await w.sched.acquire(w.profiles["a"])  # a long answer
+        b = await w.clock.run(w.sched.acquire(w.profiles["b"]))
+        b.release()
+        assert "sleep a keeping 1" in w.log
+        await w.clock.run(w.sched.activate(w.profiles["c"]))  # b's and a's residues must go
+        assert w.server("a").state == State.STOPPED
+        await w.clock.advance(5)
+        assert w.log.count("start a") == 1 and w.server("c").state == State.AWAKE
+        assert w.sched.waiting("a") == 0
+    run(go())
+
+
+def test_a_paused_answer_whose_client_left_is_not_woken_for_nobody():
+    """Issue 21 item 10 (the scheduler's part): the paused requests release their count, and the
+    come-back of a server with nothing paused in it any more is dropped."""
+    async def go():
+        w = World(profile("a"), profile("b"))
+        w.pausable = True
+        w.sched.policy = Policy(max_wait_s=0.05, pause_after_s=0.02)
+        await w.sched.activate(w.profiles["a"])
+        long_answer = await w.sched.acquire(w.profiles["a"])
+        b = await w.clock.run(w.sched.acquire(w.profiles["b"]))
+        assert w.log[-2:] == ["sleep a keeping 1", "start b"]
+        long_answer.release()  # its client went away while it was paused
+        await w.clock.advance(1)
+        b.release()
+        await w.clock.advance(1)
+        assert w.log[-1] == "start b" and w.server("a").state == State.ASLEEP
+    run(go())
+
+
+def test_a_failing_start_backs_off_and_sleeps_nothing_while_it_does():
+    """Issue 21 item 7: a start failure spends the restart budget like a crash. Until its backoff
+    ends a request for it is answered at once and the working model is left alone; past
+    max_restarts it is FATAL until `mm up`, which tries at once."""
+    async def go():
+        w = World(profile("good"), profile("bad", max_restarts=1))
+        w.broken.add("bad")
+        await w.sched.activate(w.profiles["good"])
+        with pytest.raises(MMError, match="exited during start-up"):
+            await w.clock.run(w.sched.acquire(w.profiles["bad"]))
+        assert w.log == ["start good", "sleep good", "start bad"]
+        (await w.clock.run(w.sched.acquire(w.profiles["good"]))).release()  # woken again
+        with pytest.raises(MMError, match=r"bad failed to start \(bad: exited during start-up.*next try in 1 s"):
+            await w.sched.acquire(w.profiles["bad"])
+        assert w.log == ["start good", "sleep good", "start bad", "wake good"]  # good was not slept
+        assert w.sched.start_status("bad") == {"failed_starts": 1, "retry_in_s": 1.0, "start_fatal": False,
+                                               "start_error": "bad: exited during start-up (code 1)"}
+        await w.clock.advance(1)  # the backoff is over: the next request tries again
+        with pytest.raises(MMError, match="exited during start-up"):
+            await w.clock.run(w.sched.acquire(w.profiles["bad"]))
+        assert w.log.count("start bad") == 2
+        await w.clock.advance(60)  # past max_restarts: FATAL, whatever the time
+        with pytest.raises(MMError, match=r"failed to start 2 times .*`mm up bad` tries again"):
+            await w.sched.acquire(w.profiles["bad"])
+        assert w.sched.start_status("bad")["start_fatal"] and w.log.count("start bad") == 2
+        w.broken.clear()  # fixed; `mm up` tries at once
+        assert (await w.clock.run(w.sched.activate(w.profiles["bad"])))[-1].state == State.AWAKE
+        assert w.sched.start_status("bad")["failed_starts"] == 0
+    run(go())
+
+
+def test_a_changed_profile_is_not_held_to_the_old_ones_backoff():
+    async def go():
+        w = World(profile("good"), profile("bad"))
+        w.broken.add("bad")
+        await w.sched.activate(w.profiles["good"])
+        with pytest.raises(MMError):
+            await w.clock.run(w.sched.acquire(w.profiles["bad"]))
+        w.broken.clear()
+        fixed = dataclasses.replace(w.profiles["bad"], max_restarts=5)  # the user edited it
+        assert (await w.clock.run(w.sched.acquire(fixed))).state == State.AWAKE
+    run(go())
+
+
+def test_a_request_that_leaves_before_its_switch_runs_drops_the_switch():
+    async def go():
+        w = World(profile("a"), profile("b"))
+        w.sched.policy = Policy(max_wait_s=1.0)
+        await w.sched.activate(w.profiles["a"])
+        busy = await w.sched.acquire(w.profiles["a"])
+        waiting_b = asyncio.ensure_future(w.sched.acquire(w.profiles["b"]))
+        await w.clock.advance(0.5)  # held off: a is serving
+        waiting_b.cancel()
+        await w.clock.advance(5)
+        busy.release()
+        await settle()
+        assert w.log == ["start a"] and w.sched.waiting("b") == 0
+    run(go())
+
+
+# --- issue 20: room by checkpoint, and host RAM -----------------------------------------------------------
+def checkpoint_world(prints: dict[str, tuple[float, float]], capacity_gib: float = 12, ram_asleep_gib: float = 4,
+                     ram_budget_gib: float | None = None, total_ram_gib: float | None = None,
+                     others_ram_gib: float = 0) -> tuple[World, FakeCard]:
+    """A card world whose sleepers can be checkpointed: asleep each holds ram_asleep_gib of RAM (its
+    weights), checkpointed that plus its GPU residue. total_ram_gib: a machine whose other programs hold
+    others_ram_gib."""
+    w, card = card_world(capacity_gib, prints)
+    for s in w.sched.servers.values():
+        s.can_checkpoint = True
+        s.ram = {State.ASLEEP: int(ram_asleep_gib * GIB),
+                 State.CHECKPOINTED: int(ram_asleep_gib * GIB) + card.prints[s.name].asleep}
+    w.sched.ram_budget = None if ram_budget_gib is None else int(ram_budget_gib * GIB)
+    if total_ram_gib is not None:
+        def host_ram():
+            mine = sum(s.host_bytes() for s in w.sched.servers.values() if s.state in LIVE)
+            return int(total_ram_gib * GIB), int((total_ram_gib - others_ram_gib) * GIB) - mine
+        w.sched.host_ram = host_ram
+    return w, card
+
+
+FOUR = {"a": (8, 1.5), "b": (8, 1.5), "c": (8, 1.5), "big": (9, 1)}
+
+
+async def visit(w: World, *names: str) -> None:
+    for n in names:
+        await w.clock.run(w.sched.activate(w.profiles[n]))
+
+
+def test_a_sleeper_is_checkpointed_instead_of_stopped_and_restored_on_its_next_use():
+    async def go():
+        w, card = checkpoint_world(FOUR, ram_budget_gib=100)
+        await visit(w, "a", "b", "c", "big")
+        # 9 + three residues of 1.5 > 12: a, the least recently used, leaves the card but not RAM
+        assert [w.server(n).state for n in ("a", "b", "c")] == [State.CHECKPOINTED, State.ASLEEP, State.ASLEEP]
+        assert "checkpoint a" in w.log and "stop a" not in w.log and card.peak <= card.cap
+        await visit(w, "a")
+        assert w.log[-2:] == ["sleep big", "restore a"] and w.log.count("start a") == 1
+        assert w.server("a").state == State.AWAKE and card.peak <= card.cap
+    run(go())
+
+
+def test_nothing_is_checkpointed_while_everything_fits():
+    async def go():
+        w, card = checkpoint_world({"a": (8, 1), "b": (8, 1), "c": (2, 0.5)}, ram_budget_gib=100)
+        await visit(w, "a", "b", "c", "a", "b", "a")
+        assert not any(e.startswith("checkpoint") for e in w.log)
+        assert not any(e.startswith("stop") for e in w.log)
+    run(go())
+
+
+def test_the_ram_budget_stops_the_least_recently_used_sleeper_after_a_sleep():
+    async def go():
+        w, card = checkpoint_world(FOUR, ram_budget_gib=10)  # two sleepers' weights (4 GiB each) fit
+        await visit(w, "a", "b", "c", "big")  # c's sleep would make three
+        assert w.server("a").state == State.STOPPED and "checkpoint a" not in w.log
+        assert (w.server("b").state, w.server("c").state) == (State.ASLEEP, State.ASLEEP)
+        assert w.server("big").state == State.AWAKE and card.peak <= card.cap
+    run(go())
+
+
+def test_a_checkpoint_that_would_exceed_the_ram_budget_is_a_stop():
+    async def go():
+        w, card = checkpoint_world(FOUR, ram_budget_gib=13)  # 3 x 4 fits; + a's 1.5 residue does not
+        await visit(w, "a", "b", "c", "big")
+        assert w.server("a").state == State.STOPPED and "checkpoint a" not in w.log
+        assert w.server("big").state == State.AWAKE and card.peak <= card.cap
+    run(go())
+
+
+def test_sleepers_stop_before_the_machine_would_swap():
+    async def go():
+        # 32 GiB, 22 held by other programs: two sleepers' 4 GiB each leave 2 GiB free (floor 1.6)
+        w, card = checkpoint_world({"a": (8, 1), "b": (8, 1), "c": (8, 1)}, ram_budget_gib=100,
+                                   total_ram_gib=32, others_ram_gib=22)
+        await visit(w, "a", "b", "c", "a")  # a third sleeper would leave -2 GiB
+        assert "stop b" in w.log and w.server("c").state == State.ASLEEP
+        assert w.sched.host_ram()[1] >= 1.6 * GIB
+    run(go())
+
+
+def test_the_default_ram_budget_is_a_share_of_the_machine_less_other_programs():
+    from mmlib.serve.scheduler import derived_ram_budget
+
+    assert derived_ram_budget(32 * GIB, 20 * GIB, 4 * GIB) == int(0.6 * 32 * GIB) - 8 * GIB
+    assert derived_ram_budget(32 * GIB, 2 * GIB, 0) == 0  # others hold more than the share: no sleepers
+
+
+def test_a_failed_restore_is_a_cold_start_and_the_request_is_served(caplog):
+    async def go():
+        w, card = checkpoint_world(FOUR, ram_budget_gib=100)
+        await visit(w, "a", "b", "c", "big")
+        w.server("a").fails.add("restore")
+        server = await w.clock.run(w.sched.acquire(w.profiles["a"]))
+        assert server.state == State.AWAKE and server.in_flight == 1
+        assert w.log[-3:] == ["restore a", "stop a", "start a"] and card.peak <= card.cap
+        lines = [r.message for r in caplog.records if "restoring it from its checkpoint failed" in r.message]
+        assert len(lines) == 1 and "starting it again" in lines[0]
+    run(go())
+
+
+def test_a_failed_checkpoint_stops_the_sleeper_and_the_switch_goes_on():
+    async def go():
+        w, card = checkpoint_world(FOUR, ram_budget_gib=100)
+        w.server("a").fails.add("checkpoint")
+        await visit(w, "a", "b", "c", "big")
+        assert w.log[-3:] == ["checkpoint a", "stop a", "start big"] and w.server("big").state == State.AWAKE
+    run(go())
+
+
+def test_a_crash_while_checkpointed_starts_it_again_on_its_next_request():
+    async def go():
+        w, card = checkpoint_world(FOUR, ram_budget_gib=100)
+        await visit(w, "a", "b", "c", "big")
+        w.server("a").crash()
+        await w.clock.advance(30)
+        assert w.server("a").state == State.FAILED and w.log[-1] == "start big"  # not restarted for nobody
+        server = await w.clock.run(w.sched.acquire(w.profiles["a"]))
+        assert server.state == State.AWAKE and w.log[-1] == "start a" and card.peak <= card.cap
+    run(go())
+
+
+def test_a_paused_sleeper_checkpointed_keeps_its_requests():
+    async def go():
+        w, card = checkpoint_world({"a": (8, 1.5), "b": (8, 1.5), "big": (11, 1)}, ram_budget_gib=100)
+        w.sched.policy = Policy(max_wait_s=0.05, pause_after_s=0.05, settle_timeout_s=1)
+        w.server("a").can_pause_requests = True
+        w.server("b").can_checkpoint = False
+        await visit(w, "a")
+        long_answer = await w.sched.acquire(w.profiles["a"])
+        (await w.clock.run(w.sched.acquire(w.profiles["b"]))).release()  # a pauses its answer
+        assert "sleep a keeping 1" in w.log
+        await visit(w, "big")  # 11 + 1.5: b is stopped, then a, paused, leaves the card
+        assert "stop b" in w.log and "checkpoint a" in w.log and "stop a" not in w.log
+        await w.clock.advance(1)  # big idle: a comes back for its paused answer
+        assert w.log[-1] == "restore a" and long_answer.state == State.AWAKE and long_answer.in_flight == 1
+        assert card.peak <= card.cap
     run(go())
