@@ -190,7 +190,7 @@ class Daemon:
 
     async def _status(self) -> dict:
         servers = []  # (pynvml is initialised once, on the first status)
-        for s in self.scheduler.servers.values():
+        for s in list(self.scheduler.servers.values()):  # a server may be added while this awaits
             snap = s.snapshot()
             snap["memory"] = await asyncio.to_thread(s.memory)
             snap["waiting"] = self.scheduler.waiting(s.name)
