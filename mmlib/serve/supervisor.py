@@ -599,4 +599,4 @@ class ManagedServer:
 
 
 def _reason(e: BaseException, timeout_s: float) -> str:
-    return f"no answer from the CUDA driver in {timeout_s:.0f} s" if isinstance(e, asyncio.TimeoutError) else str(e)
+    return f"no answer from the CUDA driver in {timeout_s:g} s" if isinstance(e, asyncio.TimeoutError) else str(e)
