@@ -170,3 +170,37 @@ def test_host_bytes_is_the_rss_of_the_process_tree(mm_env):
     assert server.host_bytes() is None
     server.pid = psutil.Process().pid
     assert server.host_bytes() >= psutil.Process().memory_info().rss
+
+
+def test_a_restore_that_hangs_kills_the_server_and_the_wake_says_it_starts_cold(mm_env, monkeypatch):
+    monkeypatch.setattr(vllm_cmd, "installed_vllm", lambda: GPU_BUILD)
+    engine = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    release = threading.Event()
+
+    class StuckRestore(HangingDriver):
+        def state(self, pid):
+            return ProcessState.CHECKPOINTED
+
+        def restore(self, pid):
+            release.wait(30)
+    server = ManagedServer(profile(), checkpoint_driver=StuckRestore, checkpoint_timeout_s=0.2)
+    server.state, server.pid, server._gpu_pids = State.CHECKPOINTED, engine.pid, [engine.pid]
+
+    async def go():
+        try:
+            with pytest.raises(MMError, match="restore from its checkpoint failed.*starts again cold"):
+                await server.wake()
+        finally:
+            release.set()
+    asyncio.run(go())
+    assert server.state == State.FAILED and engine.wait(5) is not None
+
+
+def test_nvml_lists_the_pids_of_compute_processes():
+    from tests.unit.test_memory import fake_pynvml
+
+    from mmlib.system.nvml import Nvml
+
+    nv = Nvml(fake_pynvml([{"name": "H100", "used": 3000, "total": 81559, "procs": [(11, 2000), (12, None)]}]))
+    assert nv.compute_pids() == {11, 12}
+    assert Nvml(fake_pynvml([], fail_init=True)).compute_pids() == set()
