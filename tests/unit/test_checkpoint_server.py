@@ -169,7 +169,8 @@ def test_host_bytes_is_the_rss_of_the_process_tree(mm_env):
     server = ManagedServer(profile())
     assert server.host_bytes() is None
     server.pid = psutil.Process().pid
-    assert server.host_bytes() >= psutil.Process().memory_info().rss
+    rss = psutil.Process().memory_info().rss
+    assert server.host_bytes() > 0.8 * rss  # this process's tree (its RSS moves between two readings)
 
 
 def test_a_restore_that_hangs_kills_the_server_and_the_wake_says_it_starts_cold(mm_env, monkeypatch):
