@@ -176,10 +176,12 @@ def test_an_answer_paused_by_a_switch_survives_checkpoint_and_restore(ckpt_mm):
     config.mkdir(parents=True, exist_ok=True)
     # The paused answer's way back waits switch_max_wait while the other model streams: the window
     # in which this test checkpoints it.
-    (config / "config.toml").write_text("switch_max_wait = 3\nswitch_pause_after = 0.2\n")
-    for name in ("long", "other"):
-        ckpt_mm.add_profile(name, extra='[env]\nFAKE_TOKENS = "60"\nFAKE_TOKEN_DELAY = "0.05"\n')
-    ckpt_mm.mm("up", "long", "--force")
+    (config / "config.toml").write_text("switch_max_wait = 4\nswitch_pause_after = 0.2\n")
+    tokens = {"long": 200, "other": 100}  # 10 s and 5 s of answer: long's outlasts other's wait
+    for name, n in tokens.items():
+        ckpt_mm.add_profile(name, extra=f'[env]\nFAKE_TOKENS = "{n}"\nFAKE_TOKEN_DELAY = "0.05"\n')
+    ckpt_mm.mm("up", "other", "--force")  # started before: the switch to it is a wake, not a start that
+    ckpt_mm.mm("up", "long", "--force")  # would eat into the window below
     streams: dict[str, list[str]] = {"long": [], "other": []}
 
     def stream(model: str) -> None:
@@ -191,17 +193,19 @@ def test_an_answer_paused_by_a_switch_survives_checkpoint_and_restore(ckpt_mm):
     wait_for(lambda: ckpt_mm.server("long")["in_flight"])
     readers.append(threading.Thread(target=stream, args=("other",)))
     readers[1].start()
-    # other's request waits 3 s, then long pauses with its answer and other streams.
+    # other's request waits 4 s, then long pauses with its answer and other streams; long's way back
+    # then waits up to 4 s more for other's answer: the window for the checkpoint.
     wait_for(lambda: ckpt_mm.server("long")["state"] == "asleep" and ckpt_mm.server("other")["state"] == "awake")
+    assert "sleep:1:keep" in ckpt_mm.calls("long") and ckpt_mm.server("long")["in_flight"] == 1
     sock = Path(ckpt_mm.env["MM_HOME"]) / "state" / "mm.sock"
     Client(sock=sock).post("/sleep", {"profile": "long", "checkpoint": True}, timeout=30)
-    assert ckpt_mm.server("long")["state"] in ("checkpointed", "waking", "awake")
+    assert ckpt_mm.server("long")["state"] == "checkpointed"
     for r in readers:
         r.join(120)
     for model, chunks in streams.items():
         words = [json.loads(c)["choices"][0]["delta"]["content"] for c in chunks[:-1]]
-        assert chunks[-1] == "[DONE]" and words == [f"tok{i} " for i in range(60)], model  # whole, in order
+        assert chunks[-1] == "[DONE]" and words == [f"tok{i} " for i in range(tokens[model])], model  # whole
     calls = ckpt_mm.calls("long")
     assert "sleep:1:keep" in calls and not any(c.startswith("aborted") for c in calls), calls
     engine = engine_pid(ckpt_mm, "long")
-    assert f"restore {engine}" in driver(ckpt_mm)["calls"]
+    assert f"restore {engine}" in driver(ckpt_mm)["calls"], (driver(ckpt_mm), daemon_log(ckpt_mm)[-30:])
