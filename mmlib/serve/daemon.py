@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class Daemon:
         self._predicted: dict[str, tuple[Profile, Footprint | None]] = {}
         self._saved_footprints = ""
         self._cuda: tuple[cuda_checkpoint.Driver | None] | None = None  # asked once: (driver or None,)
+        self._cuda_lock = threading.Lock()  # asked first in a thread at start-up (cuInit takes a moment)
         self.page = Page(self._status, {"wake": self._activate, "sleep": self._sleep, "stop": self._stop},
                          self.metrics, api_key=config.api_key, stopping=self.stopping)  # page: /, /metrics, /mm/...
         self.proxy.app = host_guard(self.page.around(self.proxy.app), config.api_key, config.proxy_host)
@@ -99,6 +101,10 @@ class Daemon:
     def checkpoint_driver(self) -> cuda_checkpoint.Driver | None:
         """The CUDA driver's process checkpoint for sleepers, where config.toml allows it and the
         driver has it: asked once, said once in the log."""
+        with self._cuda_lock:
+            return self._checkpoint_driver()
+
+    def _checkpoint_driver(self) -> cuda_checkpoint.Driver | None:
         if self._cuda is None:
             drv = None
             if not self.config.checkpoint_sleepers:
@@ -404,6 +410,8 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, daemon.stopping.set)
     daemon.load_footprints()
+    # The driver asked (its cuInit) off the loop; `warm` keeps the task referenced while the daemon runs.
+    warm = asyncio.ensure_future(asyncio.to_thread(daemon.checkpoint_driver))
     await daemon.adopt_orphans()
     tasks = [asyncio.create_task(control.serve(sockets=[control_sock])),
              asyncio.create_task(proxy.serve(sockets=[proxy_sock])),
