@@ -209,3 +209,22 @@ def test_an_answer_paused_by_a_switch_survives_checkpoint_and_restore(ckpt_mm):
     assert "sleep:1:keep" in calls and not any(c.startswith("aborted") for c in calls), calls
     engine = engine_pid(ckpt_mm, "long")
     assert f"restore {engine}" in driver(ckpt_mm)["calls"], (driver(ckpt_mm), daemon_log(ckpt_mm)[-30:])
+
+
+def test_the_profile_and_config_keys_turn_it_off_with_one_line(ckpt_mm):
+    ckpt_mm.add_profile("keep", extra="")
+    with open(Path(ckpt_mm.env["MM_HOME"]) / "config" / "profiles" / "keep.toml", "a") as f:
+        f.write("checkpoint = false\n")
+    ckpt_mm.mm("up", "keep", "--force")
+    assert not ckpt_mm.server("keep")["checkpoint"]
+    out = ckpt_mm.mm("sleep", "keep", "--checkpoint", check=False)
+    assert out.returncode and out.stderr.strip().count("\n") == 0 and "[sleep] checkpoint = false" in out.stderr
+    assert ckpt_mm.server("keep")["state"] == "asleep" and driver(ckpt_mm)["calls"] == []  # asleep, untouched
+    ckpt_mm.mm("daemon", "stop")
+    (Path(ckpt_mm.env["MM_HOME"]) / "config" / "config.toml").write_text("checkpoint_sleepers = false\n")
+    ckpt_mm.add_profile("ck")
+    ckpt_mm.mm("up", "ck", "--force")
+    assert not ckpt_mm.server("ck")["checkpoint"]
+    out = ckpt_mm.mm("sleep", "ck", "--checkpoint", check=False)
+    assert out.returncode and "checkpoint_sleepers" in out.stderr
+    assert any("checkpoint_sleepers = false" in line for line in daemon_log(ckpt_mm))
