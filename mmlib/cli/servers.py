@@ -195,12 +195,16 @@ def perf(model: str | None, force: bool) -> None:
 
 @click.command("sleep")
 @click.argument("profile", required=False, shell_complete=complete_profiles)
-def sleep(profile: str | None) -> None:
+@click.option("--checkpoint", is_flag=True, help="Also move what it still holds on the GPU to RAM (the CUDA "
+              "driver's process checkpoint): the card is all free, the next wake restores it.")
+def sleep(profile: str | None, checkpoint: bool) -> None:
     """Put PROFILE (or every awake server) to sleep; servers without sleep mode are stopped."""
+    if checkpoint and not profile:
+        raise MMError("--checkpoint needs a profile: `mm sleep PROFILE --checkpoint`")
     client = Client()
     if not client.alive():
         raise MMError("nothing is running (the daemon is not started)")
-    doc = client.post("/sleep", {"profile": profile}, timeout=None)
+    doc = client.post("/sleep", {"profile": profile, **({"checkpoint": True} if checkpoint else {})}, timeout=None)
     for s in doc["servers"]:
         if profile in (None, s["profile"]):
             note = "" if s["sleep_mode"] else " (no sleep mode here: stopped instead)"
@@ -232,7 +236,7 @@ def stop(profile: str | None, all_: bool) -> None:
     click.echo(f"stopped: {', '.join(result['stopped']) or 'nothing'}")
 
 
-STATE_STYLE = {"awake": "green", "asleep": "cyan", "starting": "yellow", "waking": "yellow", "falling asleep": "yellow",
+STATE_STYLE = {"awake": "green", "asleep": "cyan", "checkpointed": "blue", "starting": "yellow", "waking": "yellow", "falling asleep": "yellow",
                "stopping": "yellow", "failed": "red", "stopped": "dim"}
 
 

@@ -22,6 +22,7 @@ from mmlib.profiles.profile import Profile, list_profile_names, load_all, load_p
 from mmlib.profiles.vllm_args import ArgAction, ArgSpec, SpecUnavailable, load_spec
 from mmlib.profiles.vllm_cmd import (
     RESERVED_ENGINE_KEYS,
+    checkpoint_blocker,
     engine_args,
     engine_int,
     flag,
@@ -471,6 +472,37 @@ def _derived_findings(p: Profile, fp: fitmod.Footprint, spec: ArgSpec | None) ->
     return out
 
 
+def checkpoint_findings(p: Profile, report: GpuReport | None, enabled: bool) -> list[Finding]:
+    """Whether this profile's sleepers will be checkpointed off the card (the CUDA driver's process
+    checkpoint) when room is needed, or keep their residue. The driver's API version is NVML's, so
+    `mm check` loads no CUDA library."""
+    from mmlib.system.cuda_checkpoint import MIN_DRIVER_API
+
+    if not p.sleep.enabled or report is None or not report.gpus:
+        return []
+    why = checkpoint_blocker(p)
+    api = _driver_api(report.cuda)
+    if why is None and not enabled:
+        why = "checkpoint_sleepers = false in config.toml"
+    if why is None and (api is None or api < MIN_DRIVER_API):
+        why = f"the driver (CUDA {report.cuda or '?'}) has no process checkpoint; r550 (CUDA 12.4) or newer has"
+    if why is not None:
+        return [Finding(INFO, p.source, "sleep", f"asleep, it keeps its residue on the card (no checkpoint: {why})",
+                        "", "checkpoint")]
+    return [Finding(INFO, p.source, "sleep", f"asleep, it can give the whole card back: checkpointed to RAM "
+                    f"when room is needed, restored on waking (CUDA process checkpoint, driver API {api})",
+                    "", "checkpoint")]
+
+
+def _driver_api(cuda: str | None) -> int | None:
+    """NVML's "13.0" as the driver API's 13000."""
+    try:
+        major, minor = (cuda or "").split(".")[:2]
+        return int(major) * 1000 + int(minor) * 10
+    except ValueError:
+        return None
+
+
 # --- putting it together -------------------------------------------------------------------------
 def model_missing(p: Profile) -> Finding | None:
     """A hub model that is not whole in the cache while HF_HUB_OFFLINE forbids the download: vLLM
@@ -595,10 +627,14 @@ def check(names: list[str] | None = None, gpu_memory: int | None = None, facts: 
         card = machine_card(facts, gpu_memory)
     except ProfileError as e:
         card, found = None, found + [_profile_error(e)]
+    from mmlib.profiles.config import checkpoint_sleepers
+
+    enabled = checkpoint_sleepers()
     sleepers = sleepers_here(card, spec) if card is not None and profiles else None  # once for all of them
     for p in profiles:
         found += check_profile(p, facts, spec, gpu_memory, report.error if report else None, card=card,
                                sleepers=sleepers)
+        found += checkpoint_findings(p, report, enabled)
     for stack, members in stacks:
         found += check_stack(stack, members, card, spec, sleepers)
     order = {ERROR: 0, WARN: 1, INFO: 2}

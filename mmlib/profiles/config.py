@@ -25,6 +25,8 @@ KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "switch_pause_in_flight": (bool, "true (a switch pauses an answer still running after switch_pause_after; "
                                "it goes on when its model is back) or false (a switch waits for it to finish)"),
     "switch_pause_after": ((int, float), "seconds the answers in flight may hold a switch up before they pause, e.g. 5"),
+    "checkpoint_sleepers": (bool, "true (where the CUDA driver can, a sleeper that must make room is checkpointed "
+                            "off the card instead of stopped) or false (sleepers keep their residue on the card)"),
 }
 ENV = {"proxy_host": "MM_PROXY_HOST", "proxy_port": "MM_PROXY_PORT", "api_key": "MM_API_KEY",
        "default_profile": "MM_DEFAULT_PROFILE", "gpu_budget": "MM_GPU_BUDGET"}
@@ -48,6 +50,7 @@ class Config:
     switch_max_wait: float = 1.0
     switch_pause_in_flight: bool = True
     switch_pause_after: float = 5.0
+    checkpoint_sleepers: bool = True
 
     @property
     def proxy_url(self) -> str:
@@ -116,3 +119,12 @@ def client_api_key() -> str | None:
         return load_config().api_key
     except ProfileError:
         return None
+
+
+def checkpoint_sleepers() -> bool:
+    """config.toml's checkpoint_sleepers for `mm check` and `mm doctor` (true where config.toml cannot
+    be read: the commands that need it say why)."""
+    try:
+        return load_config().checkpoint_sleepers
+    except ProfileError:
+        return True

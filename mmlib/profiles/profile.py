@@ -47,6 +47,9 @@ RESERVED_ENGINE_KEYS = {
 class SleepSettings:
     enabled: bool = False
     level: int = 1
+    # Where the CUDA driver can: a sleeper that must make room is checkpointed off the card (its GPU
+    # state moved to RAM) instead of stopped.
+    checkpoint: bool = True
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ SCALAR_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "share_gpu": ((bool,), "true or false"),
 }
 TABLE_KEYS = ("engine", "env", "sleep", "memory")
-SLEEP_KEYS = {"enabled": (bool,), "level": (int,)}
+SLEEP_KEYS = {"enabled": (bool,), "level": (int,), "checkpoint": (bool,)}
 
 
 def is_secret(name: str) -> bool:
@@ -386,7 +389,7 @@ def _sleep(file: str, table: Any) -> SleepSettings:
     if level not in (1, 2):
         raise ProfileError(file, f"level {level} is not 1 or 2", "level 1 keeps weights in RAM, 2 drops them",
                            key="sleep.level")
-    return SleepSettings(enabled=table.get("enabled", True), level=level)
+    return SleepSettings(enabled=table.get("enabled", True), level=level, checkpoint=table.get("checkpoint", True))
 
 
 def validate(name: str, data: Mapping[str, Any], file: str) -> Profile:
@@ -446,7 +449,7 @@ def to_dict(p: Profile) -> dict[str, Any]:
         "restart": p.restart, "max_restarts": p.max_restarts, "idle_sleep": p.idle_sleep,
         "idle_stop": p.idle_stop, "stack": list(p.stack), "share_gpu": p.share_gpu,
     }.items() if v not in (None, [], "")}
-    doc["sleep"] = {"enabled": p.sleep.enabled, "level": p.sleep.level}
+    doc["sleep"] = {"enabled": p.sleep.enabled, "level": p.sleep.level, "checkpoint": p.sleep.checkpoint}
     if p.memory is not None:
         doc["memory"] = p.memory.to_table()
     doc["engine"] = dict(p.engine)

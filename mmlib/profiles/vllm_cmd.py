@@ -89,6 +89,24 @@ def sleep_available(profile: Profile, install: VllmInstall | None = None) -> boo
     return profile.sleep.enabled and not (install is None or install.is_cpu)
 
 
+def checkpoint_blocker(profile: Profile, install: VllmInstall | None = None) -> str | None:
+    """Why this profile's sleepers cannot be checkpointed off the card by the CUDA driver (None: they
+    can, where the driver and config.toml allow). The driver checkpoints one process's own memory:
+    servers split over several GPUs share memory between processes (CUDA IPC), which it cannot move."""
+    if not profile.sleep.enabled:
+        return "no sleep mode ([sleep] enabled = false)"
+    install = install or installed_vllm()
+    if install is None or install.is_cpu:
+        return "vLLM's CPU build (no sleep mode)"
+    if not profile.sleep.checkpoint:
+        return "[sleep] checkpoint = false"
+    for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        n = engine_int(profile.engine.get(key, 1))
+        if n is not None and n > 1:
+            return f"engine.{key} = {n}: its processes share GPU memory, which the driver cannot checkpoint"
+    return None
+
+
 @lru_cache(maxsize=1)
 def sleep_keeps_requests() -> bool:
     """Whether the installed vLLM's /sleep?mode=keep pauses the requests in flight and resumes them

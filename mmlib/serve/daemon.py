@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from mmlib.serve.proxy import ModelIndex, Proxy
 from mmlib.serve.scheduler import Policy, Scheduler
 from mmlib.serve.states import State
 from mmlib.serve.supervisor import ManagedServer
+from mmlib.system import cuda_checkpoint
 from mmlib.system.files import replace_atomic
 from mmlib.system.usage import host_ram
 
@@ -82,6 +84,8 @@ class Daemon:
         self._saved_footprints = ""
         self.background_errors: dict[str, dict] = {}  # background duty -> its last failure (status)
         self._duties_run: set[str] = set()
+        self._cuda: tuple[cuda_checkpoint.Driver | None] | None = None  # asked once: (driver or None,)
+        self._cuda_lock = threading.Lock()  # asked first in a thread at start-up (cuInit takes a moment)
         self.page = Page(self._status, {"wake": self._activate, "sleep": self._sleep, "stop": self._stop},
                          self.metrics, api_key=config.api_key, stopping=self.stopping)  # page: /, /metrics, /mm/...
         self.proxy.app = host_guard(self.page.around(self.proxy.app), config.api_key, config.proxy_host)
@@ -98,7 +102,26 @@ class Daemon:
 
     def make_server(self, profile: Profile) -> ManagedServer:
         return ManagedServer(profile, uds_supported=self.uds_supported, argv_builder=self._argv,
-                             on_change=self.metrics.state_changed)
+                             on_change=self.metrics.state_changed, checkpoint_driver=self.checkpoint_driver)
+
+    def checkpoint_driver(self) -> cuda_checkpoint.Driver | None:
+        """The CUDA driver's process checkpoint for sleepers, where config.toml allows it and the
+        driver has it: asked once, said once in the log."""
+        with self._cuda_lock:
+            return self._checkpoint_driver()
+
+    def _checkpoint_driver(self) -> cuda_checkpoint.Driver | None:
+        if self._cuda is None:
+            drv = None
+            if not self.config.checkpoint_sleepers:
+                log.info("sleepers are not checkpointed off the card (checkpoint_sleepers = false)")
+            else:
+                found = cuda_checkpoint.support()
+                drv = cuda_checkpoint.driver() if found.ok else None
+                log.info("sleepers %s: %s", "can give the whole card back" if found.ok else
+                         "keep their residue on the card", found.why)
+            self._cuda = (drv,)
+        return self._cuda[0]
 
     async def _vllm_spec(self):
         """The installed vLLM's own argument parser, asked once (in a thread: the first time it
@@ -174,14 +197,10 @@ class Daemon:
         return await self._call(request, lambda a: self._status())
 
     async def _status(self) -> dict:
-        from mmlib.system.usage import (
-            tree_memory,  # pynvml is initialised once, on the first status
-        )
-
-        servers = []
-        for s in self.scheduler.servers.values():
+        servers = []  # (pynvml is initialised once, on the first status)
+        for s in list(self.scheduler.servers.values()):  # a server may be added while this awaits
             snap = s.snapshot()
-            snap["memory"] = await asyncio.to_thread(tree_memory, s.pid)
+            snap["memory"] = await asyncio.to_thread(s.memory)
             snap["waiting"] = self.scheduler.waiting(s.name)
             snap.update(self.scheduler.start_status(s.name))  # failed starts: backoff, FATAL
             servers.append(snap)
@@ -235,10 +254,17 @@ class Daemon:
         return await self._call(request, self._sleep)
 
     async def _sleep(self, args: dict) -> dict:  # also the page's sleep button
-        level = args.get("level")
+        level, checkpoint = args.get("level"), args.get("checkpoint", False)
         if level is not None and level not in (1, 2):
             raise ValueError("level must be 1 or 2")
-        await self.scheduler.sleep(self._existing(args), level)
+        if not isinstance(checkpoint, bool):
+            raise ValueError("checkpoint must be true or false")
+        name = self._existing(args)
+        if checkpoint and name is None:
+            raise ValueError("checkpoint needs a profile")
+        await self.scheduler.sleep(name, level)
+        if checkpoint:  # also off the card: the CUDA driver's process checkpoint
+            await self.scheduler.servers[name].checkpoint()
         return await self._status()
 
     async def stop(self, request: Request) -> JSONResponse:
@@ -423,6 +449,8 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, daemon.stopping.set)
     daemon.load_footprints()
+    # The driver asked (its cuInit) off the loop; `warm` keeps the task referenced while the daemon runs.
+    warm = asyncio.ensure_future(asyncio.to_thread(daemon.checkpoint_driver))
     await daemon.adopt_orphans()
     asyncio.ensure_future(daemon._vllm_spec())  # read once now: the first request's checks need it
     tasks = [asyncio.create_task(control.serve(sockets=[control_sock])),

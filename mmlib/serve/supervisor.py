@@ -8,15 +8,21 @@ switch logic as any other start.
 A server listens on a unix socket in mm's private runtime folder unless its profile asks for TCP
 (port or host): vLLM's dev-mode endpoints (/sleep, /wake_up, /collective_rpc) then answer only
 this user.
+
+A sleeping server can give the whole card back (checkpoint()): the CUDA driver's process checkpoint
+moves what its engine still holds on the GPU to host RAM, and wake() restores it before vLLM's
+wake_up. A checkpoint or restore that fails or hangs kills the server (FAILED, one log line): it
+starts again cold, never hangs.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NoReturn
 
 import httpx
 import psutil
@@ -25,11 +31,18 @@ from mmlib import paths
 from mmlib.errors import MMError
 from mmlib.profiles import embedded
 from mmlib.profiles.profile import Profile
-from mmlib.profiles.vllm_cmd import server_argv, server_env, sleep_available, sleep_keeps_requests, wants_tcp
+from mmlib.profiles.vllm_cmd import (
+    checkpoint_blocker,
+    server_argv,
+    server_env,
+    sleep_available,
+    sleep_keeps_requests,
+    wants_tcp,
+)
 from mmlib.serve import records
 from mmlib.serve.phases import PhaseTracker
 from mmlib.serve.states import LIVE, State, check_transition
-from mmlib.system import proctree
+from mmlib.system import cuda_checkpoint, nvml, proctree
 from mmlib.system.files import rotate, tail_lines
 from mmlib.system.net import connect_host, free_port, port_taken
 
@@ -38,6 +51,9 @@ WATCH_INTERVAL_S = 0.2
 LOG_TAIL_LINES = 15
 OLD_LOGS, OLD_LOGS_BYTES = 3, 64 * 2**20  # per server: its last runs' logs, together at most this
 CONTROL_TIMEOUT_S = 300.0  # a first sleep of a 7B model took 9 s; a level-2 weight reload reads the disk
+# A checkpoint of a 1.4 GiB residue took 0.95 s and its restore 0.66 s (H100): a minute means stuck.
+CHECKPOINT_TIMEOUT_S = 60.0
+log = logging.getLogger("mm.server")
 
 
 def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> list[str]:
@@ -70,6 +86,10 @@ class ManagedServer:
     on_release: Callable[["ManagedServer"], None] = lambda s: None
     # Whether the installed vLLM has --uds (asked of its own parser); None: TCP.
     uds_supported: Callable[[], Awaitable[bool]] | None = None
+    # The CUDA driver's process checkpoint where this daemon may use it (config.toml checkpoint_sleepers,
+    # the driver's support, asked once per daemon); None: sleepers keep their residue on the card.
+    checkpoint_driver: Callable[[], cuda_checkpoint.Driver | None] = lambda: None
+    checkpoint_timeout_s: float = CHECKPOINT_TIMEOUT_S
     state: State = State.STOPPED
     port: int | None = None
     uds: str | None = None
@@ -85,6 +105,7 @@ class ManagedServer:
     in_flight: int = 0
     slept_level: int | None = None
     argv: list[str] = field(default_factory=list)
+    _gpu_pids: list[int] = field(default_factory=list)  # checkpointed: they leave NVML's list, so kept here
     _proc: Any = None
     _family: list[psutil.Process] = field(default_factory=list)
     _watch: asyncio.Task | None = None
@@ -131,6 +152,25 @@ class ManagedServer:
         return self.can_sleep and sleep_keeps_requests()
 
     @property
+    def can_checkpoint(self) -> bool:
+        """Whether a sleep of this server can give the whole card back (checkpoint())."""
+        return self.can_sleep and checkpoint_blocker(self.profile) is None and self.checkpoint_driver() is not None
+
+    def host_bytes(self) -> int | None:
+        """RAM its process tree holds now (a checkpointed engine's GPU state included); None when gone."""
+        return proctree.rss_bytes(self._family or self._process_family()) if self.pid else None
+
+    def memory(self) -> dict[str, Any]:
+        """What it holds now, GPU and RAM, as `mm status` shows it. A checkpointed engine has left
+        NVML's list: it holds nothing on the card."""
+        from mmlib.system.usage import tree_memory
+
+        held = tree_memory(self.pid)
+        if self.state == State.CHECKPOINTED:
+            held.update(gpu_mib=0.0, gpu=None)
+        return held
+
+    @property
     def http(self) -> httpx.AsyncClient:
         """One client for health and control calls, over the socket where there is one."""
         if self._http is None:
@@ -172,6 +212,7 @@ class ManagedServer:
             "sleep_level": self.profile.sleep.level if self.can_sleep else None,
             "switch": "sleep/wake" if self.can_sleep else "stop/start",
             "last_switch_s": self.last_switch_s, "in_flight": self.in_flight,
+            "checkpoint": self.can_checkpoint, "checkpointed": self.state == State.CHECKPOINTED,
             "phase": self._phases.phase.to_dict() if self._phases and self.state == State.STARTING else None,
         }
 
@@ -180,7 +221,7 @@ class ManagedServer:
         """Start the server and wait until it answers. A start in progress is joined, not repeated;
         stop() cancels it (the waiters then get an MMError)."""
         async with self._lock:
-            if self.state in (State.AWAKE, State.ASLEEP, State.WAKING, State.FALLING_ASLEEP):
+            if self.state in (State.AWAKE, State.ASLEEP, State.CHECKPOINTED, State.WAKING, State.FALLING_ASLEEP):
                 return
             if self.state != State.STARTING or self._starting is None:
                 await self._launch()
@@ -318,6 +359,8 @@ class ManagedServer:
         self.started_at, self.argv = record.get("started_at"), record.get("argv", [])
         self.log_path = Path(record["log"]) if record.get("log") else None
         self._family = self._process_family()
+        if record.get("checkpointed_pids"):
+            return await self._adopt_checkpointed(record)
         if not await self._healthy():
             await self._set_state(State.STARTING)
             self._starting = asyncio.ensure_future(self._await_health(self.profile.startup_timeout))
@@ -331,6 +374,24 @@ class ManagedServer:
         self.ready_at = time.time()
         self.slept_level = record.get("slept_level") if sleeping else None
         await self._set_state(State.ASLEEP if sleeping else State.AWAKE)
+        self._watch = asyncio.create_task(self._watch_family())
+        return True
+
+    async def _adopt_checkpointed(self, record: dict[str, Any]) -> bool:
+        """A server checkpointed off the card stays so (it holds no GPU memory; the wake that needs it
+        restores it) where the driver says each of its engine processes is still checkpointed;
+        otherwise it cannot be brought back and is stopped (False)."""
+        pids, drv = [int(p) for p in record["checkpointed_pids"]], self.checkpoint_driver()
+        try:
+            ok = drv is not None and all(drv.state(p) == cuda_checkpoint.ProcessState.CHECKPOINTED for p in pids)
+        except cuda_checkpoint.CheckpointError:
+            ok = False
+        if not ok:
+            log.warning("%s: recorded as checkpointed, but it cannot be restored here; stopping it", self.name)
+            return False
+        self._gpu_pids, self.slept_level, self.ready_at = pids, record.get("slept_level"), time.time()
+        await self._set_state(State.ASLEEP)
+        await self._set_state(State.CHECKPOINTED)
         self._watch = asyncio.create_task(self._watch_family())
         return True
 
@@ -357,7 +418,8 @@ class ManagedServer:
             which = "server" if pid in dead else f"engine process {dead[0]}"
             # Failed at once (requests get their answer now), then the rest of it is killed: a
             # half-dead vLLM (API up, engine gone) must not linger.
-            await self._fail(f"{which} died unexpectedly" + (" while asleep" if was == State.ASLEEP else ""))
+            while_ = {State.ASLEEP: " while asleep", State.CHECKPOINTED: " while checkpointed"}.get(was, "")
+            await self._fail(f"{which} died unexpectedly{while_}")
             await proctree.terminate(pid, family, STOP_GRACE_S)
             self._family = []
         result = self.on_death(self, was)
@@ -404,13 +466,16 @@ class ManagedServer:
         async with self._lock:
             if self.state == State.AWAKE:
                 return
-            if self.state == State.ASLEEP:
+            if self.state in (State.ASLEEP, State.CHECKPOINTED):
                 await self._wake_locked()
                 return
         await self.start()
 
     async def _wake_locked(self) -> None:
+        checkpointed = self.state == State.CHECKPOINTED
         await self._set_state(State.WAKING)
+        if checkpointed:
+            await self._restore()
         try:
             if self.slept_level == 2:
                 # Level 2 dropped the weights: wake their memory, load them again, then the KV cache.
@@ -431,6 +496,63 @@ class ManagedServer:
         self.last_used = time.monotonic()
         await self._set_state(State.AWAKE)
 
+    # --- checkpoint: a sleeper gives the whole card back ------------------------------------------------
+    async def checkpoint(self) -> None:
+        """Move what this sleeping server still holds on the GPU (level 1 or 2, or paused with
+        mode=keep) to host RAM with the CUDA driver's process checkpoint: the card is freed and
+        wake() restores it. A failure or a timeout kills the server (FAILED, one log line) and raises
+        MMError: it starts again cold when next needed."""
+        async with self._lock:
+            if self.state == State.CHECKPOINTED:
+                return
+            if self.state != State.ASLEEP:
+                raise MMError(f"{self.name}: only a sleeping server can be checkpointed (it is {self.state.value})")
+            drv = self.checkpoint_driver()
+            why = checkpoint_blocker(self.profile) or (None if drv else "the CUDA driver's process checkpoint "
+                                                        "is off (checkpoint_sleepers) or not supported here")
+            if why or drv is None:
+                raise MMError(f"{self.name}: cannot be checkpointed: {why}")
+            t0 = time.perf_counter()
+            try:
+                pids = await asyncio.to_thread(self._pids_on_gpu)
+                if not pids:
+                    raise cuda_checkpoint.CheckpointError("no process of it holds GPU memory per NVML")
+                await asyncio.wait_for(asyncio.to_thread(cuda_checkpoint.suspend, pids, drv),
+                                       self.checkpoint_timeout_s)
+            except (cuda_checkpoint.CheckpointError, asyncio.TimeoutError) as e:
+                await self._give_up(f"checkpoint failed ({_reason(e, self.checkpoint_timeout_s)})")
+            self._gpu_pids = pids
+            self._write_record()
+            await self._set_state(State.CHECKPOINTED)
+            log.info("%s: checkpointed off the card in %.2f s (pids %s)", self.name, time.perf_counter() - t0,
+                     ", ".join(map(str, pids)))
+
+    def _pids_on_gpu(self) -> list[int]:
+        """Its processes that hold the GPU: the server's family as NVML lists them (vLLM's engine)."""
+        family = {p.pid for p in (self._family or self._process_family())}
+        return sorted(family & nvml.session().compute_pids())
+
+    async def _restore(self) -> None:
+        """Bring a checkpointed engine back onto the card (restore, unlock) before vLLM's wake_up."""
+        drv, t0 = self.checkpoint_driver(), time.perf_counter()
+        try:
+            if drv is None:
+                raise cuda_checkpoint.CheckpointError("the CUDA driver's process checkpoint is not available")
+            await asyncio.wait_for(asyncio.to_thread(cuda_checkpoint.resume, self._gpu_pids, drv),
+                                   self.checkpoint_timeout_s)
+        except (cuda_checkpoint.CheckpointError, asyncio.TimeoutError) as e:
+            await self._give_up(f"restore from its checkpoint failed ({_reason(e, self.checkpoint_timeout_s)})")
+        log.info("%s: restored onto the card in %.2f s", self.name, time.perf_counter() - t0)
+        self._gpu_pids = []
+
+    async def _give_up(self, reason: str) -> NoReturn:
+        """A checkpoint or restore went wrong: kill the server (it starts again cold) and say why, once."""
+        await self._kill_family(grace_s=0.0)
+        self._gpu_pids = []
+        await self._fail(f"{reason}; stopped, it starts again cold")
+        log.warning("%s: %s", self.name, self.error)
+        raise MMError(f"{self.name}: {self.error}")
+
     # --- stop ------------------------------------------------------------------------------------
     async def stop(self) -> None:
         """Stop the server; returns once every process of it is gone. A start in progress is cancelled."""
@@ -449,8 +571,11 @@ class ManagedServer:
             return
         if self.state not in LIVE:
             return
+        # A checkpointed engine cannot run its shutdown (its CUDA calls would wait for a restore): kill it.
+        grace = 0.0 if self.state == State.CHECKPOINTED else STOP_GRACE_S
         await self._set_state(State.STOPPING)
-        await self._kill_family()
+        await self._kill_family(grace)
+        self._gpu_pids = []
         records.remove(self.name)
         self.pid, self.started_at, self.slept_level = None, None, None
         await self._close_http()
@@ -458,9 +583,9 @@ class ManagedServer:
             Path(self.uds).unlink(missing_ok=True)
         await self._set_state(State.STOPPED)
 
-    async def _kill_family(self) -> None:
+    async def _kill_family(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM the process group (vLLM's engine processes are in it), SIGKILL what is left."""
-        await proctree.terminate(self.pid, self._family or self._process_family(), STOP_GRACE_S)
+        await proctree.terminate(self.pid, self._family or self._process_family(), grace_s)
         if self._proc is not None:
             try:
                 await asyncio.wait_for(self._proc.wait(), 5)
@@ -474,5 +599,9 @@ class ManagedServer:
             "profile": self.name, "pid": self.pid, "create_time": proctree.create_time(self.pid),
             "port": self.port, "uds": self.uds, "host": self.profile.host, "model": self.profile.model,
             "started_at": self.started_at, "log": str(self.log_path), "argv": self.argv,
-            "slept_level": self.slept_level,
+            "slept_level": self.slept_level, "checkpointed_pids": self._gpu_pids,
         })
+
+
+def _reason(e: BaseException, timeout_s: float) -> str:
+    return f"no answer from the CUDA driver in {timeout_s:g} s" if isinstance(e, asyncio.TimeoutError) else str(e)

@@ -11,6 +11,7 @@ each failure is tested with a fake one; `LibCuda` is the real one (ctypes on lib
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
@@ -114,6 +115,8 @@ class Support:
     api_version: int | None = None
 
 
+# For mm's fault tests only: a fake driver (tests/faults/fakegpu) keeping its state in this JSON file.
+FAKE_ENV = "MM_FAKE_CUDA_CHECKPOINT"
 _driver: Driver | None = None
 
 
@@ -121,8 +124,17 @@ def driver() -> Driver:
     """The real driver, loaded once per process (raises CheckpointError where there is none)."""
     global _driver
     if _driver is None:
-        _driver = LibCuda()
+        _driver = _fake_driver(os.environ[FAKE_ENV]) if os.environ.get(FAKE_ENV) else LibCuda()
     return _driver
+
+
+def _fake_driver(state_file: str) -> Driver:
+    try:
+        from fake_cuda_checkpoint import FileDriver  # only on the fault tests' PYTHONPATH
+    except ImportError:
+        raise CheckpointError(f"{FAKE_ENV} is set, but its fake driver is not on PYTHONPATH "
+                              f"(it is for mm's fault tests: unset {FAKE_ENV})") from None
+    return FileDriver(state_file)
 
 
 def support(drv: Driver | None = None) -> Support:

@@ -190,6 +190,17 @@ class Nvml:
             used, total = used + int(info.used), total + int(info.total)
         return used, total
 
+    def compute_pids(self) -> set[int]:
+        """The pids NVML lists as compute processes on the visible devices (a process the CUDA
+        driver checkpointed leaves this list)."""
+        found: set[int] = set()
+        for h in self._handles if self.available else []:
+            try:
+                found.update(p.pid for p in self._nv.nvmlDeviceGetComputeRunningProcesses(h))
+            except Exception:
+                continue
+        return found
+
     def processes_bytes(self, pids: set[int]) -> int | str | None:
         """GPU memory held by these processes; NOT_VISIBLE when NVML cannot attribute it to them;
         None without a GPU."""

@@ -193,7 +193,7 @@ function lastHour(model) {
     tokensIn: reqs.reduce((n, e) => n + (e.tokens_in || 0), 0),
   };
 }
-const ORDER = { awake: 0, waking: 1, starting: 2, "falling asleep": 3, stopping: 3, asleep: 4, failed: 5, stopped: 6 };
+const ORDER = { awake: 0, waking: 1, starting: 2, "falling asleep": 3, stopping: 3, asleep: 4, checkpointed: 4, failed: 5, stopped: 6 };
 function sortedServers() {
   return [...servers()].sort((a, b) => (ORDER[a.state] - ORDER[b.state]) || a.profile.localeCompare(b.profile));
 }
@@ -224,7 +224,7 @@ function renderSummary() {
 }
 function budgetHtml(list) {
   const c = card();
-  const live = list.filter((s) => ["awake", "asleep", "starting", "waking"].includes(s.state));
+  const live = list.filter((s) => ["awake", "asleep", "checkpointed", "starting", "waking"].includes(s.state));
   if (c && c.total_mib) {
     const total = c.total_mib;
     const parts = live.filter((s) => s.memory && s.memory.gpu_mib != null);
@@ -270,7 +270,7 @@ function memRow(label, now_, other, peak, state, otherState) {
 }
 function serverCard(s, fp, peakGpu, peakRam) {
   const p = profileInfo(s.profile);
-  const other = s.state === "asleep" ? "awake" : "asleep";
+  const other = ["asleep", "checkpointed"].includes(s.state) ? "awake" : "asleep";
   const m = s.memory || {};
   const gpu = memRow("GPU", m.gpu_mib, fp[other]?.gpu_mib, peakGpu, s.state, other);
   const ram = memRow("RAM", m.rss_mib, fp[other]?.rss_mib, peakRam, s.state, other);
@@ -291,12 +291,12 @@ function serverCard(s, fp, peakGpu, peakRam) {
     p.share_gpu ? `<span>share ${(p.memory_share ?? 0).toFixed(2)}</span>` : "",
   ].filter(Boolean).join("");
   const busy = S.pending[s.profile];
-  const live = ["awake", "asleep", "starting", "waking"].includes(s.state);
-  const wakeLabel = ["asleep", "awake", "waking"].includes(s.state) ? "Wake" : "Start";
+  const live = ["awake", "asleep", "checkpointed", "starting", "waking"].includes(s.state);
+  const wakeLabel = ["asleep", "checkpointed", "awake", "waking"].includes(s.state) ? "Wake" : "Start";
   const btn = (action, label, enabled, primary) =>
     `<button data-action="${action}" data-profile="${esc(s.profile)}" class="${primary ? "primary" : ""}${busy === action ? " busy" : ""}" ${enabled && !busy ? "" : "disabled"}>${busy === action ? `${label}…` : label}</button>`;
   const actions = [
-    btn("wake", wakeLabel, s.state !== "awake" && s.state !== "stopping", s.state === "asleep"),
+    btn("wake", wakeLabel, s.state !== "awake" && s.state !== "stopping", ["asleep", "checkpointed"].includes(s.state)),
     btn("sleep", "Sleep", s.state === "awake", false),
     btn("stop", "Stop", live || s.state === "failed", false),
   ].join("");

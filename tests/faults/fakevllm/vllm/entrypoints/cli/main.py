@@ -21,6 +21,10 @@ metric names and format (prometheus_client, as vLLM uses). Environment knobs:
   FAKE_HANG (unset)              never answer a request (a hung engine)
   FAKE_STOP_DELAY (0)            seconds the engine process takes to exit after SIGTERM
   FAKE_CONTROL_FAIL (unset)      /sleep and /wake_up answer 500
+  FAKE_GPU_DIR (unset)           report the engine's GPU memory to the fake card (tests/faults/fakegpu):
+                                 FAKE_GPU_AWAKE_MIB (51200) awake, FAKE_GPU_ASLEEP_MIB (1024) asleep; while the
+                                 fake driver holds the engine checkpointed, /wake_up and requests answer 500
+                                 (real vLLM would hang in its first CUDA call)
 """
 from __future__ import annotations
 
@@ -43,6 +47,25 @@ def engine_main() -> None:  # vLLM runs its engine core in a child process; so d
         time.sleep(3600)
 
 
+class FakeCard:
+    """The engine's GPU memory on the fake card (tests/faults/fakegpu), where FAKE_GPU_DIR is set."""
+
+    def __init__(self, engine_pid: int):
+        self.pid, self.on = engine_pid, bool(os.environ.get("FAKE_GPU_DIR"))
+        if self.on:
+            import fake_gpu_state
+
+            self.gpu = fake_gpu_state
+
+    def hold(self, awake: bool) -> None:
+        if self.on:
+            mib = os.environ.get("FAKE_GPU_AWAKE_MIB" if awake else "FAKE_GPU_ASLEEP_MIB", "51200" if awake else "1024")
+            self.gpu.hold(self.pid, int(mib) << 20)
+
+    def checkpointed(self) -> bool:
+        return self.on and self.gpu.driver_state(self.pid) != "RUNNING"
+
+
 def main() -> None:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
 
@@ -57,6 +80,8 @@ def main() -> None:
     engine = multiprocessing.get_context("spawn").Process(target=engine_main, daemon=True)
     engine.start()
     print(f"fake vllm: engine pid {engine.pid}", flush=True)
+    card = FakeCard(engine.pid)
+    card.hold(awake=True)
 
     import uvicorn
     from prometheus_client import (
@@ -135,12 +160,15 @@ def main() -> None:
             return JSONResponse({"error": "engine is gone"}, status_code=500)
         level = int(request.query_params.get("level", "1"))
         mode = request.query_params.get("mode", "abort")
+        if card.checkpointed():
+            return JSONResponse({"error": "CUDA call while the process is checkpointed"}, status_code=500)
         record(f"sleep:{level}" + (":keep" if mode == "keep" else ""))
         if mode != "keep" and state["in_flight"]:  # vLLM aborts what is running
             state["aborts"] += 1
             record(f"aborted-by-sleep:{state['in_flight']}")
         print(f"INFO fake vllm: sleep level {level}: weights offloaded", flush=True)
         state["sleeping"], state["level"] = True, level
+        card.hold(awake=False)
         if level == 2:
             state["weights"] = False  # level 2 discards the weights
         return JSONResponse({})
@@ -149,10 +177,14 @@ def main() -> None:
         if control_fail:
             return JSONResponse({"error": "engine is gone"}, status_code=500)
         tags = request.query_params.getlist("tags")
+        if card.checkpointed():
+            record("wake_up-while-checkpointed")
+            return JSONResponse({"error": "CUDA call while the process is checkpointed"}, status_code=500)
         record("wake_up" + (f":{','.join(tags)}" if tags else ""))
         print("INFO fake vllm: woke up", flush=True)
         if not tags or "kv_cache" in tags:
             state["sleeping"] = False
+            card.hold(awake=True)
         return JSONResponse({})
 
     async def collective_rpc(request: Request):

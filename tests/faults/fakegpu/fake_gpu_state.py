@@ -1,0 +1,67 @@
+"""The state the fake card, the fake driver and the fake vLLM share: files, so that the daemon, the
+servers and the test see one card. `$FAKE_GPU_DIR/<pid>` holds the bytes a process holds on the card;
+`$MM_FAKE_CUDA_CHECKPOINT` is the driver's JSON: {"states": {pid: "CHECKPOINTED"...}, "calls": [...],
+"fail": "restore" (the next such call fails), "api_version": 13000}."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MIB = 1 << 20
+TOTAL = 80 * 1024 * MIB  # an H100's 80 GiB
+
+
+def gpu_dir() -> Path | None:
+    return Path(os.environ["FAKE_GPU_DIR"]) if os.environ.get("FAKE_GPU_DIR") else None
+
+
+def driver_file() -> Path | None:
+    return Path(os.environ["MM_FAKE_CUDA_CHECKPOINT"]) if os.environ.get("MM_FAKE_CUDA_CHECKPOINT") else None
+
+
+def read_driver(path: Path | None = None) -> dict:
+    path = path or driver_file()
+    try:
+        return json.loads(path.read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_driver(doc: dict, path: Path | None = None) -> None:
+    path = path or driver_file()
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+def driver_state(pid: int) -> str:
+    return read_driver().get("states", {}).get(str(pid), "RUNNING")
+
+
+def hold(pid: int, nbytes: int) -> None:
+    """What a process holds on the fake card now."""
+    d = gpu_dir()
+    if d is not None:
+        (d / str(pid)).write_text(str(nbytes))
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def processes() -> dict[int, int]:
+    """pid -> bytes of every live process on the card; a checkpointed one has left it."""
+    d, states = gpu_dir(), read_driver().get("states", {})
+    out = {}
+    for f in d.iterdir() if d and d.is_dir() else []:
+        if f.name.isdigit() and alive(int(f.name)) and states.get(f.name, "RUNNING") != "CHECKPOINTED":
+            try:
+                out[int(f.name)] = int(f.read_text() or 0)
+            except (OSError, ValueError):
+                continue
+    return out
