@@ -152,7 +152,7 @@ def test_status_survives_a_server_added_while_it_reads_memory(mm_env):
 
     class Server:
         def __init__(self, name):
-            self.name, self.pid = name, None
+            self.name, self.pid, self.state = name, None, State.STOPPED
 
         def snapshot(self):
             return {"profile": self.name}

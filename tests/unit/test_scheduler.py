@@ -37,6 +37,9 @@ class FakeServer:
         self.fails: set[str] = set()  # "checkpoint", "restore": what goes wrong for this server
         self.ram = {State.ASLEEP: 0, State.CHECKPOINTED: 0}  # bytes of RAM it holds in those states
 
+    def memory(self) -> dict:  # what `mm status` shows
+        return {}
+
     name = property(lambda self: self.profile.name)
     may_restart = property(lambda self: self.profile.restart == "on-failure"
                            and self.restarts < self.profile.max_restarts)
