@@ -317,7 +317,7 @@ class Daemon:
             p = s.profile
             if s.in_flight or self.scheduler.waiting(s.name) or self.scheduler.closed:
                 continue
-            if p.idle_stop and s.state in (State.AWAKE, State.ASLEEP) and idle > p.idle_stop:
+            if p.idle_stop and s.state in (State.AWAKE, State.ASLEEP, State.CHECKPOINTED) and idle > p.idle_stop:
                 log.info("%s idle %.0f s: stopping", s.name, idle)
                 await self._duty("idle stop", s.name, lambda: self.scheduler.stop(s.name))
             elif p.idle_sleep and s.state == State.AWAKE and idle > p.idle_sleep:
