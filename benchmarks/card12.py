@@ -70,7 +70,7 @@ CARD = 12 * GIB
 
 
 # --- the profiles, as shipped but for the model ---------------------------------------------------
-def write_profiles(home: Path, fake: bool, hopper: bool) -> None:
+def write_profiles(home: Path, fake: bool, hopper: bool, own_caches: bool = True) -> None:
     """A user profile of the same name shadows the shipped one: the shipped file with its model
     pointed at the fixture (profiles that inherit their model, perf from baseline, are left alone)."""
     folder = home / "config" / "profiles"
@@ -97,8 +97,9 @@ def write_profiles(home: Path, fake: bool, hopper: bool) -> None:
             # each profile compiles into caches of its own, emptied before its measured start (a
             # first start, as on a user's machine: the one fit.py predicts); the round reuses them
             compiled = COMPILE_CACHES / path.stem
-            doc.setdefault("env", {}).update(VLLM_CACHE_ROOT=str(compiled / "vllm"),
-                                             TORCHINDUCTOR_CACHE_DIR=str(compiled / "inductor"))
+            if own_caches:
+                doc.setdefault("env", {}).update(VLLM_CACHE_ROOT=str(compiled / "vllm"),
+                                                 TORCHINDUCTOR_CACHE_DIR=str(compiled / "inductor"))
             if hopper and "awq" in model.lower():
                 engine.setdefault("dtype", "bfloat16")
         (folder / path.name).write_text(tomli_w.dumps(doc))
@@ -286,12 +287,12 @@ def predicted(name: str) -> str:
         return f"n/a({type(e).__name__})"
 
 
-def new_home(fake: bool, hopper: bool, gpu: str | None = None) -> dict:
+def new_home(fake: bool, hopper: bool, gpu: str | None = None, own_caches: bool = True) -> dict:
     """A fresh MM_HOME with the shipped profiles pointed at the fixtures, gpu_budget 12GiB; the
     environment of the mm commands and the daemon that use it (on `gpu` where given)."""
     home = Path(tempfile.mkdtemp(prefix="mm-card12-"))
     cache = home / "cache"
-    write_profiles(home, fake, hopper)
+    write_profiles(home, fake, hopper, own_caches)
     embedded_without_weights(cache)
     (home / "config" / "config.toml").write_text('gpu_budget = "12GiB"\n')
     env = {**os.environ, "MM_HOME": str(home), "MM_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1",

@@ -135,7 +135,7 @@ def visit(profile: str, served: dict[str, str], fake: bool) -> list[tuple[str, s
         stt = served["voice-stt"]
         return [chat(served["voice-llm"], "Say hello."),
                 chat(stt, "x") if fake else (stt, "/v1/audio/transcriptions", {"model": stt, "temperature": "0"})]
-    if profile == "ocr" and not fake:
+    if profile == "ocr":
         return [chat(served["ocr"], [{"type": "image_url", "image_url": {"url": png_data_url()}},
                                      {"type": "text", "text": "Read this page."}])]
     return [chat(served[profile], PROMPT)]
@@ -214,7 +214,7 @@ def start_all(run: Run, profiles: list[str], served: dict, fake: bool, client: h
 
 
 def the_round(run: Run, order: list[str], last: str, first: dict[str, list[str]], served: dict, fake: bool,
-              client: httpx.Client, explicit: bool) -> list[Switch]:
+              client: httpx.Client, explicit: bool, max_restarts: int = 1_000) -> list[Switch]:
     switches = []
     for target in order:
         if explicit:
@@ -236,6 +236,10 @@ def the_round(run: Run, order: list[str], last: str, first: dict[str, list[str]]
         run.line(switch.line())
         switches.append(switch)
         last = target
+        if sum(s.kind == "restart" for s in switches) > max_restarts:
+            run.line(f"# the round stopped after {max_restarts + 1} restarts (cold starts of a minute or more "
+                     f"each would outlast the device's time)")
+            break
     run.line(summary_line(switches))
     return switches
 
@@ -261,8 +265,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="default: benchmark_results/rotation12_<device>.txt")
     ap.add_argument("--dry", action="store_true", help="the fake vLLM, card and driver: the flow only")
+    ap.add_argument("--dry-budget", default="", help='with --dry: a gpu_budget ("12GiB"), so that switches need room')
     ap.add_argument("--profiles", default=",".join(ORDER))
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-restarts", type=int, default=4, help="end the round after more restarts than this")
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--explicit-checkpoint", action="store_true",
                     help="checkpoint the previous profile by command before each switch")
@@ -279,23 +285,25 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     hopper = gpu.available and tag in ("h100", "h200")
-    env = new_home(args.dry, hopper)
-    if args.dry:  # no budget: the fake card's predictions are shares of 80 GiB
-        (Path(env["MM_HOME"]) / "config" / "config.toml").write_text("")
+    env = new_home(args.dry, hopper, own_caches=False)  # vLLM's shared caches: profiles of one model share kernels
+    if args.dry:  # no budget unless asked: the fake card's predictions are shares of 80 GiB
+        (Path(env["MM_HOME"]) / "config" / "config.toml").write_text(
+            f'gpu_budget = "{args.dry_budget}"\n' if args.dry_budget else "")
     os.environ.update(MM_HOME=env["MM_HOME"], MM_CACHE_DIR=env["MM_CACHE_DIR"])  # for load_profile here
     run = Run(env, out)
     profiles = [p for p in args.profiles.split(",") if p]
     run.line(f"# benchmarks/rotation12.py, {time.strftime('%Y-%m-%d %H:%M')}: device={tag} ({gpu.name()}) "
              f"driver={report.driver or '?'} vllm={vllm_version(args.dry)}")
     run.line(f"# card: {gpu.free() / 2**30:.2f} GiB free with nothing started (the ballast holds the rest); "
-             f"{'no budget (dry)' if args.dry else 'gpu_budget 12GiB'}; models: random weights of the real shapes; "
+             f"{('gpu_budget ' + (args.dry_budget or 'none')) + ' (dry)' if args.dry else 'gpu_budget 12GiB'}; models: random weights of the real shapes; "
              f"{args.rounds} rounds, seed {args.seed}; checkpoints before a switch: "
              + ("by command (--explicit-checkpoint)" if args.explicit_checkpoint else "mm's own"))
     try:
         with httpx.Client(timeout=1200) as client:
             first = start_all(run, profiles, served_names(), args.dry, client)
             order = rotation(profiles, args.rounds, args.seed, after=profiles[-1])
-            the_round(run, order, profiles[-1], first, served_names(), args.dry, client, args.explicit_checkpoint)
+            the_round(run, order, profiles[-1], first, served_names(), args.dry, client, args.explicit_checkpoint,
+                      args.max_restarts)
     finally:
         run.mm("daemon", "stop")
 
