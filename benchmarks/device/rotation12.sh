@@ -40,7 +40,7 @@ start() {
 running() { kill -0 "$(cat /tmp/rotation12.pid 2>/dev/null)" 2>/dev/null; }
 
 poll() {  # poll [N]: wait up to N x 5 s (108: 9 minutes) for the run to end
-  for _ in $(seq "${1:-108}"); do running || break; sleep 5; done
+  for _ in $(seq "${1:-${POLL_N:-108}}"); do running || break; sleep 5; done
   tag=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import rotation12, pynvml; pynvml.nvmlInit(); \
 print(rotation12.device_tag(str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))))" 2>/dev/null || echo h100)
   cp /tmp/rotation12.txt "$out/rotation12_${tag}.txt" 2>/dev/null; tail -c 60000 /tmp/rotation12.log > "$out/rotation12.log"
