@@ -57,6 +57,7 @@ from mmlib.profiles.profile import Profile, load_profile
 from mmlib.serve.memory import Footprint, NoCard
 from mmlib.serve.states import AWAKE_ISH, LIVE, State
 from mmlib.system.clock import Clock
+from mmlib.system.nvml import GIB
 
 log = logging.getLogger("mm.scheduler")
 
@@ -690,26 +691,38 @@ class Scheduler:
         mine = sum(self._host_bytes(s) for s in self.servers.values() if s.state in LIVE)
         return derived_ram_budget(ram[0], ram[1], mine)
 
-    def _ram_short(self, extra: int = 0) -> bool:
-        """Whether the sleepers (plus `extra` bytes more) hold more than the budget, or free RAM is
-        (or would be) under the floor."""
+    def _ram_deficit(self, extra: int = 0) -> tuple[int, str]:
+        """Bytes of the sleepers' RAM to free (0: none), and why: the sleepers (plus `extra` bytes
+        more) over the budget, or free RAM (less `extra`) under the floor."""
+        need, why = 0, ""
         budget = self.ram_budget_now()
-        if budget is not None and sum(self._host_bytes(s) for s in self._sleepers()) + extra > budget:
-            return True
+        if budget is not None:
+            held = sum(self._host_bytes(s) for s in self._sleepers()) + extra
+            need, why = held - budget, f"the sleepers' {held / GIB:.1f} GiB of RAM over its budget {budget / GIB:.1f}"
         ram = self.host_ram() if self.host_ram else None
-        return ram is not None and ram[1] - extra < ram_floor(ram[0])
+        if ram is not None and ram_floor(ram[0]) - (ram[1] - extra) > need:
+            need = ram_floor(ram[0]) - (ram[1] - extra)
+            why = f"{(ram[1] - extra) / GIB:.1f} GiB of RAM free, under its floor {ram_floor(ram[0]) / GIB:.1f}"
+        return max(0, need), why
+
+    def _ram_short(self, extra: int = 0) -> bool:
+        return self._ram_deficit(extra)[0] > 0
 
     async def _keep_ram(self, exclude: set[str] = frozenset(), extra: int = 0) -> None:
-        """Stop the least recently used sleepers while RAM is short (see _ram_short)."""
-        while self._ram_short(extra):
-            victims = sorted(self._sleepers(exclude), key=lambda s: (s.in_flight > 0, s.last_used))
-            if not victims:
+        """Stop the least recently used sleepers until what they held covers the deficit, judged once
+        before the first stop: a stopped process's RAM shows as free only a moment later, and judging
+        again after each stop took every sleeper (the H200 rotation12 run: six stopped in 0.5 s)."""
+        need, why = self._ram_deficit(extra)
+        victims = sorted(self._sleepers(exclude), key=lambda s: (s.in_flight > 0, s.last_used))
+        for s in victims:
+            if need <= 0:
                 return
-            s = victims[0]
-            log.info("stopping %s (asleep, least recently used): the sleepers' RAM is over its budget "
-                     "or the machine's free RAM low", s.name)
+            held = self._host_bytes(s)
+            log.info("stopping %s (asleep, least recently used) to free %.1f GiB of RAM: %s", s.name,
+                     held / GIB, why)
             self._drop_come_back(s.name)
             await self._stop_released(s)
+            need -= max(held, 1)
 
     async def keep_ram(self) -> None:
         """For the daemon's background duty: RAM may run short through other programs too."""
