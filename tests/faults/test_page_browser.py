@@ -51,7 +51,8 @@ def page_mm(tmp_path_factory):
     profiles.mkdir(parents=True)
     for name, (model, extra) in PROFILES.items():
         (profiles / f"{name}.toml").write_text(TOML.format(model=model, name=name, extra=extra))
-    shutil.copytree(ROOT / "benchmark_results", home / "results", ignore=shutil.ignore_patterns("*.tmp"))
+    shutil.copytree(ROOT / "benchmark_results" / "bench_perf_dummy_h100", home / "results",
+                    ignore=shutil.ignore_patterns("*.tmp"))
     fake = FakeMM(env)
     yield fake
     fake.mm("daemon", "stop", check=False)
