@@ -244,6 +244,8 @@ def test_bench_refuses_a_stack(mm_env):
 
 def tracked_results_repo(tmp_path):
     """A git repository holding what this checkout tracks under benchmark_results/, and its .gitignore."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
     git = ["git", "-c", "user.name=mm", "-c", "user.email=mm@localhost", "-c", "commit.gpgsign=false"]
     listed = subprocess.run(["git", "ls-files", "-z", "benchmark_results", ".gitignore"], cwd=paths.PROJECT_ROOT,
                             capture_output=True, text=True)
