@@ -17,6 +17,7 @@ import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -85,7 +86,7 @@ def main() -> None:
     env = {**os.environ, "MM_HOME": str(home), "MM_PROXY_PORT": str(port),
            "MM_RUNTIME_DIR": tempfile.mkdtemp(prefix="mm-", dir="/tmp")}
     lines = [f"# benchmarks/first_answer.py, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPU cores, "
-             f"the embedded SmolLM2-135M-Instruct on vLLM's CPU build; no system prompt (the chat template's own)"]
+             f"the embedded SmolLM2-135M-Instruct on vLLM {version('vllm')}; no system prompt (the chat template's own)"]
     try:
         mm(env, "up", "default")
         with ThreadPoolExecutor(10) as pool:
