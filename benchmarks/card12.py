@@ -17,7 +17,7 @@ the same after `mm sleep`, settled. Lines are appended to --out as they come, so
 what it finished.
 
 GPU (after the kit's unpack and `ballast.py --leave 12`):
-    python3 benchmarks/card12.py --out benchmark_results/card12_h100.txt [--part profiles|round]
+    python3 benchmarks/card12.py --out benchmark_results/runs/card12.txt [--part profiles|round]
 (--part splits the run over two device sessions, appending to the same file; the round's restarts
 reuse the compile caches the profiles part left in ~/.cache/card12-compile.) On a host with two
 GPUs, each with a ballast leaving 12 GiB, `--round-gpu 1` (with CUDA_VISIBLE_DEVICES=0) runs the

@@ -13,7 +13,7 @@ is decided. The best ratio of output tokens/s to the single-model run is printed
 and for S = 0 (a free switch): what no such rule can beat under this load.
 
 Usage: python3 benchmarks/mixed_bound.py [--single-tok-s 2129 --switch-s 0.24 --clients 32] [--out FILE]
-(defaults: the no-pause run of benchmarks/results/mixed_load_h100_nopause.txt)
+(defaults: the no-pause run of benchmark_results/mixed_load_h200_nopause.txt)
 """
 from __future__ import annotations
 

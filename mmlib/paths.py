@@ -57,7 +57,9 @@ def logs_dir() -> Path:
 
 
 def results_dir() -> Path:
-    return Path(os.environ.get("MM_RESULTS_DIR", PROJECT_ROOT / "benchmark_results"))
+    """Where `mm bench` and `mm eval` write: runs/ beside the results of record, which git ignores,
+    so a run never rewrites a tracked file (a run of record is moved out of it by hand)."""
+    return Path(os.environ.get("MM_RESULTS_DIR", PROJECT_ROOT / "benchmark_results" / "runs"))
 
 
 # A unix socket's path must fit in 108 bytes; state folders under deep homes (or test temp dirs)

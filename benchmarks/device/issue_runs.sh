@@ -12,14 +12,16 @@
 #           On two GPUs (nvidia-h100-x2) the round runs on the second beside the profiles, and once
 #           the profiles are done, the first card (ballast gone) runs issue 11's one-at-a-time mixed
 #           traffic and switch timing (benchmarks/mixed_load.py --switch, as `first` does), then again
-#           with switch_max_wait 0.5 (mixed_load_h100_wait05.txt).
+#           with switch_max_wait 0.5 (mixed_load_wait05.txt).
 #           Its calls: part-00, part-01, then part-02 with unpack.sh, MANIFEST, ballast.py, .whl and
 #           models (`bash .gpu-stage/unpack.sh`), then this step carrying .gpu-extra, models, unpack.sh,
 #           MANIFEST, ballast.py and .whl (part-02 and .gpu-extra together pass the 64 MiB a call carries).
 #   poll:   polls the background runs for up to 9 minutes and brings back what they wrote so far;
 #           call it back to back until they have ended (then it brings back the JIT caches too).
 #   mixed:  issue 11's one-at-a-time mixed traffic, switch timing and pause check alone (after the kit's
-#           unpack), then the same with switch_pause_in_flight = false (mixed_load_h100_nopause.txt)
+#           unpack), then the same with switch_pause_in_flight = false (mixed_load_nopause.txt)
+# What comes back is named by what ran, not where: a run of record goes to benchmark_results/ named
+# by the card its header names (an nvidia-h100 call may come as an H200).
 # Usage: bash benchmarks/device/issue_runs.sh first|second|card12|poll|mixed
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -50,15 +52,15 @@ first() {
   mkdir -p /tmp/stage && bash .gpu-stage/unpack.sh || exit 1
   python3 -c "import platformdirs, tomli_w" 2>/dev/null ||
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  header > "$out/level2_wake_h100.txt"
+  header > "$out/level2_wake.txt"
   # sleep level 2: the script sizes its KV cache in bytes, so starting beside the mixed servers
   # cannot skew vLLM's memory profiling (that race failed the first try: "Error in memory profiling")
   timeout 420 python3 benchmarks/level2_wake.py --tokenizer .gpu-stage/models/dummy-1.5b \
-    --out "$out/level2_wake_h100.txt" > "$out/level2.log" 2>&1 &
-  one_at_a_time "$out/mixed_load_h100.txt" > "$out/mixed1.log" 2>&1
+    --out "$out/level2_wake.txt" > "$out/level2.log" 2>&1 &
+  one_at_a_time "$out/mixed_load.txt" > "$out/mixed1.log" 2>&1
   wait
   tail -n 5 "$out/level2.log" "$out/mixed1.log"
-  cat "$out/level2_wake_h100.txt" "$out/mixed_load_h100.txt"
+  cat "$out/level2_wake.txt" "$out/mixed_load.txt"
   tar -cJf "$out/jit.tar.xz" -C ~/.cache vllm flashinfer 2>/dev/null; ls -la "$out"
 }
 
@@ -67,15 +69,15 @@ mixed() {  # issue 11 alone: the one-at-a-time mixed traffic, the switch and the
   python3 -c "import platformdirs, tomli_w" 2>/dev/null ||
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export MIXED_S=15 MIXED_TIMEOUT=290  # both in one call
-  one_at_a_time "$out/mixed_load_h100.txt" > "$out/mixed1.log" 2>&1
-  one_at_a_time "$out/mixed_load_h100_nopause.txt" --no-pause > "$out/mixed3.log" 2>&1
-  tail -n 8 "$out/mixed1.log" "$out/mixed3.log"; cat "$out/mixed_load_h100.txt" "$out/mixed_load_h100_nopause.txt"
+  one_at_a_time "$out/mixed_load.txt" > "$out/mixed1.log" 2>&1
+  one_at_a_time "$out/mixed_load_nopause.txt" --no-pause > "$out/mixed3.log" 2>&1
+  tail -n 8 "$out/mixed1.log" "$out/mixed3.log"; cat "$out/mixed_load.txt" "$out/mixed_load_nopause.txt"
 }
 
 second() {
   setsid python3 .gpu-stage/ballast.py --leave 12 > /tmp/ballast.log 2>&1 < /dev/null &
   for _ in $(seq 60); do grep -q holding /tmp/ballast.log && break; sleep 1; done; cat /tmp/ballast.log
-  f="$out/mixed_load_h100_card12.txt"
+  f="$out/mixed_load_card12.txt"
   echo "# $(nvidia-smi --query-gpu=name --format=csv,noheader), vLLM 0.26.0, $(date -u +%F); ballast leaves 12.00 GiB free (an emulated 12 GiB card)" > "$f"
   echo "# both models sized in bytes (KV 1.0e9 and 0.6e9 bytes, enforce-eager), gpu_budget 12GiB: they fit awake together" >> "$f"
   timeout 500 python3 benchmarks/mixed_load.py --models-dir .gpu-stage/models --duration 25 --budget 12GiB \
@@ -107,19 +109,19 @@ card12() {
   fi
   # transformers 5.16.0 first: vLLM 0.26's LightOnOCR needs it; soundfile reads the WAV upload
   # CARD12_PART=profiles|round splits the run over two sessions (the file comes back each time: carry
-  # it in as .gpu-extra/card12_h100.txt to append the round to it)
-  [ -f .gpu-extra/card12_h100.txt ] && cp .gpu-extra/card12_h100.txt /tmp/card12_h100.txt
+  # it in as .gpu-extra/card12.txt to append the round to it)
+  [ -f .gpu-extra/card12.txt ] && cp .gpu-extra/card12.txt /tmp/card12.txt
   CUDA_VISIBLE_DEVICES=0 PYTHONPATH="/tmp/site0:$PYTHONPATH" setsid python3 benchmarks/card12.py \
-    --out /tmp/card12_h100.txt --part "${CARD12_PART:-all}" "${beside[@]}" > /tmp/card12.log 2>&1 < /dev/null &
+    --out /tmp/card12.txt --part "${CARD12_PART:-all}" "${beside[@]}" > /tmp/card12.log 2>&1 < /dev/null &
   echo $! > /tmp/runs.pids
   if [ ${#beside[@]} -gt 0 ]; then  # then issue 11 on the first card, once the profiles are done with it
     export -f header one_at_a_time
     setsid bash -c '
       until grep -q "profiles done" /tmp/card12.log; do kill -0 "$(head -1 /tmp/runs.pids)" || exit; sleep 5; done
       kill "$(grep -o "ballast pid [0-9]*" /tmp/ballast.log | grep -o "[0-9]*$")"; sleep 5
-      CUDA_VISIBLE_DEVICES=0 one_at_a_time /tmp/mixed_load_h100.txt
+      CUDA_VISIBLE_DEVICES=0 one_at_a_time /tmp/mixed_load.txt
       # the lever on the rare model'"'"'s p99: a shorter hold before a switch (config.toml switch_max_wait)
-      CUDA_VISIBLE_DEVICES=0 one_at_a_time /tmp/mixed_load_h100_wait05.txt --max-wait 0.5
+      CUDA_VISIBLE_DEVICES=0 one_at_a_time /tmp/mixed_load_wait05.txt --max-wait 0.5
     ' > /tmp/mixed1.log 2>&1 < /dev/null &
     echo $! >> /tmp/runs.pids
   fi
@@ -132,10 +134,10 @@ running() {  # any of the background runs still going
 
 poll() {  # poll [N]: wait up to N x 5 s (108: 9 minutes) for the runs to end
   for _ in $(seq "${1:-108}"); do running || break; sleep 5; done
-  cp /tmp/card12_h100.txt /tmp/mixed_load_h100.txt /tmp/mixed_load_h100_wait05.txt "$out/" 2>/dev/null; tail -c 60000 /tmp/card12.log > "$out/card12.log"
+  cp /tmp/card12.txt /tmp/mixed_load.txt /tmp/mixed_load_wait05.txt "$out/" 2>/dev/null; tail -c 60000 /tmp/card12.log > "$out/card12.log"
   tail -c 20000 /tmp/mixed1.log > "$out/mixed1.log" 2>/dev/null
   (cd /tmp && tar -cJf "$out/logs.tar.xz" mm-card12-*/state/logs 2>/dev/null)  # vLLM's own sizes, per server
-  cat /tmp/card12_h100.txt /tmp/mixed_load_h100.txt /tmp/mixed_load_h100_wait05.txt 2>/dev/null; tail -n 3 /tmp/card12.log /tmp/mixed1.log 2>/dev/null
+  cat /tmp/card12.txt /tmp/mixed_load.txt /tmp/mixed_load_wait05.txt 2>/dev/null; tail -n 3 /tmp/card12.log /tmp/mixed1.log 2>/dev/null
   nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv
   # the JIT caches, once all is done (the per-profile compile caches only where they are small)
   if ! running; then

@@ -155,7 +155,7 @@ def bench(profile: str | None, mode: str, scenarios: tuple[str, ...], prompts: i
     """Measure PROFILE's server (default: the default profile) with vLLM's bench: TTFT, TPOT,
     throughput, failed requests, and GPU and RAM memory while it runs.
 
-    Results go to benchmark_results/<profile>/ and benchmark_results/summary.md (with plots)."""
+    Results go to benchmark_results/runs/<profile>/ and runs/summary.md (with plots); git ignores runs/."""
     from mmlib.measure import bench as lib
     from mmlib.measure.results import ResultFile
     from mmlib.profiles.vllm_cmd import installed_vllm

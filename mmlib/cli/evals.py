@@ -127,7 +127,7 @@ def eval_cmd(profile: str | None, mode: str, tasks: tuple[str, ...], limit: int 
 
     Every filter a task has is shown (e.g. gsm8k's strict-match beside flexible-extract); a score of
     zero, or far below another filter's, is explained from the answers lm-eval logged.
-    Results go to benchmark_results/<profile>/ and benchmark_results/summary.md."""
+    Results go to benchmark_results/runs/<profile>/ and runs/summary.md; git ignores runs/."""
     from rich.console import Console
 
     from mmlib.measure import evals

@@ -175,7 +175,7 @@ def sized_card(capacity: int, ram: int | None = None) -> Card:
 
 # --- the footprint -------------------------------------------------------------------------------------
 # Calibrated on an H100 with vLLM 0.26, all but 12 GiB held by ballast.py (benchmarks/card12.py, first
-# run, benchmarks/results/card12_h100_run1.txt and the servers' log lines in card12_h100_run1.vllm.log), six
+# run, benchmark_results/card12_h100_run1.txt and the servers' log lines in card12_h100_run1.vllm.log), six
 # shipped profiles, each server's first start on that machine (torch.compile from scratch):
 # - At rest, awake, every server held 0.83-0.92 GiB beyond vLLM's "Model loading took", its KV cache
 #   and "Graph capturing ... took" (chat 0.88, voice-llm and voice-stt 0.92, ocr 0.91, default 0.83;

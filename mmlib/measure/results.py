@@ -1,6 +1,6 @@
 """Result files of `mm bench` and `mm eval`, and what is made of them: summary.md, plots, `mm compare`.
 
-A run writes benchmark_results/<profile>/<timestamp>-<kind>.json (mmlib.paths.results_dir()). The
+A run writes benchmark_results/runs/<profile>/<timestamp>-<kind>.json (mmlib.paths.results_dir()). The
 first save claims its name with a hard link, so it is atomic and never replaces another run's
 file; later saves of the same run replace it atomically. A run saves after every finished step,
 so Ctrl-C (or a crash) keeps what finished, marked "complete": false.

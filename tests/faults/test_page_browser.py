@@ -53,7 +53,8 @@ def page_mm(tmp_path_factory):
     for name, (model, extra) in PROFILES.items():
         (profiles / f"{name}.toml").write_text(TOML.format(model=model, name=name, extra=extra))
         fake_model(env, model)
-    shutil.copytree(ROOT / "benchmark_results", home / "results", ignore=shutil.ignore_patterns("*.tmp"))
+    shutil.copytree(ROOT / "benchmark_results" / "bench_perf_dummy_h100", home / "results",
+                    ignore=shutil.ignore_patterns("*.tmp"))
     fake = FakeMM(env)
     yield fake
     fake.mm("daemon", "stop", check=False)

@@ -1,4 +1,4 @@
-"""The embedded default answers sensibly, driven as a person would: `mm chat --once` ten times, and a
+"""The embedded default answers sensibly, driven as a person would: `mm chat --once` fifteen times, and a
 five-turn conversation in the interactive `mm chat` inside tmux. One vLLM start for the module."""
 from __future__ import annotations
 
@@ -39,12 +39,27 @@ def test_the_loop_measure_tells_loops_from_prose():
     assert repeated_share("Hi there!") == 0.0
 
 
-def test_the_capital_of_france_in_nine_of_ten_fresh_answers(live_mm):
-    """Fresh requests, sampling on (the profile's temperature 0.1, no client settings)."""
+def first_sentence(text: str) -> str:
+    match = re.search(r"[.!?](\s|$)", text.strip())
+    return text.strip()[:match.end()].strip() if match else text.strip()
+
+
+# What the model invented before (issue 22): "L'Étoile de la Cité (The City of Love) - Paris."
+FRENCH = re.compile(r"[À-ÿ]|\b(la|le|les|de|du|des|l')\b", re.IGNORECASE)
+EVERYDAY = {"How many days are in a week?": "7", "What color is the sky on a clear day?": "blue",
+            "What is 2 + 2?": "4", "How many legs does a spider have?": "8", "What is the opposite of hot?": "cold"}
+
+
+def test_the_capital_of_france_first_in_ten_of_ten_fresh_answers(live_mm):
+    """Fresh requests with the profile's generation defaults (no client settings): the first sentence
+    names Paris, in English, every time; five everyday questions get the answer in theirs."""
     answers = [live_mm.mm("chat", "--once", QUESTION).stdout for _ in range(10)]
-    hits = sum("Paris" in a for a in answers)
-    assert hits >= 9, "\n---\n".join(answers)
+    firsts = [first_sentence(a) for a in answers]
+    assert all("Paris" in f and not FRENCH.search(f) for f in firsts), firsts
     assert all(repeated_share(a) < LOOP_SHARE for a in answers), answers
+    for question, expected in EVERYDAY.items():
+        answer = live_mm.mm("chat", "--once", question).stdout
+        assert expected in first_sentence(answer), f"{question!r} got {answer!r}"
 
 
 class Tmux:

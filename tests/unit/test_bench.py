@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -239,3 +240,35 @@ def test_bench_refuses_a_stack(mm_env):
     assert r.exit_code == 1 and "voice is a stack" in r.output and "voice-stt" in r.output
     r = CliRunner().invoke(main, ["bench", "default", "--scenario", "warp"])
     assert r.exit_code == 2 and "warp" in r.output
+
+
+def tracked_results_repo(tmp_path):
+    """A git repository holding what this checkout tracks under benchmark_results/, and its .gitignore."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    git = ["git", "-c", "user.name=mm", "-c", "user.email=mm@localhost", "-c", "commit.gpgsign=false"]
+    listed = subprocess.run(["git", "ls-files", "-z", "benchmark_results", ".gitignore"], cwd=paths.PROJECT_ROOT,
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    repo = tmp_path / "repo"
+    for name in filter(None, listed.stdout.split("\0")):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(paths.PROJECT_ROOT / name, repo / name)
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "runs of record"]):
+        subprocess.run(git + args, cwd=repo, check=True, capture_output=True)
+    return repo
+
+
+def test_a_bench_run_changes_no_tracked_file(mm_env, tmp_path, monkeypatch):
+    """Issue 22: a run lands beside the runs of record where git ignores it, and the summary it
+    regenerates is not the tracked one: after `mm bench`, git sees nothing changed or new."""
+    repo = tracked_results_repo(tmp_path)
+    monkeypatch.delenv("MM_RESULTS_DIR")
+    monkeypatch.setattr(paths, "PROJECT_ROOT", repo)
+    path, _ = bench.run(load_profile("default"), SERVER, plan(["latency"], "quick", cpu=True), "quick",
+                        runner=fake_runner([]), sampler=FakeSampler())
+    assert path.is_relative_to(repo / "benchmark_results") and (path.parent.parent / "summary.md").is_file()
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo,
+                            capture_output=True, text=True, check=True).stdout
+    assert status == ""

@@ -191,7 +191,7 @@ def test_fit_that_cannot_work_says_what_would(local_7b):
 def test_vllm_defaults_put_graphs_and_the_compile_reserve_outside_the_share(local_7b):
     # The "same with vLLM defaults" died at warm-up on the emulated 12 GiB card: 256 sequences
     # capture graphs up to 512 (0.99 GiB on the 7B), and torch.compile's first runs leave about 1 GiB
-    # reserved beside the KV cache (benchmarks/results/card12_h100_run1.txt).
+    # reserved beside the KV cache (benchmark_results/card12_h100_run1.txt).
     p = profile({"max_model_len": 8192, "gpu_memory_utilization": 0.85}, model=str(local_7b))
     fit = fit_findings(p, Facts(gpus=(A3060,)))[0]
     assert fit.severity == ERROR and "does not fit" in fit.message and "CUDA graphs 0.99" in fit.message
