@@ -393,8 +393,8 @@ def test_argv_builder_for_the_supervisor(mm_env, shipped_models):
 
 
 # --- room for sleepers beside a profile that fills the card (issue 20, item 5) -------------------------------
-# What each shipped profile's server kept asleep on the emulated 12 GiB card (benchmarks/results/
-# card12_h100.txt; voice's 1.79 GiB split between its two servers).
+# What each shipped profile's server kept asleep on the emulated 12 GiB card (benchmark_results/
+# card12_h200x2.txt; voice's 1.79 GiB split between its two servers).
 ASLEEP_MEASURED = {"chat": 0.89, "perf": 1.19, "voice-stt": 0.87, "voice-llm": 0.92, "ocr": 0.91, "baseline": 1.33,
                    "default": 0.78}
 
