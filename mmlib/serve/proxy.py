@@ -237,7 +237,7 @@ class Proxy:
         except Refused as e:  # the checks' line, at once: nothing was slept or stopped for it
             raise _Unavailable(str(e), e.status, "invalid_request_error") from None
         except MMError as e:
-            raise _Unavailable(str(e)) from None
+            raise _Unavailable(str(e), retry_after_s=getattr(e, "retry_after_s", None) or 5) from None
         except Exception as e:  # an outside failure while switching: one line, never a traceback
             log.exception("switching to %s failed", profile.name)
             raise _Unavailable(f"{profile.name}: could not make it ready ({type(e).__name__}: {e})") from None
@@ -297,12 +297,13 @@ class Proxy:
 class _Unavailable(Exception):
     """The request cannot be served now: answered with this status and Retry-After."""
 
-    def __init__(self, message: str, status: int = 503, kind: str = "server_unavailable"):
+    def __init__(self, message: str, status: int = 503, kind: str = "server_unavailable", retry_after_s: int = 5):
         super().__init__(message)
-        self.status, self.kind = status, kind
+        self.status, self.kind, self.retry_after_s = status, kind, retry_after_s
 
     def response(self, scope, receive, send):
-        retry = {"Retry-After": "5"} if self.status >= 500 else None  # a 4xx is the same next time
+        # a 4xx is the same next time; a start in backoff says when it tries again
+        retry = {"Retry-After": str(self.retry_after_s)} if self.status >= 500 else None
         return error(self.status, str(self), self.kind, headers=retry)(scope, receive, send)
 
 
