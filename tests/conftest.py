@@ -135,3 +135,17 @@ def pytest_collection_modifyitems(config, items):
         elif shares_module_state(item):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     items.sort(key=rank)
+    if config.getoption("loadgroup", default=False):  # an xdist worker of --dist loadgroup
+        name_groups(items)
+
+
+def name_groups(items) -> None:
+    """Append each test's xdist group to its node id, which is what the scheduler reads: pytest-xdist
+    3.8 writes it to `item._nodeid`, which pytest 9 no longer reads (its groups were ignored)."""
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if groups and not item.nodeid.endswith("@" + "_".join(groups)):
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(groups)}")
