@@ -225,8 +225,10 @@ def test_mm_test_adds_the_test_tools(launcher):
 
 def test_mm_test_quick_runs_the_unit_and_fault_tests_on_parallel_workers(launcher):
     launcher("status")
-    parallel = "venv -m pytest -n auto --dist loadgroup"
-    assert launcher("test", "--quick", "-x")[-1] == f"{parallel} tests/unit tests/faults -x"
+    cores = os.cpu_count()
+    parallel = f"venv -m pytest -n {cores} --dist loadgroup"
+    assert launcher("test", "--quick", "-x")[-1] == \
+        f"venv -m pytest -n {2 * cores} --dist loadgroup tests/unit tests/faults -x"
     assert launcher("test")[-1] == parallel  # the whole suite
     assert launcher("test", "--all", "-q")[-1] == f"{parallel} -q"
     assert launcher("test", "tests/unit/test_fit.py")[-1] == "venv -m pytest tests/unit/test_fit.py"
