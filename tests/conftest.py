@@ -89,9 +89,11 @@ class LiveMM:
         return r.json()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def live_mm(tmp_path_factory):
-    """Module-scoped: one vLLM start (~45 s on CPU) serves every test of a module."""
+    """One vLLM start (~45-90 s on CPU) serves every integration test of the session. A test that
+    stops, kills, switches away from or breaks its server is marked `changes_live`: it runs after
+    the tests that need the server as it was started (see pytest_collection_modifyitems)."""
     home = tmp_path_factory.mktemp("mm")
     env = {"MM_HOME": str(home / "home"), "MM_CACHE_DIR": str(SHARED_CACHE), "MM_RUNTIME_DIR": runtime_dir(),
            "MM_PROXY_PORT": str(free_port()), "MM_RESULTS_DIR": str(home / "results")}
@@ -102,3 +104,48 @@ def live_mm(tmp_path_factory):
     deadline = time.time() + 60
     while time.time() < deadline and (Path(env["MM_HOME"]) / "state" / "mm.sock").exists():
         time.sleep(0.2)
+
+
+REAL_VLLM = "real-vllm"  # the xdist group of every test that starts real vLLM: one worker runs them in turn
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "changes_live: stops, kills, switches or breaks live_mm's server "
+                                       "(runs after the tests that share it as started)")
+
+
+def shares_module_state(item) -> bool:
+    """Whether the test uses a fixture kept for its module (a daemon, a browser)."""
+    fixtures = item._fixtureinfo.name2fixturedefs.values()
+    return any(defs[-1].scope in ("module", "class", "package") for defs in fixtures)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Real vLLM on the CPU takes both cores: its tests run in turn on one xdist worker (group
+    REAL_VLLM, sent out first as the longest), the shared server's changers last among them. Tests
+    sharing a module's fixture go to one worker too, which starts it once."""
+    def rank(item) -> tuple[int, int]:
+        slow = item.get_closest_marker("slow") is not None or "live_mm" in item.fixturenames
+        return (0 if slow else 1, 1 if item.get_closest_marker("changes_live") else 0)
+
+    for item in items:
+        if rank(item)[0] == 0:
+            item.add_marker(pytest.mark.xdist_group(REAL_VLLM))
+        elif shares_module_state(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=rank)
+    if config.getoption("loadgroup", default=False):  # an xdist worker of --dist loadgroup
+        name_groups(items)
+
+
+def name_groups(items) -> None:
+    """Append each test's xdist group to its node id, which is what the scheduler reads: pytest-xdist
+    3.8 writes it to `item._nodeid`, which pytest 9 no longer reads (its groups were ignored)."""
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if groups and not item.nodeid.endswith("@" + "_".join(groups)):
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(groups)}")

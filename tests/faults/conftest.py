@@ -45,10 +45,10 @@ class FakeMM(LiveMM):
         return [c["call"] for c in self.direct(profile).get("/calls").json()]
 
 
-@pytest.fixture
-def fake_mm(tmp_path):
-    env = {"MM_HOME": str(tmp_path / "home"), "MM_PROXY_PORT": str(free_port()), "MM_RUNTIME_DIR": runtime_dir(),
-           "MM_RESULTS_DIR": str(tmp_path / "results"),
+def started_fake_mm(base: Path):
+    """A FakeMM under base (its daemon starts with its first command); stops it at the end."""
+    env = {"MM_HOME": str(base / "home"), "MM_PROXY_PORT": str(free_port()), "MM_RUNTIME_DIR": runtime_dir(),
+           "MM_RESULTS_DIR": str(base / "results"),
            "HF_HUB_OFFLINE": "1",  # the fake models (fake/NAME) are on no hub: mm must not pull them first
            "HF_HUB_CACHE": str(tmp_path / "hf"),  # where add_profile puts them (fake_model)
            "PYTHONPATH": os.pathsep.join([str(FAKE_VLLM), str(Path(__file__).resolve().parents[2])])}
@@ -58,3 +58,15 @@ def fake_mm(tmp_path):
     deadline = time.time() + 30
     while time.time() < deadline and (Path(env["MM_HOME"]) / "state" / "mm.sock").exists():
         time.sleep(0.1)
+
+
+@pytest.fixture
+def fake_mm(tmp_path):
+    yield from started_fake_mm(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_fake_mm(tmp_path_factory):
+    """One daemon for the tests of a module that leave it as they found it (requests it must refuse,
+    reads): a daemon and a server less to start per test."""
+    yield from started_fake_mm(tmp_path_factory.mktemp("fake"))

@@ -68,6 +68,14 @@ def test_deep_extends_chain_is_refused(mm_env):
         load_profile("p0")
 
 
+@pytest.fixture(scope="module")
+def target_up(shared_fake_mm):
+    """One daemon serving "target" for the malformed calls below: each is refused, none changes it."""
+    shared_fake_mm.add_profile("target")
+    shared_fake_mm.mm("up", "target", "--force")
+    return shared_fake_mm
+
+
 @pytest.mark.parametrize("body, ctype, status", [
     (b"{not json", "application/json", 400),
     (b"[1, 2]", "application/json", 400),
@@ -76,10 +84,8 @@ def test_deep_extends_chain_is_refused(mm_env):
     (b'{"model": "../../etc/passwd", "messages": []}', "application/json", 404),
     (b'{"model": "/etc/passwd", "messages": []}', "application/json", 404),
 ])
-def test_malformed_requests_to_the_proxy_get_4xx(fake_mm, body, ctype, status):
-    fake_mm.add_profile("target")
-    fake_mm.mm("up", "target", "--force")
-    r = httpx.post(f"{fake_mm.proxy}/v1/chat/completions", content=body, headers={"content-type": ctype})
+def test_malformed_requests_to_the_proxy_get_4xx(target_up, body, ctype, status):
+    r = httpx.post(f"{target_up.proxy}/v1/chat/completions", content=body, headers={"content-type": ctype})
     assert r.status_code == status
     assert "error" in r.json()
 
@@ -92,25 +98,20 @@ def test_malformed_requests_to_the_proxy_get_4xx(fake_mm, body, ctype, status):
     ("/stop", b'{"profile": "never-started"}', 409),
     ("/nope", b"{}", 404),
 ])
-def test_malformed_control_calls_get_4xx(fake_mm, path, body, status):
-    fake_mm.mm("status")
-    fake_mm.add_profile("target")
-    fake_mm.mm("up", "target", "--force")
-    sock = str(Path(fake_mm.env["MM_HOME"]) / "state" / "mm.sock")
+def test_malformed_control_calls_get_4xx(target_up, path, body, status):
+    sock = str(Path(target_up.env["MM_HOME"]) / "state" / "mm.sock")
     with httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://mm") as control:
         r = control.post(path, content=body)
     assert r.status_code == status
 
 
-def test_garbage_bytes_on_the_proxy_port_do_not_hurt_it(fake_mm):
+def test_garbage_bytes_on_the_proxy_port_do_not_hurt_it(target_up):
     import socket
 
-    fake_mm.add_profile("target")
-    fake_mm.mm("up", "target", "--force")
-    port = int(fake_mm.env["MM_PROXY_PORT"])
+    port = int(target_up.env["MM_PROXY_PORT"])
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
         s.settimeout(5)
         reply = s.recv(100)
     assert reply == b"" or reply.startswith(b"HTTP/1.1 400")
-    assert httpx.get(f"{fake_mm.proxy}/health").status_code == 200
+    assert httpx.get(f"{target_up.proxy}/health").status_code == 200

@@ -115,6 +115,7 @@ def test_metrics_count_the_tokens_vllm_counts(live_mm):
     assert mm_after - mm_before == vllm_after - vllm_before > 0
 
 
+@pytest.mark.changes_live
 def test_twenty_concurrent_requests_across_a_switch(two_models):
     """Stop-and-start fallback on the CPU: every request is answered, by the model it named."""
     async def one(client, i):
@@ -136,6 +137,7 @@ def test_twenty_concurrent_requests_across_a_switch(two_models):
     assert servers["smol-b"]["last_switch_s"] is not None
 
 
+@pytest.mark.changes_live
 def test_model_default_is_the_active_one(two_models):
     active = two_models.status()["active"][-1]
     served = {"default": "smollm2", "smol-b": "smol-b"}[active]

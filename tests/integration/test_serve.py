@@ -35,7 +35,7 @@ def test_status_shows_the_server_ready(live_mm):
 
 
 def test_logs_show_the_vllm_log(live_mm):
-    out = live_mm.mm("logs", "default", "-n", "200").stdout
+    out = live_mm.mm("logs", "default", "-n", "100000").stdout  # the shared server has logged every test's requests
     assert "mm: starting default" in out
 
 
@@ -45,12 +45,14 @@ def test_unknown_profile_is_one_line(live_mm):
     assert r.stderr.count("\n") == 1 and "no such profile" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.changes_live
 def test_missing_model_path_is_one_line(live_mm):
     user_profile(live_mm, "nopath", 'model = "/nonexistent/model"\n')
     r = live_mm.mm("up", "nopath", "--force", check=False)
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.changes_live
 def test_port_in_use_is_one_line(live_mm):
     import socket
 
@@ -63,6 +65,7 @@ def test_port_in_use_is_one_line(live_mm):
     assert r.returncode == 1 and "already in use" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.changes_live
 def test_server_that_dies_at_startup_shows_its_log(live_mm):
     user_profile(live_mm, "dies", 'model = "embedded:SmolLM2-135M-Instruct"\n'
                                   '[engine]\nenforce_eager = true\nmax_model_len = "not-a-number"\n')
@@ -74,6 +77,7 @@ def test_server_that_dies_at_startup_shows_its_log(live_mm):
     assert states["dies"] == "failed"
 
 
+@pytest.mark.changes_live
 def test_killed_vllm_engine_is_noticed_and_restarted(live_mm):
     """kill -9 of real vLLM's engine process: failed within 1 s, then restarted by the policy."""
     import os
@@ -98,6 +102,7 @@ def test_killed_vllm_engine_is_noticed_and_restarted(live_mm):
     assert live_mm.chat("Say hi")["choices"][0]["message"]["content"]
 
 
+@pytest.mark.changes_live
 def test_stop_leaves_no_process(live_mm):
     live_mm.mm("up", "default")
     s = {s["profile"]: s for s in live_mm.status()["servers"]}["default"]

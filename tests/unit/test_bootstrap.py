@@ -221,3 +221,14 @@ def test_mm_test_adds_the_test_tools(launcher):
     launcher("status")
     ran = launcher("test", "-q")
     assert ran[0].startswith("bootstrap") and ran[0].endswith("--dev") and ran[1] == "venv -m pytest -q"
+
+
+def test_mm_test_quick_runs_the_unit_and_fault_tests_on_parallel_workers(launcher):
+    launcher("status")
+    cores = os.cpu_count()
+    parallel = f"venv -m pytest -n {cores} --dist loadgroup"
+    assert launcher("test", "--quick", "-x")[-1] == \
+        f"venv -m pytest -n {2 * cores} --dist loadgroup tests/unit tests/faults -x"
+    assert launcher("test")[-1] == parallel  # the whole suite
+    assert launcher("test", "--all", "-q")[-1] == f"{parallel} -q"
+    assert launcher("test", "tests/unit/test_fit.py")[-1] == "venv -m pytest tests/unit/test_fit.py"
