@@ -269,6 +269,7 @@ def main() -> None:
     ap.add_argument("--profiles", default=",".join(ORDER))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-restarts", type=int, default=4, help="end the round after more restarts than this")
+    ap.add_argument("--ram-budget", default="", help='config.toml ram_budget for the run ("100GiB"; default: mm\'s own)')
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--explicit-checkpoint", action="store_true",
                     help="checkpoint the previous profile by command before each switch")
@@ -289,6 +290,9 @@ def main() -> None:
     if args.dry:  # no budget unless asked: the fake card's predictions are shares of 80 GiB
         (Path(env["MM_HOME"]) / "config" / "config.toml").write_text(
             f'gpu_budget = "{args.dry_budget}"\n' if args.dry_budget else "")
+    if args.ram_budget:
+        with open(Path(env["MM_HOME"]) / "config" / "config.toml", "a") as f:
+            f.write(f'ram_budget = "{args.ram_budget}"\n')
     os.environ.update(MM_HOME=env["MM_HOME"], MM_CACHE_DIR=env["MM_CACHE_DIR"])  # for load_profile here
     run = Run(env, out)
     profiles = [p for p in args.profiles.split(",") if p]
@@ -296,7 +300,7 @@ def main() -> None:
              f"driver={report.driver or '?'} vllm={vllm_version(args.dry)}")
     run.line(f"# card: {gpu.free() / 2**30:.2f} GiB free with nothing started (the ballast holds the rest); "
              f"{('gpu_budget ' + (args.dry_budget or 'none')) + ' (dry)' if args.dry else 'gpu_budget 12GiB'}; models: random weights of the real shapes; "
-             f"{args.rounds} rounds, seed {args.seed}; checkpoints before a switch: "
+             f"{args.rounds} rounds, seed {args.seed}; ram_budget {args.ram_budget or 'mm default'}; checkpoints before a switch: "
              + ("by command (--explicit-checkpoint)" if args.explicit_checkpoint else "mm's own"))
     try:
         with httpx.Client(timeout=1200) as client:
