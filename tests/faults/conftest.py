@@ -50,7 +50,7 @@ def started_fake_mm(base: Path):
     env = {"MM_HOME": str(base / "home"), "MM_PROXY_PORT": str(free_port()), "MM_RUNTIME_DIR": runtime_dir(),
            "MM_RESULTS_DIR": str(base / "results"),
            "HF_HUB_OFFLINE": "1",  # the fake models (fake/NAME) are on no hub: mm must not pull them first
-           "HF_HUB_CACHE": str(tmp_path / "hf"),  # where add_profile puts them (fake_model)
+           "HF_HUB_CACHE": str(base / "hf"),  # where add_profile puts them (fake_model)
            "PYTHONPATH": os.pathsep.join([str(FAKE_VLLM), str(Path(__file__).resolve().parents[2])])}
     fake = FakeMM(env)
     yield fake
