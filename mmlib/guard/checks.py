@@ -23,6 +23,7 @@ from mmlib.profiles.vllm_args import ArgAction, ArgSpec, SpecUnavailable, load_s
 from mmlib.profiles.vllm_cmd import (
     RESERVED_ENGINE_KEYS,
     checkpoint_blocker,
+    derived_engine,
     engine_args,
     engine_int,
     flag,
@@ -223,7 +224,7 @@ def footprint(p: Profile, card: fitmod.Card | None, spec: ArgSpec | None = None,
               sleepers: fitmod.Sleepers | None = None,
               files: tuple[Any, dict[str, Any] | None, str] | None = None) -> fitmod.Footprint:
     """The profile's footprint on `card`, its model's shapes found through model_files (or `files`,
-    its answer already at hand): what the scheduler budgets with, and (Footprint.engine) the flags
+    its answer already at hand): what the scheduler budgets with, and (Footprint.sizes) the flags
     server_argv adds. A KV cache sized to fill the card leaves room for `sleepers` (default: this
     machine's, sleepers_here)."""
     folder, cfg, why = files or (model_files(p) if p.model else (None, None, ""))
@@ -321,7 +322,7 @@ def argv_builder(card: fitmod.Card | None, spec: ArgSpec | None = None, python: 
     worked out (the daemon's preflight); else it is worked out from what is on disk."""
     def build(p: Profile, listen: int | str) -> list[str]:
         fp = known(p) or footprint(p, card, spec, files=model_files(p, remote=False) if p.model else None)
-        return server_argv(p, listen, python, derived=fp.engine)
+        return server_argv(p, listen, python, derived=fp.sizes)
     return build
 
 
@@ -437,8 +438,7 @@ def _ram_findings(p: Profile, fp: fitmod.Footprint, facts: Facts) -> list[Findin
     total = facts.ram_total
     if not total or fp.host_ram_bytes <= 0:
         return []
-    offload = fp.engine.get("kv_offloading_size")
-    offload = offload * fitmod.GIB if offload else fitmod.engine_offload_bytes(p)
+    offload = fp.sizes.offload_bytes or fitmod.engine_offload_bytes(p)
     key = "memory.offload" if p.memory and (p.memory.offload or p.memory.offload_fit) else "engine.kv_offloading_size"
     parts = (f"{fitmod.gib(offload)} of KV offload + " if offload else "") + \
         f"{fitmod.gib(fp.host_ram_bytes - offload - fitmod.HOST_BASE)} of weights kept asleep + " \
@@ -462,9 +462,10 @@ def _derived_findings(p: Profile, fp: fitmod.Footprint, spec: ArgSpec | None) ->
     mm had to do without."""
     out = [Finding(WARN, p.source, "memory", note, "", "memory-flags") for note in fp.notes
            if "has no --" in note]
-    if spec is None or not fp.engine:
+    derived = derived_engine(p, fp.sizes)
+    if spec is None or not derived:
         return out
-    extra = {k: v for k, v in fp.engine.items() if k not in p.engine}
+    extra = {k: v for k, v in derived.items() if k not in p.engine}
     probe = replace(p, engine=MappingProxyType(extra))
     for f in check_engine_args(probe, spec):
         out.append(Finding(f.severity, p.source, "memory", f"mm derives {f.key} for vLLM: {f.message}", f.fix,

@@ -4,9 +4,9 @@ weights loaded, no vLLM, no torch), in two steps:
 - the card mm may use: NVML's total, or config.toml's gpu_budget below it (`card`, `card_capacity`);
 - the server's footprint on it (`predict` -> Footprint): weights, KV cache, CUDA graphs, activations
   and CUDA context awake; what stays on the GPU asleep; host RAM. For a profile with a [memory]
-  table it also works out the exact vLLM flags (Footprint.engine: --kv-cache-memory-bytes, the CUDA
-  graph capture size, a --gpu-memory-utilization that passes vLLM's start check), which
-  profiles/vllm_cmd.server_argv puts on the command line.
+  table it also works out the exact sizes (Footprint.sizes: the KV cache's bytes, the CUDA graph
+  capture size, a share that passes vLLM's start check), which profiles/vllm_cmd.server_argv turns
+  into flags.
 
 A profile without [memory] gives vLLM a share of the card (gpu_memory_utilization); `predict` then
 works out what vLLM makes of it (the KV cache is what its profiler leaves of the share), as checked
@@ -30,7 +30,7 @@ from mmlib.guard.modelinfo import (
 from mmlib.profiles.memory import GIB, gib
 from mmlib.profiles.profile import Profile
 from mmlib.profiles.vllm_args import ArgSpec
-from mmlib.profiles.vllm_cmd import engine_int, memory_engine
+from mmlib.profiles.vllm_cmd import Sizes, accepts, engine_int, size_flag
 from mmlib.system.nvml import GpuReport
 
 # --- the overhead vLLM keeps beside weights and KV cache ---------------------------------------------
@@ -242,7 +242,7 @@ class Footprint:
     parts: Mapping[str, int]
     asleep_bytes: int
     host_ram_bytes: int
-    engine: Mapping[str, Any] = field(default_factory=dict)  # derived [engine] keys for server_argv
+    sizes: Sizes = field(default_factory=Sizes)  # what server_argv passes for this card
     context: int | None = None
     sequences: int | None = None
     kv_tokens: int | None = None
@@ -398,10 +398,6 @@ def default_sequences(capacity: int) -> int:
     return 1024 if capacity >= 70 * GIB else 256
 
 
-def _has(spec: ArgSpec | None, option: str) -> bool:
-    return spec is None or spec.lookup(option) is not None
-
-
 @dataclass(frozen=True)
 class _Model:
     """The shapes predict needs, resolved once."""
@@ -514,21 +510,20 @@ def _predict_share(profile: Profile, card: Card | None, model: _Model | None) ->
     share = _share(profile, 0.9)
     capacity = card.capacity if card else 0
     sequences = engine_int(profile.engine.get("max_num_seqs")) or default_sequences(capacity or 80 * GIB)
-    engine: dict[str, Any] = {}
+    sizes = Sizes()
     notes: list[str] = []
     offload = engine_offload_bytes(profile)
     if card and card.budgeted:
-        engine["gpu_memory_utilization"] = card.utilization(share)
-        if "max_num_seqs" not in profile.engine:
-            engine["max_num_seqs"] = sequences
+        sizes = replace(sizes, share=card.utilization(share),
+                        sequences=None if "max_num_seqs" in profile.engine else sequences)
     if model is None:
         parts = {"vllm_share": int(share * capacity), "cuda_context": CUDA_CONTEXT} if card else {}
         return Footprint(profile.name, card, "unknown", parts, ASLEEP_BASE if profile.sleep.enabled else 0,
-                         _host_ram(profile, 0, offload), engine, notes=(NO_SHAPES,))
+                         _host_ram(profile, 0, offload), sizes, notes=(NO_SHAPES,))
     shape = model.shape
     batched = _batched(profile, shape, capacity or 80 * GIB, sequences)
     if card and card.budgeted and "max_num_batched_tokens" not in profile.engine:
-        engine["max_num_batched_tokens"] = batched
+        sizes = replace(sizes, batched_tokens=batched)
     capture = _capture(profile, sequences, batched, min(2 * sequences, 512))
     graphs = graph_bytes(shape, capture)
     buffers = BUFFER_BYTES_PER_HIDDEN * shape.hidden
@@ -546,7 +541,7 @@ def _predict_share(profile: Profile, card: Card | None, model: _Model | None) ->
     parts = {"weights": model.weights + buffers, "kv_cache": max(0, kv) if card else 0, "cuda_graphs": graphs,
              "activations": peak + compile_reserve_bytes(shape, batched, eager), "cuda_context": context_bytes(eager)}
     fp = Footprint(profile.name, card, "share", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
-                   _host_ram(profile, model.weights, offload), engine, context=context, sequences=sequences,
+                   _host_ram(profile, model.weights, offload), sizes, context=context, sequences=sequences,
                    kv_tokens=tokens, kv_per_token=model.kv_per_token, kv_dtype=model.kv_dtype,
                    context_limit=model.limit, extra_tokens=shape.encoder_positions,
                    kept_activations=kept_activation_bytes(shape, sequences, batched),
@@ -560,19 +555,18 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
     m = profile.memory
     assert m is not None
     sequences = m.sequences or DEFAULT_SEQUENCES
-    engine: dict[str, Any] = dict(memory_engine(profile))
-    engine["max_num_seqs"] = sequences
+    sizes = Sizes(sequences=sequences, context=m.context)
     notes: list[str] = []
     capacity = card.capacity if card else 0
     if model is None:
         share = _share(profile, 0.9)
         if card:
-            engine["gpu_memory_utilization"] = card.utilization(share)
+            sizes = replace(sizes, share=card.utilization(share))
         notes.append(f"{NO_SHAPES}: vLLM sizes the KV cache from a share of the card until the model is "
                      "on disk")
         parts = {"vllm_share": int(share * capacity), "cuda_context": CUDA_CONTEXT} if card else {}
         return Footprint(profile.name, card, "unknown", parts, ASLEEP_BASE if profile.sleep.enabled else 0,
-                         _host_ram(profile, 0, 0), engine, context=m.context, sequences=sequences,
+                         _host_ram(profile, 0, 0), sizes, context=m.context, sequences=sequences,
                          notes=tuple(notes))
     shape = model.shape
     batched = _batched(profile, shape, capacity or 80 * GIB, sequences)
@@ -596,17 +590,10 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
     tokens = kv // per_token // KV_BLOCK * KV_BLOCK
     if context is None and tokens:
         context = _fit_context(tokens, extra, model.limit)
-    if tokens:
-        engine["kv_cache_memory_bytes"] = int(kv)
-    if context:
-        engine["max_model_len"] = context
-    if card:
-        engine["max_num_batched_tokens"] = batched
-        if capture:
-            engine["max_cudagraph_capture_size"] = capture
     offload = _offload(profile, card, model.weights, notes)
-    if offload:
-        engine["kv_offloading_size"] = offload // GIB if offload % GIB == 0 else round(offload / GIB, 2)
+    sizes = replace(sizes, kv_cache_bytes=int(kv) if tokens else None, context=context or None,
+                    batched_tokens=batched if card else None, capture_size=capture if card and capture else None,
+                    offload_bytes=offload)
     parts = {"weights": weights, "kv_cache": int(kv), "cuda_graphs": graphs, "activations": activations,
              "cuda_context": context_bytes(eager)}
     if workspace:
@@ -619,10 +606,10 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
         # later), never more than the profile's own cap. (The cap itself asked voice-stt for 3.63 GiB
         # free where it peaks at 3.0, and beside a sleeper's residue it would not start: card12 run2.)
         rest = awake - activations + kept - CUDA_CONTEXT
-        engine["gpu_memory_utilization"] = card.utilization(min(rest / card.capacity, cap if cap is not None else 1.0))
-        _fall_back(engine, spec, card, weights, activation_bytes(shape, batched), kv, capture, notes)
+        sizes = replace(sizes, share=card.utilization(min(rest / card.capacity, cap if cap is not None else 1.0)))
+        sizes = _fall_back(sizes, spec, card, weights, activation_bytes(shape, batched), kv, capture, notes)
     fp = Footprint(profile.name, card, "bytes", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
-                   _host_ram(profile, model.weights, offload or engine_offload_bytes(profile)), engine,
+                   _host_ram(profile, model.weights, offload or engine_offload_bytes(profile)), sizes,
                    context=context, sequences=sequences, kv_tokens=tokens, kv_per_token=per_token,
                    kv_dtype=model.kv_dtype, context_limit=model.limit, extra_tokens=extra, kept_activations=kept,
                    starts=card is None and not tokens or 0 < tokens >= (context or 0) + extra, notes=tuple(notes),
@@ -653,21 +640,21 @@ def _kept_for_sleepers(m: Any, context: int | None, room: int | None, floor_toke
     return kept
 
 
-def _fall_back(engine: dict[str, Any], spec: ArgSpec | None, card: Card, weights: int, profiled: int,
-               kv: int, capture: int, notes: list[str]) -> None:
+def _fall_back(sizes: Sizes, spec: ArgSpec | None, card: Card, weights: int, profiled: int,
+               kv: int, capture: int, notes: list[str]) -> Sizes:
     """Flags the installed vLLM lacks: leave them out and say what happens instead."""
     version = f"vLLM {spec.version}" if spec else "vLLM"
-    if "kv_cache_memory_bytes" in engine and not _has(spec, "--kv-cache-memory-bytes"):
-        del engine["kv_cache_memory_bytes"]
+    if sizes.kv_cache_bytes is not None and not accepts(spec, "kv_cache_bytes"):
         # vLLM then sizes KV as share x total - weights - profiled activations - non-torch - its graph estimate
         need = weights + profiled + NON_TORCH + (CUDA_GRAPHS if capture else 0) + kv
-        engine["gpu_memory_utilization"] = min(1.0, math.ceil(need / card.total * 1000) / 1000)
-        notes.append(f"{version} has no --kv-cache-memory-bytes: mm passes gpu_memory_utilization "
-                     f"{engine['gpu_memory_utilization']:g} so that its own sizing gives about the same KV cache")
-    if "max_cudagraph_capture_size" in engine and not _has(spec, "--max-cudagraph-capture-size"):
-        del engine["max_cudagraph_capture_size"]
-        notes.append(f"{version} has no --max-cudagraph-capture-size: it captures graphs up to twice the "
+        sizes = replace(sizes, kv_cache_bytes=None, share=min(1.0, math.ceil(need / card.total * 1000) / 1000))
+        notes.append(f"{version} has no {size_flag('kv_cache_bytes')}: mm passes gpu_memory_utilization "
+                     f"{sizes.share:g} so that its own sizing gives about the same KV cache")
+    if sizes.capture_size is not None and not accepts(spec, "capture_size"):
+        sizes = replace(sizes, capture_size=None)
+        notes.append(f"{version} has no {size_flag('capture_size')}: it captures graphs up to twice the "
                      "sequences (more GPU memory than predicted)")
+    return sizes
 
 
 def _offload(profile: Profile, card: Card | None, weights: int, notes: list[str]) -> int:

@@ -28,6 +28,7 @@ from mmlib.errors import MMError, Refused
 from mmlib.guard.preflight import Preflight
 from mmlib.profiles.config import Config, load_config
 from mmlib.profiles.profile import Profile, load_all, load_profile
+from mmlib.profiles.vllm_cmd import has_uds
 from mmlib.serve import records
 from mmlib.serve.auth import bearer_ok, host_guard
 from mmlib.serve.memory import CardMemory, Footprint
@@ -132,7 +133,7 @@ class Daemon:
 
     async def uds_supported(self) -> bool:
         spec = await self._vllm_spec()
-        return spec is not None and spec.lookup("--uds") is not None
+        return has_uds(spec)
 
     def _card(self):
         from mmlib.guard import fit
