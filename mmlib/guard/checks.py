@@ -222,9 +222,9 @@ def _holders(gpu: Any, skip: frozenset[int] = frozenset()) -> str:
 
 def footprint(p: Profile, card: fitmod.Card | None, spec: ArgSpec | None = None,
               sleepers: fitmod.Sleepers | None = None,
-              files: tuple[Any, dict[str, Any] | None, str] | None = None) -> fitmod.Footprint:
+              files: tuple[Any, dict[str, Any] | None, str] | None = None) -> fitmod.Prediction:
     """The profile's footprint on `card`, its model's shapes found through model_files (or `files`,
-    its answer already at hand): what the scheduler budgets with, and (Footprint.sizes) the flags
+    its answer already at hand): what the scheduler budgets with, and (Prediction.sizes) the flags
     server_argv adds. A KV cache sized to fill the card leaves room for `sleepers` (default: this
     machine's, sleepers_here)."""
     folder, cfg, why = files or (model_files(p) if p.model else (None, None, ""))
@@ -315,7 +315,7 @@ def _fitting(spare: int, sleepers: fitmod.Sleepers) -> tuple[str, str]:
 
 
 def argv_builder(card: fitmod.Card | None, spec: ArgSpec | None = None, python: str = sys.executable,
-                 known: Callable[[Profile], fitmod.Footprint | None] = lambda p: None,
+                 known: Callable[[Profile], fitmod.Prediction | None] = lambda p: None,
                  ) -> Callable[[Profile, int | str], list[str]]:
     """The supervisor's argv builder for this card: server_argv with the flags derived from the
     profile's [memory] (and a share scaled to a gpu_budget) added. `known`: a footprint already
@@ -389,7 +389,7 @@ def check_fit(p: Profile, facts: Facts, folder: Any, cfg: dict[str, Any] | None,
         + _derived_findings(p, fp, spec)
 
 
-def _fit_findings(p: Profile, fp: fitmod.Footprint, card: fitmod.Card, facts: Facts, gpu_memory: int | None,
+def _fit_findings(p: Profile, fp: fitmod.Prediction, card: fitmod.Card, facts: Facts, gpu_memory: int | None,
                   finding: Callable[..., Finding], beside: str) -> list[Finding]:
     out = []
     text, spare = fp.summary(where=False), card.capacity - fp.awake_bytes
@@ -433,7 +433,7 @@ def _fit_findings(p: Profile, fp: fitmod.Footprint, card: fitmod.Card, facts: Fa
     return out
 
 
-def _ram_findings(p: Profile, fp: fitmod.Footprint, facts: Facts) -> list[Finding]:
+def _ram_findings(p: Profile, fp: fitmod.Prediction, facts: Facts) -> list[Finding]:
     """Host RAM: KV offload pins its buffer, and level-1 sleep keeps the weights in RAM."""
     total = facts.ram_total
     if not total or fp.host_ram_bytes <= 0:
@@ -457,7 +457,7 @@ def _ram_findings(p: Profile, fp: fitmod.Footprint, facts: Facts) -> list[Findin
     return []
 
 
-def _derived_findings(p: Profile, fp: fitmod.Footprint, spec: ArgSpec | None) -> list[Finding]:
+def _derived_findings(p: Profile, fp: fitmod.Prediction, spec: ArgSpec | None) -> list[Finding]:
     """The flags mm derives, asked of the installed vLLM's parser like the profile's own; and what
     mm had to do without."""
     out = [Finding(WARN, p.source, "memory", note, "", "memory-flags") for note in fp.notes

@@ -2,9 +2,9 @@
 weights loaded, no vLLM, no torch), in two steps:
 
 - the card mm may use: NVML's total, or config.toml's gpu_budget below it (`card`, `card_capacity`);
-- the server's footprint on it (`predict` -> Footprint): weights, KV cache, CUDA graphs, activations
+- the server's footprint on it (`predict` -> Prediction): weights, KV cache, CUDA graphs, activations
   and CUDA context awake; what stays on the GPU asleep; host RAM. For a profile with a [memory]
-  table it also works out the exact sizes (Footprint.sizes: the KV cache's bytes, the CUDA graph
+  table it also works out the exact sizes (Prediction.sizes: the KV cache's bytes, the CUDA graph
   capture size, a share that passes vLLM's start check), which profiles/vllm_cmd.server_argv turns
   into flags.
 
@@ -231,8 +231,17 @@ MIN_FIT_CONTEXT = 1024
 NO_SHAPES = "no model shapes on this machine"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Footprint:
+    """What the scheduler budgets a server with: bytes on the card awake and asleep; `measured` once it
+    ran (serve.scheduler), else predicted (Prediction.footprint)."""
+    awake: int
+    asleep: int
+    measured: bool = False
+
+
+@dataclass(frozen=True)
+class Prediction:
     """What one server holds on this card: awake (by part), asleep, and in host RAM."""
     profile: str
     card: Card | None
@@ -261,6 +270,10 @@ class Footprint:
     def awake_bytes(self) -> int:
         """The most the server holds awake: after warm-up, plus a full batch's activations."""
         return sum(self.parts.values())
+
+    @property
+    def footprint(self) -> Footprint:
+        return Footprint(awake=self.awake_bytes, asleep=self.asleep_bytes)
 
     @property
     def steady_bytes(self) -> int:
@@ -457,7 +470,7 @@ def _round_tokens(n: int) -> int:
 
 
 def predict(profile: Profile, card: Card | None, cfg: Mapping[str, Any] | None = None,
-            folder: Path | None = None, spec: ArgSpec | None = None, sleepers: Sleepers | None = None) -> Footprint:
+            folder: Path | None = None, spec: ArgSpec | None = None, sleepers: Sleepers | None = None) -> Prediction:
     """The footprint of `profile`'s server on `card` (None: no GPU; only the [memory] basics are
     derived), from the model's config.json (`cfg`) and checkpoint folder. `spec` is the installed
     vLLM's parser (vllm_args.load_spec): flags it lacks are left out, with a note. `sleepers`: the
@@ -504,7 +517,7 @@ def engine_offload_bytes(profile: Profile) -> int:
         return 0
 
 
-def _predict_share(profile: Profile, card: Card | None, model: _Model | None) -> Footprint:
+def _predict_share(profile: Profile, card: Card | None, model: _Model | None) -> Prediction:
     """gpu_memory_utilization: vLLM fills that share of the card with KV after weights and its
     profiled activations; the CUDA context and graphs beyond its estimate lie outside the share."""
     share = _share(profile, 0.9)
@@ -518,7 +531,7 @@ def _predict_share(profile: Profile, card: Card | None, model: _Model | None) ->
                         sequences=None if "max_num_seqs" in profile.engine else sequences)
     if model is None:
         parts = {"vllm_share": int(share * capacity), "cuda_context": CUDA_CONTEXT} if card else {}
-        return Footprint(profile.name, card, "unknown", parts, ASLEEP_BASE if profile.sleep.enabled else 0,
+        return Prediction(profile.name, card, "unknown", parts, ASLEEP_BASE if profile.sleep.enabled else 0,
                          _host_ram(profile, 0, offload), sizes, notes=(NO_SHAPES,))
     shape = model.shape
     batched = _batched(profile, shape, capacity or 80 * GIB, sequences)
@@ -540,7 +553,7 @@ def _predict_share(profile: Profile, card: Card | None, model: _Model | None) ->
     eager = profile.engine.get("enforce_eager") is True
     parts = {"weights": model.weights + buffers, "kv_cache": max(0, kv) if card else 0, "cuda_graphs": graphs,
              "activations": peak + compile_reserve_bytes(shape, batched, eager), "cuda_context": context_bytes(eager)}
-    fp = Footprint(profile.name, card, "share", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
+    fp = Prediction(profile.name, card, "share", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
                    _host_ram(profile, model.weights, offload), sizes, context=context, sequences=sequences,
                    kv_tokens=tokens, kv_per_token=model.kv_per_token, kv_dtype=model.kv_dtype,
                    context_limit=model.limit, extra_tokens=shape.encoder_positions,
@@ -550,7 +563,7 @@ def _predict_share(profile: Profile, card: Card | None, model: _Model | None) ->
 
 
 def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, spec: ArgSpec | None,
-                   sleepers: Sleepers) -> Footprint:
+                   sleepers: Sleepers) -> Prediction:
     """[memory]: exact KV bytes from tokens and the model's shapes, the rest predicted around them."""
     m = profile.memory
     assert m is not None
@@ -565,7 +578,7 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
         notes.append(f"{NO_SHAPES}: vLLM sizes the KV cache from a share of the card until the model is "
                      "on disk")
         parts = {"vllm_share": int(share * capacity), "cuda_context": CUDA_CONTEXT} if card else {}
-        return Footprint(profile.name, card, "unknown", parts, ASLEEP_BASE if profile.sleep.enabled else 0,
+        return Prediction(profile.name, card, "unknown", parts, ASLEEP_BASE if profile.sleep.enabled else 0,
                          _host_ram(profile, 0, 0), sizes, context=m.context, sequences=sequences,
                          notes=tuple(notes))
     shape = model.shape
@@ -608,7 +621,7 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
         rest = awake - activations + kept - CUDA_CONTEXT
         sizes = replace(sizes, share=card.utilization(min(rest / card.capacity, cap if cap is not None else 1.0)))
         sizes = _fall_back(sizes, spec, card, weights, activation_bytes(shape, batched), kv, capture, notes)
-    fp = Footprint(profile.name, card, "bytes", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
+    fp = Prediction(profile.name, card, "bytes", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
                    _host_ram(profile, model.weights, offload or engine_offload_bytes(profile)), sizes,
                    context=context, sequences=sequences, kv_tokens=tokens, kv_per_token=per_token,
                    kv_dtype=model.kv_dtype, context_limit=model.limit, extra_tokens=extra, kept_activations=kept,
@@ -677,7 +690,7 @@ def _offload(profile: Profile, card: Card | None, weights: int, notes: list[str]
     return min(spare, OFFLOAD_FIT_MAX) // GIB * GIB
 
 
-def _advice(fp: Footprint, model: _Model, share: float | None, memory: Any) -> tuple[tuple[str, str], ...]:
+def _advice(fp: Prediction, model: _Model, share: float | None, memory: Any) -> tuple[tuple[str, str], ...]:
     """Values that would fit the card, the most direct first (for `mm check`'s fix)."""
     if fp.card is None or not fp.kv_per_token:
         return ()

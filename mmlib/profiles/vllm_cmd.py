@@ -201,7 +201,7 @@ def wants_tcp(profile: Profile) -> bool:
 def server_argv(profile: Profile, listen: int | str, python: str = sys.executable,
                 derived: Sizes | None = None) -> list[str]:
     """The vLLM command line. `listen` is a TCP port, or the path of a unix socket (vLLM's --uds).
-    `derived` is what guard.fit worked out for this card (Footprint.sizes: exact KV bytes, capture
+    `derived` is what guard.fit worked out for this card (Prediction.sizes: exact KV bytes, capture
     size, ...); its flags replace the profile's own."""
     assert profile.model, "stack profiles have no server of their own"
     where = [UDS, listen] if isinstance(listen, str) else ["--host", profile.host, "--port", str(listen)]

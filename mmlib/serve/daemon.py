@@ -25,13 +25,14 @@ from starlette.routing import Route
 
 from mmlib import paths
 from mmlib.errors import MMError, Refused
+from mmlib.guard.fit import Footprint
 from mmlib.guard.preflight import Preflight
 from mmlib.profiles.config import Config, load_config
 from mmlib.profiles.profile import Profile, load_all, load_profile
 from mmlib.profiles.vllm_cmd import has_uds
 from mmlib.serve import records
 from mmlib.serve.auth import bearer_ok, host_guard
-from mmlib.serve.memory import CardMemory, Footprint
+from mmlib.serve.memory import CardMemory
 from mmlib.serve.metrics import Metrics
 from mmlib.serve.page import Page
 from mmlib.serve.proxy import ModelIndex, Proxy
@@ -157,7 +158,7 @@ class Daemon:
         """What a profile never seen running will hold: the preflight's estimate from its model's
         shapes (worked out in a thread; read here, on the event loop, never computed)."""
         fp = self.preflight.footprint(profile)
-        return Footprint(awake=fp.awake_bytes, asleep=fp.asleep_bytes) if fp and fp.awake_bytes else None
+        return fp.footprint if fp and fp.awake_bytes else None
 
     # --- control API -------------------------------------------------------------------------------
     async def _args(self, request: Request) -> dict:
