@@ -40,9 +40,9 @@ def show(name: str, model: str | None, gpu_memory: str | None) -> None:
     graphs, the predicted footprint), and the vLLM command line mm would run."""
     from mmlib import paths
     from mmlib.cli.check import _size
+    from mmlib.profiles.profile import masked_env
     from mmlib.profiles.vllm_cmd import (
         UDS,
-        masked_env,
         server_argv,
         server_env,
         shell_line,

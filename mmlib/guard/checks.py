@@ -394,7 +394,7 @@ def _fit_findings(p: Profile, fp: fitmod.Prediction, card: fitmod.Card, facts: F
     out = []
     text, spare = fp.summary(where=False), card.capacity - fp.awake_bytes
     if fp.form == "share":
-        text += (f" (vLLM fills its {fitmod.gib(float(p.engine.get('gpu_memory_utilization', 0.9)) * card.capacity)}"
+        text += (f" (vLLM fills its {fitmod.gib(p.memory_share * card.capacity)}"
                  " share; the CUDA context and graphs lie outside it)")
     cap = p.engine.get("gpu_memory_utilization")
     key, fix = _fix(fp.advice)

@@ -28,7 +28,7 @@ from mmlib.guard.modelinfo import (
     safetensors_files,
 )
 from mmlib.profiles.memory import GIB, gib
-from mmlib.profiles.profile import Profile
+from mmlib.profiles.profile import DEFAULT_SHARE, Profile
 from mmlib.profiles.vllm_args import ArgSpec
 from mmlib.profiles.vllm_cmd import Sizes, accepts, engine_int, size_flag
 from mmlib.system.nvml import GpuReport
@@ -520,7 +520,7 @@ def engine_offload_bytes(profile: Profile) -> int:
 def _predict_share(profile: Profile, card: Card | None, model: _Model | None) -> Prediction:
     """gpu_memory_utilization: vLLM fills that share of the card with KV after weights and its
     profiled activations; the CUDA context and graphs beyond its estimate lie outside the share."""
-    share = _share(profile, 0.9)
+    share = _share(profile, DEFAULT_SHARE)
     capacity = card.capacity if card else 0
     sequences = engine_int(profile.engine.get("max_num_seqs")) or default_sequences(capacity or 80 * GIB)
     sizes = Sizes()
@@ -572,7 +572,7 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
     notes: list[str] = []
     capacity = card.capacity if card else 0
     if model is None:
-        share = _share(profile, 0.9)
+        share = _share(profile, DEFAULT_SHARE)
         if card:
             sizes = replace(sizes, share=card.utilization(share))
         notes.append(f"{NO_SHAPES}: vLLM sizes the KV cache from a share of the card until the model is "

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from mmlib.profiles import embedded
 from mmlib.profiles.memory import GIB
-from mmlib.profiles.profile import RESERVED_ENGINE_KEYS, Profile, is_secret
+from mmlib.profiles.profile import RESERVED_ENGINE_KEYS, Profile
 
 
 @dataclass(frozen=True)
@@ -228,11 +228,6 @@ def server_env(profile: Profile, base: Mapping[str, str] | None = None) -> dict[
     if profile.api_key:
         env["VLLM_API_KEY"] = profile.api_key  # a secret: by environment, never in argv (ps shows argv)
     return env
-
-
-def masked_env(env: Mapping[str, str]) -> dict[str, str]:
-    """For display: secret-looking variables (api keys, HF_TOKEN) shown as ***."""
-    return {k: ("***" if is_secret(k) and v else v) for k, v in env.items()}
 
 
 def shell_line(argv: list[str]) -> str:

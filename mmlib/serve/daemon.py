@@ -51,10 +51,6 @@ def footprints_path() -> Path:
     return paths.footprints_file()
 
 
-def socket_path() -> Path:
-    return paths.state_dir() / "mm.sock"
-
-
 class QuietServer(uvicorn.Server):
     """uvicorn would take SIGINT/SIGTERM for itself; the daemon handles them (stopping vLLM first)."""
 
@@ -184,7 +180,7 @@ class Daemon:
             return JSONResponse({"error": str(e)}, status_code=409)
         except Exception as e:  # a bug or an outside failure: one line to the caller, the trace to the log
             log.exception("control API %s failed", request.url.path)
-            return JSONResponse({"error": f"{type(e).__name__}: {e} (see {paths.logs_dir() / 'daemon.log'})"},
+            return JSONResponse({"error": f"{type(e).__name__}: {e} (see {paths.daemon_log()})"},
                                 status_code=500)
         return JSONResponse(result)
 
@@ -443,7 +439,7 @@ def bind_control(path: Path) -> socket.socket:
 
 async def serve(config: Config) -> None:
     proxy_sock = bind_proxy(config.proxy_host, config.proxy_port)
-    path = socket_path()
+    path = paths.daemon_socket()
     control_sock = bind_control(path)
     daemon = Daemon(config)
     control, proxy = _uvicorn(daemon.control), _uvicorn(daemon.proxy.app)

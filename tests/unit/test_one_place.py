@@ -65,3 +65,13 @@ def test_the_scan_finds_a_flag_spelled_elsewhere(mm_env, tmp_path):
                      '@click.option("--port", type=int)\ndef serve(port): """mm\'s own --port."""\n')
     assert spelled_outside(known_flags(), tmp_path / "mmlib") == ["mmlib/guard/stray.py:2: --max-num-seqs",
                                                                   "mmlib/guard/stray.py:2: --no-enforce-eager"]
+
+
+# Facts besides the flags, each with the one module that may spell it.
+HOMES = {"mm.sock": "mmlib/paths.py", "daemon.log": "mmlib/paths.py", "***": "mmlib/profiles/profile.py"}
+
+
+def test_paths_and_masking_are_spelled_once():
+    found = {(text, str(path.relative_to(ROOT.parent))) for path in ROOT.rglob("*.py")
+             for _, text in literals(path) if text in HOMES}
+    assert found == set(HOMES.items())
