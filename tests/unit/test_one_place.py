@@ -75,3 +75,13 @@ def test_paths_and_masking_are_spelled_once():
     found = {(text, str(path.relative_to(ROOT.parent))) for path in ROOT.rglob("*.py")
              for _, text in literals(path) if text in HOMES}
     assert found == set(HOMES.items())
+
+
+def test_each_calibration_figure_names_its_result_of_record():
+    from mmlib.guard import calibration, fit
+
+    results = ROOT.parent / "benchmark_results"
+    for name, figure in calibration.FIGURES.items():
+        files = re.findall(r"[\w.-]+\.(?:txt|log)", figure.source)
+        assert files and all((results / f).is_file() for f in files), (name, figure.source)
+        assert getattr(fit, name) == figure.value and figure.why
