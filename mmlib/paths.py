@@ -44,6 +44,15 @@ def footprints_file() -> Path:
     return state_dir() / "footprints.json"
 
 
+def daemon_socket() -> Path:
+    """Where the daemon listens and the CLI asks it (0600, in the private state folder)."""
+    return state_dir() / "mm.sock"
+
+
+def daemon_log() -> Path:
+    return logs_dir() / "daemon.log"
+
+
 def cache_dir() -> Path:
     d = _dir("cache")
     d.mkdir(parents=True, exist_ok=True)

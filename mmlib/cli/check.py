@@ -86,10 +86,11 @@ def doctor(as_json: bool) -> None:
     """Check this machine: GPU, driver and CUDA, who holds GPU memory, vLLM, torch, FlashInfer,
     Python, disk for models, and the daemon. Exits 1 when something would stop mm from serving."""
     from mmlib.guard import doctor as doctor_mod
-    from mmlib.serve.client import Client, socket_path
+    from mmlib import paths
+    from mmlib.serve.client import Client
     from mmlib.system import systemd
 
-    lines = doctor_mod.run(daemon_alive=Client(timeout=2.0).alive, daemon_socket=str(socket_path()),
+    lines = doctor_mod.run(daemon_alive=Client(timeout=2.0).alive, daemon_socket=str(paths.daemon_socket()),
                            service_state=systemd.state)
     if as_json:
         click.echo(json.dumps([line.__dict__ for line in lines], indent=2))

@@ -44,7 +44,7 @@ def daemon_stop() -> None:
     click.echo("mm daemon stopping: its servers first ...", err=True)
     if not wait_gone(pid, DAEMON_STOP_TIMEOUT_S):
         raise MMError(f"the mm daemon (pid {pid}) is still stopping after {DAEMON_STOP_TIMEOUT_S:.0f} s; "
-                      f"see {paths.logs_dir() / 'daemon.log'}")
+                      f"see {paths.daemon_log()}")
     click.echo("mm daemon stopped")
 
 

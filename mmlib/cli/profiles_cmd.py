@@ -40,8 +40,9 @@ def show(name: str, model: str | None, gpu_memory: str | None) -> None:
     graphs, the predicted footprint), and the vLLM command line mm would run."""
     from mmlib import paths
     from mmlib.cli.check import _size
+    from mmlib.profiles.profile import masked_env
     from mmlib.profiles.vllm_cmd import (
-        masked_env,
+        UDS,
         server_argv,
         server_env,
         shell_line,
@@ -59,15 +60,15 @@ def show(name: str, model: str | None, gpu_memory: str | None) -> None:
         click.echo(f"# a stack: `mm profiles show` each of {', '.join(p.stack)} for their command lines")
         return
     fp = _footprint(p, size)
-    for line in _derived_lines(fp):
+    for line in _derived_lines(p, fp):
         click.echo(line)
     tcp = wants_tcp(p)
     listen = (p.port or 0) if tcp else str(paths.sockets_dir() / f"{p.name}.sock")
-    argv = server_argv(p, listen, python="python", derived=fp.engine if fp else None)
+    argv = server_argv(p, listen, python="python", derived=fp.sizes if fp else None)
     env = masked_env(server_env(p, base={}))
     click.echo("# vLLM command line (port 0 = a free port picked at start):" if tcp else
                "# vLLM command line (on a unix socket only this user reaches; a free port where the "
-               "installed vLLM lacks --uds):")
+               f"installed vLLM lacks {UDS}):")
     click.echo(" ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + shell_line(argv))
 
 
@@ -82,16 +83,17 @@ def _footprint(p, size: int | None):
     return checks.footprint(p, card, spec)
 
 
-def _derived_lines(fp) -> list[str]:
+def _derived_lines(p, fp) -> list[str]:
     from mmlib.guard.fit import GIB
+    from mmlib.profiles.vllm_cmd import SIZE_KEYS, derived_engine
 
     if fp.card is None:
         out = ["# no GPU answered and config.toml sets no gpu_budget: sized without a card "
                "(--gpu-memory 12GiB shows a card's sizes)"]
     else:
         out = [f"# predicted on {fp.card.label()}: {fp.summary(where=False)}"]
-    derived = ", ".join(f"{k} = {v}" + (f" ({v / GIB:.2f} GiB)" if k == "kv_cache_memory_bytes" else "")
-                        for k, v in fp.engine.items())
+    derived = ", ".join(f"{k} = {v}" + (f" ({v / GIB:.2f} GiB)" if k == SIZE_KEYS["kv_cache_bytes"] else "")
+                        for k, v in derived_engine(p, fp.sizes).items())
     if derived:
         out.append(f"# derived for vLLM: {derived}")
     out += [f"# note: {n}" for n in fp.notes]

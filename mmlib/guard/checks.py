@@ -23,6 +23,7 @@ from mmlib.profiles.vllm_args import ArgAction, ArgSpec, SpecUnavailable, load_s
 from mmlib.profiles.vllm_cmd import (
     RESERVED_ENGINE_KEYS,
     checkpoint_blocker,
+    derived_engine,
     engine_args,
     engine_int,
     flag,
@@ -221,9 +222,9 @@ def _holders(gpu: Any, skip: frozenset[int] = frozenset()) -> str:
 
 def footprint(p: Profile, card: fitmod.Card | None, spec: ArgSpec | None = None,
               sleepers: fitmod.Sleepers | None = None,
-              files: tuple[Any, dict[str, Any] | None, str] | None = None) -> fitmod.Footprint:
+              files: tuple[Any, dict[str, Any] | None, str] | None = None) -> fitmod.Prediction:
     """The profile's footprint on `card`, its model's shapes found through model_files (or `files`,
-    its answer already at hand): what the scheduler budgets with, and (Footprint.engine) the flags
+    its answer already at hand): what the scheduler budgets with, and (Prediction.sizes) the flags
     server_argv adds. A KV cache sized to fill the card leaves room for `sleepers` (default: this
     machine's, sleepers_here)."""
     folder, cfg, why = files or (model_files(p) if p.model else (None, None, ""))
@@ -314,14 +315,14 @@ def _fitting(spare: int, sleepers: fitmod.Sleepers) -> tuple[str, str]:
 
 
 def argv_builder(card: fitmod.Card | None, spec: ArgSpec | None = None, python: str = sys.executable,
-                 known: Callable[[Profile], fitmod.Footprint | None] = lambda p: None,
+                 known: Callable[[Profile], fitmod.Prediction | None] = lambda p: None,
                  ) -> Callable[[Profile, int | str], list[str]]:
     """The supervisor's argv builder for this card: server_argv with the flags derived from the
     profile's [memory] (and a share scaled to a gpu_budget) added. `known`: a footprint already
     worked out (the daemon's preflight); else it is worked out from what is on disk."""
     def build(p: Profile, listen: int | str) -> list[str]:
         fp = known(p) or footprint(p, card, spec, files=model_files(p, remote=False) if p.model else None)
-        return server_argv(p, listen, python, derived=fp.engine)
+        return server_argv(p, listen, python, derived=fp.sizes)
     return build
 
 
@@ -388,12 +389,12 @@ def check_fit(p: Profile, facts: Facts, folder: Any, cfg: dict[str, Any] | None,
         + _derived_findings(p, fp, spec)
 
 
-def _fit_findings(p: Profile, fp: fitmod.Footprint, card: fitmod.Card, facts: Facts, gpu_memory: int | None,
+def _fit_findings(p: Profile, fp: fitmod.Prediction, card: fitmod.Card, facts: Facts, gpu_memory: int | None,
                   finding: Callable[..., Finding], beside: str) -> list[Finding]:
     out = []
     text, spare = fp.summary(where=False), card.capacity - fp.awake_bytes
     if fp.form == "share":
-        text += (f" (vLLM fills its {fitmod.gib(float(p.engine.get('gpu_memory_utilization', 0.9)) * card.capacity)}"
+        text += (f" (vLLM fills its {fitmod.gib(p.memory_share * card.capacity)}"
                  " share; the CUDA context and graphs lie outside it)")
     cap = p.engine.get("gpu_memory_utilization")
     key, fix = _fix(fp.advice)
@@ -432,13 +433,12 @@ def _fit_findings(p: Profile, fp: fitmod.Footprint, card: fitmod.Card, facts: Fa
     return out
 
 
-def _ram_findings(p: Profile, fp: fitmod.Footprint, facts: Facts) -> list[Finding]:
+def _ram_findings(p: Profile, fp: fitmod.Prediction, facts: Facts) -> list[Finding]:
     """Host RAM: KV offload pins its buffer, and level-1 sleep keeps the weights in RAM."""
     total = facts.ram_total
     if not total or fp.host_ram_bytes <= 0:
         return []
-    offload = fp.engine.get("kv_offloading_size")
-    offload = offload * fitmod.GIB if offload else fitmod.engine_offload_bytes(p)
+    offload = fp.sizes.offload_bytes or fitmod.engine_offload_bytes(p)
     key = "memory.offload" if p.memory and (p.memory.offload or p.memory.offload_fit) else "engine.kv_offloading_size"
     parts = (f"{fitmod.gib(offload)} of KV offload + " if offload else "") + \
         f"{fitmod.gib(fp.host_ram_bytes - offload - fitmod.HOST_BASE)} of weights kept asleep + " \
@@ -457,14 +457,15 @@ def _ram_findings(p: Profile, fp: fitmod.Footprint, facts: Facts) -> list[Findin
     return []
 
 
-def _derived_findings(p: Profile, fp: fitmod.Footprint, spec: ArgSpec | None) -> list[Finding]:
+def _derived_findings(p: Profile, fp: fitmod.Prediction, spec: ArgSpec | None) -> list[Finding]:
     """The flags mm derives, asked of the installed vLLM's parser like the profile's own; and what
     mm had to do without."""
     out = [Finding(WARN, p.source, "memory", note, "", "memory-flags") for note in fp.notes
            if "has no --" in note]
-    if spec is None or not fp.engine:
+    derived = derived_engine(p, fp.sizes)
+    if spec is None or not derived:
         return out
-    extra = {k: v for k, v in fp.engine.items() if k not in p.engine}
+    extra = {k: v for k, v in derived.items() if k not in p.engine}
     probe = replace(p, engine=MappingProxyType(extra))
     for f in check_engine_args(probe, spec):
         out.append(Finding(f.severity, p.source, "memory", f"mm derives {f.key} for vLLM: {f.message}", f.fix,

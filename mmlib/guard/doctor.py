@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from mmlib.profiles.vllm_cmd import UDS, has_uds
 from mmlib.system.nvml import GIB, GpuReport
 
 DISK_WARN = 20 * GIB  # a 7B model in 16 bits is ~15 GB
@@ -193,10 +194,10 @@ def sockets_line(spec_has_uds: bool | None) -> Line:
     if spec_has_uds is None:
         return Line("ok", "server sockets", "known after the first `mm check` (asks vLLM's parser)")
     if spec_has_uds:
-        return Line("ok", "server sockets", "unix sockets in a 0700 folder (vLLM's --uds): only you reach them")
-    return Line("warn", "server sockets", "this vLLM has no --uds: servers listen on 127.0.0.1 ports, where "
+        return Line("ok", "server sockets", f"unix sockets in a 0700 folder (vLLM's {UDS}): only you reach them")
+    return Line("warn", "server sockets", f"this vLLM has no {UDS}: servers listen on 127.0.0.1 ports, where "
                 "other users of this machine can reach vLLM's /sleep and /wake_up",
-                "a newer vLLM has --uds; on a shared machine, keep sleep mode off")
+                f"a newer vLLM has {UDS}; on a shared machine, keep sleep mode off")
 
 
 def checkpoint_line(report: GpuReport, cpu_build: bool, support: Callable[[], Any], enabled: bool) -> Line:
@@ -225,7 +226,7 @@ def cached_uds() -> bool | None:
     if path is None or not path.is_file():
         return None
     try:
-        return ArgSpec.from_json(json.loads(path.read_text())).lookup("--uds") is not None
+        return has_uds(ArgSpec.from_json(json.loads(path.read_text())))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

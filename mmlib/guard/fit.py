@@ -1,16 +1,17 @@
 """Will a profile fit the card? Predicted from the model's config.json and safetensors headers (no
 weights loaded, no vLLM, no torch), in two steps:
 
-- the card mm may use: NVML's total, or config.toml's gpu_budget below it (`card`, `card_capacity`);
-- the server's footprint on it (`predict` -> Footprint): weights, KV cache, CUDA graphs, activations
+- the card mm may use (guard/card.py): NVML's total, or config.toml's gpu_budget below it;
+- the server's footprint on it (`predict` -> Prediction): weights, KV cache, CUDA graphs, activations
   and CUDA context awake; what stays on the GPU asleep; host RAM. For a profile with a [memory]
-  table it also works out the exact vLLM flags (Footprint.engine: --kv-cache-memory-bytes, the CUDA
-  graph capture size, a --gpu-memory-utilization that passes vLLM's start check), which
-  profiles/vllm_cmd.server_argv puts on the command line.
+  table it also works out the exact sizes (Prediction.sizes: the KV cache's bytes, the CUDA graph
+  capture size, a share that passes vLLM's start check), which profiles/vllm_cmd.server_argv turns
+  into flags.
 
 A profile without [memory] gives vLLM a share of the card (gpu_memory_utilization); `predict` then
 works out what vLLM makes of it (the KV cache is what its profiler leaves of the share), as checked
-against what vLLM 0.26 printed on an H100 (tests/unit/test_fit.py). Calibrations are with each constant.
+against what vLLM 0.26 printed on an H100 (tests/unit/test_fit.py). The measured figures are a table in
+guard/calibration.py, each naming its result file; what would fit instead is guard/advice.py's.
 """
 from __future__ import annotations
 
@@ -19,6 +20,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from mmlib.guard.advice import advise
+from mmlib.guard.calibration import (
+    ACTIVATION_FIXED,
+    ASLEEP_BASE,
+    BUFFER_BYTES_PER_HIDDEN,
+    COMPILE_RESERVE,
+    COMPILED_KERNELS,
+    CUDA_CONTEXT,
+    CUDA_GRAPHS,
+    FLASHINFER_WORKSPACE,
+    GRAPH_FIXED,
+    HEADROOM,
+    KV_BLOCK,
+    MIN_FIT_CONTEXT,
+    NON_TORCH,
+    SAMPLER_BYTES,
+)
+from mmlib.guard.card import Card, card, card_capacity, host_ram, sized_card  # noqa: F401 (callers say fit.card)
 from mmlib.guard.modelinfo import (
     FLOAT_ST,
     ST_BYTES,
@@ -28,37 +47,12 @@ from mmlib.guard.modelinfo import (
     safetensors_files,
 )
 from mmlib.profiles.memory import GIB, gib
-from mmlib.profiles.profile import Profile
+from mmlib.profiles.profile import DEFAULT_SHARE, Profile
 from mmlib.profiles.vllm_args import ArgSpec
-from mmlib.profiles.vllm_cmd import engine_int, memory_engine
-from mmlib.system.nvml import GpuReport
-
-# --- the overhead vLLM keeps beside weights and KV cache ---------------------------------------------
-# Calibrated on an H100 with vLLM 0.26 (the DEBUG log of its memory profiler, 2026-11-24), two models
-# of different width served with defaults (max_num_batched_tokens 8192):
-#   dummy-1.5b (hidden 1536, intermediate 8960):  weights 2.68 GiB, torch peak +0.56, non-torch +0.22
-#   dummy-7b-awq (hidden 3584, intermediate 18944): weights 4.03 GiB, torch peak +1.08, non-torch +0.22
-# and both times the KV cache came out a further 0.06 GiB short (its CUDA graph memory estimate).
-# - "weights" as vLLM counts them include persistent buffers: the parameter bytes alone are 2.58 and
-#   3.81 GiB, and the gaps (0.094 and 0.219 GiB) are 64 KiB per unit of hidden width for both. They
-#   do not follow the batch: the same 7B shape batching 2048 tokens (benchmarks/card12.py's run)
-#   loaded 5.38-5.41 GiB for 5.18 GiB of parameters, the same 0.22 GiB gap; the narrower models there
-#   came out 0.03-0.07 GiB under it (Nemotron 4B, Whisper, LightOnOCR, SmolLM2), a safe side.
-# - the activation peak of the profiling pass grows with max_num_batched_tokens: the MLP's gate/up
-#   and activation outputs (3 x intermediate) plus two hidden-sized tensors a token, in 16 bits,
-#   and ~0.1 GiB fixed (sampler, logits). Two runs fix the two numbers; runs with max_num_seqs 16 or
-#   64 and max_model_len 4096 printed the same peak, so neither enters. Below 70 GiB cards vLLM
-#   batches 2048 tokens by default, and the same formula is used there (an extrapolation).
-# - non-torch memory (cuBLAS/NCCL workspaces) is a constant, and so is vLLM's own estimate of its CUDA
-#   graphs (CUDA_GRAPHS, what it takes off the KV cache); the graphs themselves grow with the capture
-#   size (graph_bytes below).
-BUFFER_BYTES_PER_HIDDEN = 64 << 10
-ACTIVATION_FIXED = int(0.1027 * GIB)
-NON_TORCH = int(0.22 * GIB)
-CUDA_GRAPHS = int(0.06 * GIB)
-KV_BLOCK = 16  # vLLM allocates KV in blocks of 16 tokens
+from mmlib.profiles.vllm_cmd import Sizes, accepts, engine_int, size_flag
 
 
+# --- the overhead vLLM keeps beside weights and KV cache (figures: guard/calibration.py) ----------------
 def _mlp_width(shape: Shape) -> int:
     return shape.mlp_matrices * (shape.expert_intermediate or shape.intermediate if shape.experts
                                  else shape.intermediate)
@@ -116,106 +110,7 @@ def default_batched_tokens(total: int) -> int:
     return 8192 if total >= 70 * GIB else 2048
 
 
-# --- the card ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Card:
-    """The GPU as mm sees it."""
-    capacity: int  # bytes mm may use: the card, or config.toml's gpu_budget below it
-    total: int  # the device total vLLM reads; its --gpu-memory-utilization is a share of this
-    name: str = "GPU"
-    host_ram: int | None = None  # the machine's RAM, bytes (for KV offload); None: unknown
-
-    @property
-    def budgeted(self) -> bool:
-        return self.capacity < self.total
-
-    def label(self) -> str:
-        if self.budgeted:
-            return f"{gib(self.capacity)} of {self.name}"
-        return self.name if gib(self.capacity) in self.name else f"{self.name} ({gib(self.capacity)})"
-
-    def utilization(self, of_card: float) -> float:
-        """vLLM's --gpu-memory-utilization for `of_card` of mm's card, rounded up to 0.001."""
-        return min(1.0, math.ceil(of_card * self.capacity / self.total * 1000 - 1e-6) / 1000)
-
-
-def host_ram() -> int | None:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-    except Exception:  # no psutil, or a sandbox that hides /proc/meminfo
-        return None
-
-
-def card(config: Any, report: GpuReport | None, ram: int | None = None) -> Card | None:
-    """The card mm may use: NVML's first GPU, capped by config.gpu_budget (a desktop's share of the
-    card, or an emulated smaller one); the budget alone where no GPU answers; None with neither."""
-    budget = getattr(config, "gpu_budget", None)
-    gpu = report.gpus[0] if report and report.gpus else None
-    if gpu is None and budget is None:
-        return None
-    total = gpu.total if gpu else budget
-    capacity = min(budget, total) if budget else total
-    return Card(capacity=capacity, total=total, name=gpu.name if gpu else "the GPU budget",
-                host_ram=host_ram() if ram is None else ram)
-
-
-def card_capacity(config: Any, report: GpuReport | None) -> int | None:
-    """Bytes of GPU memory mm may use, given config.toml and an NVML report (the scheduler's budget)."""
-    c = card(config, report, ram=0)
-    return c.capacity if c else None
-
-
-def sized_card(capacity: int, ram: int | None = None) -> Card:
-    """A card of `capacity` bytes (`mm check --gpu-memory 12GiB`)."""
-    return Card(capacity=capacity, total=capacity, name=f"a {gib(capacity)} card",
-                host_ram=host_ram() if ram is None else ram)
-
-
 # --- the footprint -------------------------------------------------------------------------------------
-# Calibrated on an H100 with vLLM 0.26, all but 12 GiB held by ballast.py (benchmarks/card12.py, first
-# run, benchmark_results/card12_h100_run1.txt and the servers' log lines in card12_h100_run1.vllm.log), six
-# shipped profiles, each server's first start on that machine (torch.compile from scratch):
-# - At rest, awake, every server held 0.83-0.92 GiB beyond vLLM's "Model loading took", its KV cache
-#   and "Graph capturing ... took" (chat 0.88, voice-llm and voice-stt 0.92, ocr 0.91, default 0.83;
-#   baseline 1.51 with the sampler's buffers for 256 sequences): the CUDA context, cuBLAS and other
-#   workspaces (NON_TORCH) and the warm-up's kept activations (ACTIVATION_FIXED). CUDA_CONTEXT is
-#   the rest, 0.51 GiB eager and 0.06 GiB more with torch.compile (COMPILED_KERNELS: the kernels it
-#   generated, loaded as modules; the eager default kept 0.83, the compiled servers 0.88-0.92).
-# - Sampler buffers: four eager starts (7B-AWQ, Nemotron 4B, Whisper, LightOnOCR; 1024 sequences)
-#   kept 12.7-15.8 bytes per (sequence x vocabulary entry) (SAMPLER_BYTES).
-# - CUDA graphs (vLLM's "Graph capturing finished ... took"): 7B 0.07 / 0.21 / 0.44 GiB at capture
-#   16 / 64 (FlashInfer) / 256; Nemotron 4B 0.04 at 4; Whisper 0.09 at 8; LightOnOCR 0.11 at 8. A
-#   fixed pool (GRAPH_FIXED) plus, for the largest captured batch, half the layers' MLP and
-#   hidden-sized outputs in 16 bits (graph_bytes) gives 0.07 / 0.15 / 0.47 / 0.05 / 0.04 / 0.04.
-# - The first start's peak (NVML at 10 Hz) stood above that rest by 1.01 GiB (chat, 7B), 0.80
-#   (voice: Nemotron 4B and Whisper), 0.20 (baseline, the 7B's kernels already compiled by chat) and
-#   0.02 (ocr). perf's first start died allocating its KV cache with "1.12 GiB reserved by PyTorch
-#   but unallocated": torch.compile's runs at max_num_batched_tokens leave the caching allocator
-#   holding a few full-batch activations, which the KV cache (sleep mode allocates it from its own
-#   pool) cannot use. COMPILE_RESERVE x the decoder's full-batch activations (an encoder or vision
-#   tower is not compiled) gives 1.0 for the 7B at 2048 tokens, 0.52 + 0.21 for voice, 0.35 for ocr: the
-#   first start is the one that must fit. Eager servers compile nothing: default's peak equalled its
-#   rest, so their activations are what the warm-up keeps.
-# - The second run (card12_h200x2_run2.txt: each profile's own compile cache emptied first, so each
-#   compiled from scratch) put the peak beyond weights, KV, graphs and context at 1.12 GiB (chat, 16
-#   sequences), 1.06 (perf, 64), 0.95 (voice) and 0.88 (baseline, 256 sequences, whose sampler alone
-#   keeps 0.54): adding the sampler's buffers to the reserve had baseline 0.71 GiB high (11.50 for
-#   10.79). The warm-up takes them from the blocks torch.compile left reserved: a compiled server
-#   holds its decode step plus the larger of the two (compiled_activation_bytes).
-# - FlashInfer attention (perf) holds 0.44 GiB beside its KV cache (sleep freed 5.09 GiB tagged KV
-#   for a 4.65 GiB cache): its 394 MiB workspace and per-batch buffers (FLASHINFER_WORKSPACE).
-# - Asleep (level 1) a server kept ASLEEP_BASE plus its CUDA graphs: chat 0.90 (0.79 + 0.09 predicted),
-#   ocr 0.90, default 0.78, voice 1.79 for two, baseline 1.32. Level 2 keeps the same on the GPU (it
-#   differs in RAM: no copy of the weights); no measurement says otherwise.
-CUDA_CONTEXT = int(0.51 * GIB)
-COMPILED_KERNELS = int(0.06 * GIB)
-SAMPLER_BYTES = 15
-GRAPH_FIXED = int(0.04 * GIB)
-COMPILE_RESERVE = 4
-FLASHINFER_WORKSPACE = int(0.44 * GIB)
-ASLEEP_BASE = int(0.79 * GIB)
 # Host RAM of a server's processes besides its buffers (API server + engine core: Python, torch, CUDA
 # libraries). Not measured cleanly (RSS sums count shared pages twice); a round figure.
 HOST_BASE = 3 * GIB
@@ -224,15 +119,22 @@ RAM_RESERVE = 8 * GIB  # left to the desktop and mm when offload = "fit" sizes t
 # it takes each start 0.7 s a GiB (54 GiB: 38 s on the H100 machine, card12_h100_run1). 32 GiB holds
 # 1.2 million tokens of the 7B's fp8 KV cache, nine times what its GPU holds on a 12 GiB card.
 OFFLOAD_FIT_MAX = 32 * GIB
-HEADROOM = 512 << 20  # what "fill" leaves free, and the margin under which a fit is called tight
 FIT_REQUESTS = 8  # context = "fit": the longest context at which this many full requests fit the KV cache
 DEFAULT_SEQUENCES = 16
-MIN_FIT_CONTEXT = 1024
 NO_SHAPES = "no model shapes on this machine"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Footprint:
+    """What the scheduler budgets a server with: bytes on the card awake and asleep; `measured` once it
+    ran (serve.scheduler), else predicted (Prediction.footprint)."""
+    awake: int
+    asleep: int
+    measured: bool = False
+
+
+@dataclass(frozen=True)
+class Prediction:
     """What one server holds on this card: awake (by part), asleep, and in host RAM."""
     profile: str
     card: Card | None
@@ -242,7 +144,7 @@ class Footprint:
     parts: Mapping[str, int]
     asleep_bytes: int
     host_ram_bytes: int
-    engine: Mapping[str, Any] = field(default_factory=dict)  # derived [engine] keys for server_argv
+    sizes: Sizes = field(default_factory=Sizes)  # what server_argv passes for this card
     context: int | None = None
     sequences: int | None = None
     kv_tokens: int | None = None
@@ -261,6 +163,10 @@ class Footprint:
     def awake_bytes(self) -> int:
         """The most the server holds awake: after warm-up, plus a full batch's activations."""
         return sum(self.parts.values())
+
+    @property
+    def footprint(self) -> Footprint:
+        return Footprint(awake=self.awake_bytes, asleep=self.asleep_bytes)
 
     @property
     def steady_bytes(self) -> int:
@@ -388,6 +294,7 @@ def compiled_activation_bytes(shape: Shape, sequences: int, batched: int) -> int
     """A compiled server's peak beyond weights, KV cache, graphs and context: the decode step on top
     of what torch.compile left reserved, or of the sampler's buffers where those are larger (the
     warm-up allocates them from the reserved blocks)."""
+    # the larger, not the sum: the sum had baseline 0.71 GiB high (benchmark_results/card12_h200x2_run2.txt)
     return max(activation_bytes(shape, batched),
                decode_step_bytes(shape, sequences, batched)
                + max(sampler_bytes(shape, sequences), compile_reserve_bytes(shape, batched, False)))
@@ -396,10 +303,6 @@ def compiled_activation_bytes(shape: Shape, sequences: int, batched: int) -> int
 def default_sequences(capacity: int) -> int:
     """vLLM's default max_num_seqs for `vllm serve`: 1024 on cards of 70 GiB and more, else 256."""
     return 1024 if capacity >= 70 * GIB else 256
-
-
-def _has(spec: ArgSpec | None, option: str) -> bool:
-    return spec is None or spec.lookup(option) is not None
 
 
 @dataclass(frozen=True)
@@ -461,7 +364,7 @@ def _round_tokens(n: int) -> int:
 
 
 def predict(profile: Profile, card: Card | None, cfg: Mapping[str, Any] | None = None,
-            folder: Path | None = None, spec: ArgSpec | None = None, sleepers: Sleepers | None = None) -> Footprint:
+            folder: Path | None = None, spec: ArgSpec | None = None, sleepers: Sleepers | None = None) -> Prediction:
     """The footprint of `profile`'s server on `card` (None: no GPU; only the [memory] basics are
     derived), from the model's config.json (`cfg`) and checkpoint folder. `spec` is the installed
     vLLM's parser (vllm_args.load_spec): flags it lacks are left out, with a note. `sleepers`: the
@@ -508,27 +411,26 @@ def engine_offload_bytes(profile: Profile) -> int:
         return 0
 
 
-def _predict_share(profile: Profile, card: Card | None, model: _Model | None) -> Footprint:
+def _predict_share(profile: Profile, card: Card | None, model: _Model | None) -> Prediction:
     """gpu_memory_utilization: vLLM fills that share of the card with KV after weights and its
     profiled activations; the CUDA context and graphs beyond its estimate lie outside the share."""
-    share = _share(profile, 0.9)
+    share = _share(profile, DEFAULT_SHARE)
     capacity = card.capacity if card else 0
     sequences = engine_int(profile.engine.get("max_num_seqs")) or default_sequences(capacity or 80 * GIB)
-    engine: dict[str, Any] = {}
+    sizes = Sizes()
     notes: list[str] = []
     offload = engine_offload_bytes(profile)
     if card and card.budgeted:
-        engine["gpu_memory_utilization"] = card.utilization(share)
-        if "max_num_seqs" not in profile.engine:
-            engine["max_num_seqs"] = sequences
+        sizes = replace(sizes, share=card.utilization(share),
+                        sequences=None if "max_num_seqs" in profile.engine else sequences)
     if model is None:
         parts = {"vllm_share": int(share * capacity), "cuda_context": CUDA_CONTEXT} if card else {}
-        return Footprint(profile.name, card, "unknown", parts, ASLEEP_BASE if profile.sleep.enabled else 0,
-                         _host_ram(profile, 0, offload), engine, notes=(NO_SHAPES,))
+        return Prediction(profile.name, card, "unknown", parts, ASLEEP_BASE if profile.sleep.enabled else 0,
+                         _host_ram(profile, 0, offload), sizes, notes=(NO_SHAPES,))
     shape = model.shape
     batched = _batched(profile, shape, capacity or 80 * GIB, sequences)
     if card and card.budgeted and "max_num_batched_tokens" not in profile.engine:
-        engine["max_num_batched_tokens"] = batched
+        sizes = replace(sizes, batched_tokens=batched)
     capture = _capture(profile, sequences, batched, min(2 * sequences, 512))
     graphs = graph_bytes(shape, capture)
     buffers = BUFFER_BYTES_PER_HIDDEN * shape.hidden
@@ -545,34 +447,33 @@ def _predict_share(profile: Profile, card: Card | None, model: _Model | None) ->
     eager = profile.engine.get("enforce_eager") is True
     parts = {"weights": model.weights + buffers, "kv_cache": max(0, kv) if card else 0, "cuda_graphs": graphs,
              "activations": peak + compile_reserve_bytes(shape, batched, eager), "cuda_context": context_bytes(eager)}
-    fp = Footprint(profile.name, card, "share", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
-                   _host_ram(profile, model.weights, offload), engine, context=context, sequences=sequences,
+    fp = Prediction(profile.name, card, "share", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
+                   _host_ram(profile, model.weights, offload), sizes, context=context, sequences=sequences,
                    kv_tokens=tokens, kv_per_token=model.kv_per_token, kv_dtype=model.kv_dtype,
                    context_limit=model.limit, extra_tokens=shape.encoder_positions,
                    kept_activations=kept_activation_bytes(shape, sequences, batched),
                    starts=starts, notes=tuple(notes), weights_from=model.weights_from)
-    return replace(fp, advice=_advice(fp, model, share, None))
+    return replace(fp, advice=advise(fp, model, share, None))
 
 
 def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, spec: ArgSpec | None,
-                   sleepers: Sleepers) -> Footprint:
+                   sleepers: Sleepers) -> Prediction:
     """[memory]: exact KV bytes from tokens and the model's shapes, the rest predicted around them."""
     m = profile.memory
     assert m is not None
     sequences = m.sequences or DEFAULT_SEQUENCES
-    engine: dict[str, Any] = dict(memory_engine(profile))
-    engine["max_num_seqs"] = sequences
+    sizes = Sizes(sequences=sequences, context=m.context)
     notes: list[str] = []
     capacity = card.capacity if card else 0
     if model is None:
-        share = _share(profile, 0.9)
+        share = _share(profile, DEFAULT_SHARE)
         if card:
-            engine["gpu_memory_utilization"] = card.utilization(share)
+            sizes = replace(sizes, share=card.utilization(share))
         notes.append(f"{NO_SHAPES}: vLLM sizes the KV cache from a share of the card until the model is "
                      "on disk")
         parts = {"vllm_share": int(share * capacity), "cuda_context": CUDA_CONTEXT} if card else {}
-        return Footprint(profile.name, card, "unknown", parts, ASLEEP_BASE if profile.sleep.enabled else 0,
-                         _host_ram(profile, 0, 0), engine, context=m.context, sequences=sequences,
+        return Prediction(profile.name, card, "unknown", parts, ASLEEP_BASE if profile.sleep.enabled else 0,
+                         _host_ram(profile, 0, 0), sizes, context=m.context, sequences=sequences,
                          notes=tuple(notes))
     shape = model.shape
     batched = _batched(profile, shape, capacity or 80 * GIB, sequences)
@@ -596,17 +497,10 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
     tokens = kv // per_token // KV_BLOCK * KV_BLOCK
     if context is None and tokens:
         context = _fit_context(tokens, extra, model.limit)
-    if tokens:
-        engine["kv_cache_memory_bytes"] = int(kv)
-    if context:
-        engine["max_model_len"] = context
-    if card:
-        engine["max_num_batched_tokens"] = batched
-        if capture:
-            engine["max_cudagraph_capture_size"] = capture
     offload = _offload(profile, card, model.weights, notes)
-    if offload:
-        engine["kv_offloading_size"] = offload // GIB if offload % GIB == 0 else round(offload / GIB, 2)
+    sizes = replace(sizes, kv_cache_bytes=int(kv) if tokens else None, context=context or None,
+                    batched_tokens=batched if card else None, capture_size=capture if card and capture else None,
+                    offload_bytes=offload)
     parts = {"weights": weights, "kv_cache": int(kv), "cuda_graphs": graphs, "activations": activations,
              "cuda_context": context_bytes(eager)}
     if workspace:
@@ -619,15 +513,15 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
         # later), never more than the profile's own cap. (The cap itself asked voice-stt for 3.63 GiB
         # free where it peaks at 3.0, and beside a sleeper's residue it would not start: card12 run2.)
         rest = awake - activations + kept - CUDA_CONTEXT
-        engine["gpu_memory_utilization"] = card.utilization(min(rest / card.capacity, cap if cap is not None else 1.0))
-        _fall_back(engine, spec, card, weights, activation_bytes(shape, batched), kv, capture, notes)
-    fp = Footprint(profile.name, card, "bytes", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
-                   _host_ram(profile, model.weights, offload or engine_offload_bytes(profile)), engine,
+        sizes = replace(sizes, share=card.utilization(min(rest / card.capacity, cap if cap is not None else 1.0)))
+        sizes = _fall_back(sizes, spec, card, weights, activation_bytes(shape, batched), kv, capture, notes)
+    fp = Prediction(profile.name, card, "bytes", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
+                   _host_ram(profile, model.weights, offload or engine_offload_bytes(profile)), sizes,
                    context=context, sequences=sequences, kv_tokens=tokens, kv_per_token=per_token,
                    kv_dtype=model.kv_dtype, context_limit=model.limit, extra_tokens=extra, kept_activations=kept,
                    starts=card is None and not tokens or 0 < tokens >= (context or 0) + extra, notes=tuple(notes),
                    weights_from=model.weights_from, kept_for_sleepers=for_sleepers)
-    return replace(fp, advice=_advice(fp, model, None, m))
+    return replace(fp, advice=advise(fp, model, None, m))
 
 
 def fills_card(m: Any, context: int | None) -> bool:
@@ -653,21 +547,21 @@ def _kept_for_sleepers(m: Any, context: int | None, room: int | None, floor_toke
     return kept
 
 
-def _fall_back(engine: dict[str, Any], spec: ArgSpec | None, card: Card, weights: int, profiled: int,
-               kv: int, capture: int, notes: list[str]) -> None:
+def _fall_back(sizes: Sizes, spec: ArgSpec | None, card: Card, weights: int, profiled: int,
+               kv: int, capture: int, notes: list[str]) -> Sizes:
     """Flags the installed vLLM lacks: leave them out and say what happens instead."""
     version = f"vLLM {spec.version}" if spec else "vLLM"
-    if "kv_cache_memory_bytes" in engine and not _has(spec, "--kv-cache-memory-bytes"):
-        del engine["kv_cache_memory_bytes"]
+    if sizes.kv_cache_bytes is not None and not accepts(spec, "kv_cache_bytes"):
         # vLLM then sizes KV as share x total - weights - profiled activations - non-torch - its graph estimate
         need = weights + profiled + NON_TORCH + (CUDA_GRAPHS if capture else 0) + kv
-        engine["gpu_memory_utilization"] = min(1.0, math.ceil(need / card.total * 1000) / 1000)
-        notes.append(f"{version} has no --kv-cache-memory-bytes: mm passes gpu_memory_utilization "
-                     f"{engine['gpu_memory_utilization']:g} so that its own sizing gives about the same KV cache")
-    if "max_cudagraph_capture_size" in engine and not _has(spec, "--max-cudagraph-capture-size"):
-        del engine["max_cudagraph_capture_size"]
-        notes.append(f"{version} has no --max-cudagraph-capture-size: it captures graphs up to twice the "
+        sizes = replace(sizes, kv_cache_bytes=None, share=min(1.0, math.ceil(need / card.total * 1000) / 1000))
+        notes.append(f"{version} has no {size_flag('kv_cache_bytes')}: mm passes gpu_memory_utilization "
+                     f"{sizes.share:g} so that its own sizing gives about the same KV cache")
+    if sizes.capture_size is not None and not accepts(spec, "capture_size"):
+        sizes = replace(sizes, capture_size=None)
+        notes.append(f"{version} has no {size_flag('capture_size')}: it captures graphs up to twice the "
                      "sequences (more GPU memory than predicted)")
+    return sizes
 
 
 def _offload(profile: Profile, card: Card | None, weights: int, notes: list[str]) -> int:
@@ -688,42 +582,3 @@ def _offload(profile: Profile, card: Card | None, weights: int, notes: list[str]
         notes.append(f"offload = \"fit\": {gib(ram)} of RAM leaves nothing to offload KV blocks to")
         return 0
     return min(spare, OFFLOAD_FIT_MAX) // GIB * GIB
-
-
-def _advice(fp: Footprint, model: _Model, share: float | None, memory: Any) -> tuple[tuple[str, str], ...]:
-    """Values that would fit the card, the most direct first (for `mm check`'s fix)."""
-    if fp.card is None or not fp.kv_per_token:
-        return ()
-    capacity, per_token = fp.card.capacity, fp.kv_per_token
-    extra = model.shape.encoder_positions
-    fixed = fp.awake_bytes - fp.parts.get("kv_cache", 0)
-    room_tokens = max(0, capacity - HEADROOM - fixed) // per_token // KV_BLOCK * KV_BLOCK
-    context = fp.context or MIN_FIT_CONTEXT
-    out: list[tuple[str, str]] = []
-    if room_tokens >= context + extra:
-        if share is not None:
-            outside = fp.awake_bytes - int(share * capacity)  # context, graphs beyond vLLM's estimate, compile reserve
-            fit_share = math.floor((capacity - HEADROOM - outside) / capacity * 100) / 100
-            out.append(("engine.gpu_memory_utilization", f"{fit_share:g}"))
-        elif memory.kv_cache:
-            out.append(("memory.kv_cache", f'"{math.floor(room_tokens * per_token / GIB * 100) / 100:g}GiB"'))
-        elif not memory.kv_tokens and fp.sequences and room_tokens // (context + extra) < fp.sequences:
-            out.append(("memory.sequences", str(room_tokens // (context + extra))))
-        if share is None and not memory.kv_cache:
-            out.append(("memory.kv_tokens", str(room_tokens // 1024 * 1024 or room_tokens)))
-    elif room_tokens >= MIN_FIT_CONTEXT + extra:
-        c = 1 << ((room_tokens - extra).bit_length() - 1)
-        out.append(("memory.context" if share is None else "engine.max_model_len", str(c)))
-    # fp8 halves the KV cache a token: at the same share, or in the room the card has
-    want, have = (context + extra, fp.kv_tokens or 0) if share is not None else (fp.kv_tokens or 0, room_tokens)
-    if fp.kv_dtype != "fp8" and have < want <= 2 * have:
-        out.append(("engine.kv_cache_dtype", '"fp8"'))
-    fp8 = model.shape.served_as("fp8")
-    if fp8 is not model.shape and not model.shape.quant_method:
-        saved = model.shape.weight_bytes() - fp8.weight_bytes()
-        if (room_tokens * per_token + saved) // per_token >= MIN_FIT_CONTEXT + extra:
-            out.append(("engine.quantization", '"fp8"'))
-    if not out:
-        out.append(("model", f"a smaller or more quantized model (weights alone take {gib(model.weights)} "
-                             f"of {gib(capacity)})"))
-    return tuple(out)

@@ -137,7 +137,7 @@ class Verdict:
     profile: Profile
     key: tuple  # (vLLM build, model on disk): a change checks again
     refusal: str | None
-    footprint: fit.Footprint | None
+    footprint: fit.Prediction | None
     serves: Serves
 
 
@@ -203,7 +203,7 @@ class Preflight:
         known = self._verdicts.get(profile.name)
         return known if known is not None and known.profile == profile else None
 
-    def footprint(self, profile: Profile) -> fit.Footprint | None:
+    def footprint(self, profile: Profile) -> fit.Prediction | None:
         """The footprint the checks worked out, where they ran for this profile (never computes)."""
         known = self._known(profile)
         return known.footprint if known else None

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 
 from mmlib.guard.modelinfo import model_max_len
 from mmlib.profiles.profile import Profile
-from mmlib.profiles.vllm_cmd import engine_int, wants_tcp
+from mmlib.profiles.vllm_cmd import SLEEP_MODE, engine_int, wants_tcp
 from mmlib.system.nvml import GpuInfo
 
 ERROR, WARN, INFO = "error", "warn", "info"
@@ -224,7 +224,7 @@ RULES: list[Rule] = [
          key="engine.enable_sleep_mode"),
     Rule("sleep-mode-in-engine", WARN,
          lambda p, f: not f.is_cpu and _get(p, "enable_sleep_mode") is True,
-         "mm adds --enable-sleep-mode itself when [sleep] is on, and only then can it sleep the server",
+         f"mm adds {SLEEP_MODE} itself when [sleep] is on, and only then can it sleep the server",
          "remove engine.enable_sleep_mode and set [sleep] enabled = true", key="engine.enable_sleep_mode"),
     Rule("sleep-falls-back-on-cpu", INFO,
          lambda p, f: f.is_cpu and p.sleep.enabled,

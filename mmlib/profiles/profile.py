@@ -32,6 +32,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_EXTENDS_DEPTH = 8
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 RESTART_POLICIES = ("no", "on-failure")
+DEFAULT_SHARE = 0.9  # vLLM's own gpu_memory_utilization where a profile sets none
 # Names a client sends: each belongs to the one file that sets it, so `extends` does not inherit them.
 OWN_NAME_KEYS = ("served_model_name", "aliases")
 # [engine] keys mm sets itself (a second value would fight the supervisor), and what to write instead.
@@ -100,7 +101,7 @@ class Profile:
 
     @property
     def memory_share(self) -> float:
-        return float(self.engine.get("gpu_memory_utilization", 0.9))
+        return float(self.engine.get("gpu_memory_utilization", DEFAULT_SHARE))
 
     def with_model(self, model: str) -> "Profile":
         return dataclasses.replace(self, model=model, served_model_name=default_served_name(model), aliases=(),
@@ -136,6 +137,11 @@ SLEEP_KEYS = {"enabled": (bool,), "level": (int,), "checkpoint": (bool,)}
 def is_secret(name: str) -> bool:
     """A variable that holds a secret by its name (HF_TOKEN, OPENAI_API_KEY, ...)."""
     return any(word in name.upper() for word in SECRET_WORDS)
+
+
+def masked_env(env: Mapping[str, str]) -> dict[str, str]:
+    """For display and results: secret-looking variables (api keys, HF_TOKEN) shown as ***."""
+    return {k: ("***" if is_secret(k) and v else v) for k, v in env.items()}
 
 
 def default_served_name(model: str) -> str:
@@ -454,7 +460,7 @@ def to_dict(p: Profile) -> dict[str, Any]:
         doc["memory"] = p.memory.to_table()
     doc["engine"] = dict(p.engine)
     # Secrets are never printed or recorded in results: api keys and secret-looking variables.
-    doc["env"] = {k: ("***" if is_secret(k) and v else v) for k, v in p.env.items()}
+    doc["env"] = masked_env(p.env)
     if p.api_key:
         doc["api_key"] = "***"
     return doc

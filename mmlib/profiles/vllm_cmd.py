@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mmlib.profiles import embedded
-from mmlib.profiles.profile import RESERVED_ENGINE_KEYS, Profile, is_secret
+from mmlib.profiles.memory import GIB
+from mmlib.profiles.profile import RESERVED_ENGINE_KEYS, Profile
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,18 @@ def installed_vllm() -> VllmInstall | None:
     return None
 
 
+UDS = "--uds"  # listen on a unix socket (newer vLLMs; doctor says where it is missing)
+SLEEP_MODE = "--enable-sleep-mode"
+
+
 def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
+
+
+def has_uds(spec: Any) -> bool:
+    """Whether the installed vLLM's parser (a vllm_args.ArgSpec; None: not asked yet) takes a unix
+    socket to listen on."""
+    return spec is not None and spec.lookup(UDS) is not None
 
 
 def engine_args(engine: Mapping[str, Any]) -> list[str]:
@@ -138,6 +149,49 @@ def memory_engine(profile: Profile) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """What guard.fit works out for a server on this card, as numbers (None: vLLM's own choice);
+    derived_engine turns them into vLLM's engine keys."""
+    sequences: int | None = None
+    kv_cache_bytes: int | None = None
+    context: int | None = None
+    batched_tokens: int | None = None
+    capture_size: int | None = None
+    offload_bytes: int = 0
+    share: float | None = None  # gpu_memory_utilization: of the card's total, for vLLM's start check
+
+
+# Each Sizes field's vLLM engine key, in the order server_argv passes them.
+SIZE_KEYS = {"sequences": "max_num_seqs", "kv_cache_bytes": "kv_cache_memory_bytes", "context": "max_model_len",
+             "batched_tokens": "max_num_batched_tokens", "capture_size": "max_cudagraph_capture_size",
+             "offload_bytes": "kv_offloading_size", "share": "gpu_memory_utilization"}
+
+
+def size_flag(field_name: str) -> str:
+    """The vLLM flag a Sizes field becomes (for notes that name it)."""
+    return flag(SIZE_KEYS[field_name])
+
+
+def accepts(spec: Any, field_name: str) -> bool:
+    """Whether the installed vLLM's parser (a vllm_args.ArgSpec; None: not asked, assume so) has the
+    flag for a Sizes field."""
+    return spec is None or spec.lookup(size_flag(field_name)) is not None
+
+
+def derived_engine(profile: Profile, sizes: Sizes | None) -> dict[str, Any]:
+    """The [engine] keys guard.fit's sizes become. Where a [memory] table sizes the server its share
+    follows from the bytes and comes last; otherwise the share is the sizing and comes first."""
+    if sizes is None:
+        return {}
+    keys = {key: getattr(sizes, name) for name, key in SIZE_KEYS.items()}
+    offload = sizes.offload_bytes
+    keys["kv_offloading_size"] = (offload // GIB if offload % GIB == 0 else round(offload / GIB, 2)) if offload else None
+    if profile.memory is None:
+        keys = {"gpu_memory_utilization": keys.pop("gpu_memory_utilization"), **keys}
+    return {**memory_engine(profile), **{k: v for k, v in keys.items() if v is not None}}
+
+
 def wants_tcp(profile: Profile) -> bool:
     """A profile that names a port or another host asks to be reachable over TCP; otherwise mm's
     servers listen on a unix socket in a 0700 folder, where only this user reaches them."""
@@ -145,17 +199,17 @@ def wants_tcp(profile: Profile) -> bool:
 
 
 def server_argv(profile: Profile, listen: int | str, python: str = sys.executable,
-                derived: Mapping[str, Any] | None = None) -> list[str]:
+                derived: Sizes | None = None) -> list[str]:
     """The vLLM command line. `listen` is a TCP port, or the path of a unix socket (vLLM's --uds).
-    `derived` is the engine table guard.fit worked out for this card (Footprint.engine: exact KV
-    bytes, capture size, ...); its keys replace the profile's own."""
+    `derived` is what guard.fit worked out for this card (Prediction.sizes: exact KV bytes, capture
+    size, ...); its flags replace the profile's own."""
     assert profile.model, "stack profiles have no server of their own"
-    where = ["--uds", listen] if isinstance(listen, str) else ["--host", profile.host, "--port", str(listen)]
+    where = [UDS, listen] if isinstance(listen, str) else ["--host", profile.host, "--port", str(listen)]
     argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", resolve_model(profile.model), *where,
             "--served-model-name", *profile.names]
     if sleep_available(profile):
-        argv.append("--enable-sleep-mode")
-    return argv + engine_args({**profile.engine, **memory_engine(profile), **(derived or {})})
+        argv.append(SLEEP_MODE)
+    return argv + engine_args({**profile.engine, **memory_engine(profile), **derived_engine(profile, derived)})
 
 
 def server_env(profile: Profile, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -174,11 +228,6 @@ def server_env(profile: Profile, base: Mapping[str, str] | None = None) -> dict[
     if profile.api_key:
         env["VLLM_API_KEY"] = profile.api_key  # a secret: by environment, never in argv (ps shows argv)
     return env
-
-
-def masked_env(env: Mapping[str, str]) -> dict[str, str]:
-    """For display: secret-looking variables (api keys, HF_TOKEN) shown as ***."""
-    return {k: ("***" if is_secret(k) and v else v) for k, v in env.items()}
 
 
 def shell_line(argv: list[str]) -> str:

@@ -23,14 +23,6 @@ START_TIMEOUT_S = 20.0
 WAIT = None  # timeout value meaning: as long as the daemon works (a first start can take minutes)
 
 
-def socket_path():
-    return paths.state_dir() / "mm.sock"
-
-
-def daemon_log():
-    return paths.logs_dir() / "daemon.log"
-
-
 class KeyRefused(DaemonError):
     """The daemon answered 401: it runs with another API key than this command sends."""
 
@@ -60,7 +52,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 class Client:
     def __init__(self, timeout: float | None = 10.0, sock=None, api_key: str | None = None):
-        self.sock = sock or socket_path()
+        self.sock = sock or paths.daemon_socket()
         self.timeout = timeout
         self.headers = {"content-type": "application/json"}
         api_key = api_key or client_api_key()
@@ -91,7 +83,7 @@ class Client:
     def ensure_daemon(self) -> "Client":
         if self.alive():
             return self
-        log = daemon_log()
+        log = paths.daemon_log()
         with os.fdopen(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             # Its own session: the daemon outlives this command and ignores the terminal's Ctrl-C.
             subprocess.Popen([sys.executable, "-m", "mmlib", "daemon"], stdin=subprocess.DEVNULL, stdout=out,

@@ -25,12 +25,14 @@ from starlette.routing import Route
 
 from mmlib import paths
 from mmlib.errors import MMError, Refused
+from mmlib.guard.fit import Footprint
 from mmlib.guard.preflight import Preflight
 from mmlib.profiles.config import Config, load_config
 from mmlib.profiles.profile import Profile, load_all, load_profile
+from mmlib.profiles.vllm_cmd import has_uds
 from mmlib.serve import records
 from mmlib.serve.auth import bearer_ok, host_guard
-from mmlib.serve.memory import CardMemory, Footprint
+from mmlib.serve.memory import CardMemory
 from mmlib.serve.metrics import Metrics
 from mmlib.serve.page import Page
 from mmlib.serve.proxy import ModelIndex, Proxy
@@ -47,10 +49,6 @@ IDLE_CHECK_S = 1.0
 
 def footprints_path() -> Path:
     return paths.footprints_file()
-
-
-def socket_path() -> Path:
-    return paths.state_dir() / "mm.sock"
 
 
 class QuietServer(uvicorn.Server):
@@ -132,7 +130,7 @@ class Daemon:
 
     async def uds_supported(self) -> bool:
         spec = await self._vllm_spec()
-        return spec is not None and spec.lookup("--uds") is not None
+        return has_uds(spec)
 
     def _card(self):
         from mmlib.guard import fit
@@ -156,7 +154,7 @@ class Daemon:
         """What a profile never seen running will hold: the preflight's estimate from its model's
         shapes (worked out in a thread; read here, on the event loop, never computed)."""
         fp = self.preflight.footprint(profile)
-        return Footprint(awake=fp.awake_bytes, asleep=fp.asleep_bytes) if fp and fp.awake_bytes else None
+        return fp.footprint if fp and fp.awake_bytes else None
 
     # --- control API -------------------------------------------------------------------------------
     async def _args(self, request: Request) -> dict:
@@ -182,7 +180,7 @@ class Daemon:
             return JSONResponse({"error": str(e)}, status_code=409)
         except Exception as e:  # a bug or an outside failure: one line to the caller, the trace to the log
             log.exception("control API %s failed", request.url.path)
-            return JSONResponse({"error": f"{type(e).__name__}: {e} (see {paths.logs_dir() / 'daemon.log'})"},
+            return JSONResponse({"error": f"{type(e).__name__}: {e} (see {paths.daemon_log()})"},
                                 status_code=500)
         return JSONResponse(result)
 
@@ -441,7 +439,7 @@ def bind_control(path: Path) -> socket.socket:
 
 async def serve(config: Config) -> None:
     proxy_sock = bind_proxy(config.proxy_host, config.proxy_port)
-    path = socket_path()
+    path = paths.daemon_socket()
     control_sock = bind_control(path)
     daemon = Daemon(config)
     control, proxy = _uvicorn(daemon.control), _uvicorn(daemon.proxy.app)

@@ -8,25 +8,13 @@ Without a GPU every answer is None and the scheduler falls back to declared shar
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
+from mmlib.guard import fit
+from mmlib.guard.fit import Footprint
 from mmlib.profiles.profile import Profile
 from mmlib.system import proctree
-from mmlib.system.nvml import GIB, Nvml, session
-
-# Beside vLLM's budget (gpu_memory_utilization x total) a server holds its CUDA context and the CUDA
-# graph pool: 0.5-0.9 GiB measured on the H100 (shared/gpu/README.md). A sleeping server keeps
-# 0.86-1.7 GiB (context, graph pool, level-1 bookkeeping).
-OUTSIDE_BUDGET = int(0.8 * GIB)
-ASLEEP_DEFAULT = int(1.5 * GIB)
-
-
-@dataclass
-class Footprint:
-    awake: int  # bytes while awake
-    asleep: int  # bytes while asleep
-    measured: bool = False
+from mmlib.system.nvml import Nvml, session
 
 
 class CardMemory:
@@ -86,8 +74,9 @@ class CardMemory:
             found = self._predict(profile, self.capacity() or gpu.total)
             if found is not None:
                 return found
-        share = float(profile.engine.get("gpu_memory_utilization", 0.9))
-        return Footprint(awake=int(share * gpu.total) + OUTSIDE_BUDGET, asleep=ASLEEP_DEFAULT)
+        # guard.fit's estimate without the model's shapes: its share of the card and what sleep keeps
+        card = fit.Card(capacity=self.capacity() or gpu.total, total=gpu.total, name=gpu.name, host_ram=0)
+        return fit.predict(profile, card).footprint
 
 
 class NoCard:

@@ -53,8 +53,9 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from mmlib.errors import MMError
+from mmlib.guard.fit import Footprint
 from mmlib.profiles.profile import Profile, load_profile
-from mmlib.serve.memory import Footprint, NoCard
+from mmlib.serve.memory import NoCard
 from mmlib.serve.states import AWAKE_ISH, LIVE, State
 from mmlib.system.clock import Clock
 from mmlib.system.nvml import GIB

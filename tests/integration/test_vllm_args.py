@@ -112,7 +112,7 @@ def test_every_shipped_profile_with_its_derived_flags_passes_the_real_parser(spe
     card = fit.sized_card(12 * fit.GIB, ram=64 * fit.GIB)
     names = [n for n in list_profile_names() if not load_profile(n).is_stack and load_profile(n).model in folders]
     prints = [checks.footprint(load_profile(n), card, spec) for n in names]
-    assert all("kv_cache_memory_bytes" in fp.engine for fp in prints)
-    argvs = [server_argv(load_profile(n), 8000, python="python", derived=fp.engine)[5:] for n, fp in zip(names, prints)]
+    assert all(fp.sizes.kv_cache_bytes is not None for fp in prints)
+    argvs = [server_argv(load_profile(n), 8000, python="python", derived=fp.sizes)[5:] for n, fp in zip(names, prints)]
     for name, argv, (ok, error) in zip(names, argvs, vllm_args.parse_with_vllm(argvs)):
         assert ok, f"{name}: {error}"

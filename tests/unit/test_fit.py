@@ -234,12 +234,12 @@ def test_fill_leaves_room_for_sleepers_unless_the_driver_checkpoints_them():
     # the two largest sleepers fit beside it awake, whichever two the scheduler kept
     assert beside.awake_bytes + int(0.91 * GIB) + int(0.9 * GIB) <= 12 * GIB - fit.HEADROOM
     assert beside.kept_for_sleepers == int(0.91 * GIB) + int(0.9 * GIB)
-    assert beside.engine["kv_cache_memory_bytes"] == beside.parts["kv_cache"] < alone.parts["kv_cache"]
+    assert beside.sizes.kv_cache_bytes == beside.parts["kv_cache"] < alone.parts["kv_cache"]
     assert beside.context >= 8192 and beside.full_requests >= fit.FIT_REQUESTS and beside.starts
     assert any("leaves 1.81 GiB for the 2 largest of the 5 servers" in n for n in beside.notes)
     # where the CUDA driver takes sleepers off the card, "fill" keeps today's size
     checkpointed = predict(fill_profile(), card, DUMMY_7B_AWQ, sleepers=fit.Sleepers(others.residues, True))
-    assert checkpointed.parts == alone.parts and checkpointed.engine == alone.engine
+    assert checkpointed.parts == alone.parts and checkpointed.sizes == alone.sizes
     # a KV cache of a fixed size leaves nothing more: it already leaves what it leaves
     fixed = MemorySpec(context=8192, sequences=16)
     assert predict(fill_profile(fixed), card, DUMMY_7B_AWQ, sleepers=others) == \

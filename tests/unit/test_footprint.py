@@ -18,6 +18,7 @@ from mmlib.profiles.config import Config
 from mmlib.profiles.memory import MemorySpec
 from mmlib.profiles.profile import Profile, SleepSettings, load_profile
 from mmlib.profiles.vllm_args import ArgAction, ArgSpec
+from mmlib.profiles.vllm_cmd import Sizes
 from mmlib.system.cuda_checkpoint import Support
 from mmlib.system.nvml import GpuInfo, GpuReport
 
@@ -121,8 +122,8 @@ def test_bytes_form_predicted_as_measured_on_the_emulated_card():
     # awake adds what torch.compile's first runs leave reserved: 4 x a full batch's decoder activations
     # (8192 tokens: 0.98 GiB)
     assert within((fp.awake_bytes - fp.steady_bytes) / GIB, 4 * 0.98, 0.05)
-    assert fp.engine["kv_cache_memory_bytes"] == 4_000_000_000 and fp.engine["max_cudagraph_capture_size"] == 16
-    assert 0.09 < fp.engine["gpu_memory_utilization"] <= 0.125  # passes vLLM's start check with 12 GiB free
+    assert fp.sizes.kv_cache_bytes == 4_000_000_000 and fp.sizes.capture_size == 16
+    assert 0.09 < fp.sizes.share <= 0.125  # passes vLLM's start check with 12 GiB free
 
 
 def test_a_compiled_servers_sampler_buffers_come_out_of_the_compile_reserve():
@@ -207,9 +208,9 @@ def test_perf_old_offload_is_flagged_on_a_machine_without_the_ram(shipped_models
     assert ram.fix == "set engine.kv_offloading_size = 15"  # 32 GiB - 8 for the desktop - 9.2 for the server
     # the shipped perf sizes its offload to the machine instead
     perf = checks.footprint(load_profile("perf"), sized_card(12 * GIB, ram=32 * GIB))
-    assert perf.engine["kv_offloading_size"] == 7 and perf.host_ram_bytes < 32 * GIB - fit.RAM_RESERVE
+    assert perf.sizes.offload_bytes == 7 * GIB and perf.host_ram_bytes < 32 * GIB - fit.RAM_RESERVE
     # and a big machine does not pin half its RAM (256 GiB: 32, not 120)
-    assert checks.footprint(load_profile("perf"), sized_card(12 * GIB, ram=256 * GIB)).engine["kv_offloading_size"] == 32
+    assert checks.footprint(load_profile("perf"), sized_card(12 * GIB, ram=256 * GIB)).sizes.offload_bytes == 32 * GIB
 
 
 # --- the shipped profiles on a 12 GiB card ----------------------------------------------------------------
@@ -221,7 +222,7 @@ def test_shipped_profiles_fit_a_12gb_card(mm_env, shipped_models, name):
     fp = checks.footprint(load_profile(name), CARD12)
     assert fp.form == "bytes" and fp.starts
     assert fp.awake_bytes <= 12 * GIB - fit.HEADROOM, fp.summary()
-    assert fp.engine["kv_cache_memory_bytes"] == fp.parts["kv_cache"]
+    assert fp.sizes.kv_cache_bytes == fp.parts["kv_cache"]
     assert fp == checks.footprint(load_profile(name), CARD12)  # deterministic
 
 
@@ -232,7 +233,7 @@ def test_voice_members_fit_awake_together(mm_env, shipped_models):
         assert fp.awake_bytes <= p.engine["gpu_memory_utilization"] * 12 * GIB  # within its cap
         # vLLM's start check asks for what the member holds at rest, not its whole cap (voice-stt's
         # 0.3 asked 3.6 GiB free for a 3.0 GiB peak, and beside a sleeper's residue it did not start)
-        assert fp.engine["gpu_memory_utilization"] * 12 * GIB <= fp.steady_bytes
+        assert fp.sizes.share * 12 * GIB <= fp.steady_bytes
     assert checks.predicted_gib("voice", 12 * GIB) == round((stt.awake_bytes + llm.awake_bytes) / GIB, 2)
     found = checks.check(["voice"], facts=Facts(gpus=(RTX3060,), ram_total=64 * GIB), spec=None)
     (stack,) = [f for f in found if f.rule == "stack-fit"]
@@ -257,14 +258,14 @@ def test_gpu_script_gets_predicted_gib_per_profile(mm_env, shipped_models):
 def test_tokens_become_exact_bytes_and_flags():
     p = profile({"kv_cache_dtype": "fp8"}, MemorySpec(context=8192, sequences=16))
     fp = predict(p, CARD12, config("qwen2.5-7b-awq"))
-    e = fp.engine
-    assert e["kv_cache_memory_bytes"] == 131_072 * 28 * 4 * 128 * 2  # tokens x layers x KV heads x dim x K,V
-    assert e["max_num_seqs"] == e["max_cudagraph_capture_size"] == 16 and e["max_model_len"] == 8192
-    assert e["max_num_batched_tokens"] == 2048  # a 12 GiB card's default, passed so an emulated card agrees
-    assert e["gpu_memory_utilization"] == round((fp.steady_bytes - fit.CUDA_CONTEXT) / (12 * GIB) + 0.0005, 3)
+    e = fp.sizes
+    assert e.kv_cache_bytes == 131_072 * 28 * 4 * 128 * 2  # tokens x layers x KV heads x dim x K,V
+    assert e.sequences == e.capture_size == 16 and e.context == 8192
+    assert e.batched_tokens == 2048  # a 12 GiB card's default, passed so an emulated card agrees
+    assert e.share == round((fp.steady_bytes - fit.CUDA_CONTEXT) / (12 * GIB) + 0.0005, 3)
     # on the emulated card the same bytes, and a utilization of the H100's total that passes the start check
     em = predict(p, EMULATED, config("qwen2.5-7b-awq"))
-    assert em.parts == fp.parts and em.engine["gpu_memory_utilization"] * H100_TOTAL < 12 * GIB
+    assert em.parts == fp.parts and em.sizes.share * H100_TOTAL < 12 * GIB
 
 
 def test_an_encoder_decoder_holds_cross_attention_kv_per_request():
@@ -275,16 +276,16 @@ def test_an_encoder_decoder_holds_cross_attention_kv_per_request():
 
 def test_an_image_model_batches_a_whole_image():
     fp = predict(profile({}, MemorySpec(context=8192, sequences=8, kv_tokens=32768)), CARD12, config("lightonocr-1b"))
-    assert fp.engine["max_num_batched_tokens"] == 4096  # a 1540 px page is 3025 tokens; vLLM never splits it
+    assert fp.sizes.batched_tokens == 4096  # a 1540 px page is 3025 tokens; vLLM never splits it
 
 
 def test_without_kv_cache_memory_bytes_vllm_gets_a_utilization_instead():
     old = ArgSpec("vllm", "0.9.0", (ArgAction("gpu_memory_utilization", ("--gpu-memory-utilization",), "value"),))
     p = profile({"kv_cache_dtype": "fp8"}, MemorySpec(context=8192, sequences=16))
     fp = predict(p, CARD12, config("qwen2.5-7b-awq"), spec=old)
-    assert "kv_cache_memory_bytes" not in fp.engine and "max_cudagraph_capture_size" not in fp.engine
+    assert fp.sizes.kv_cache_bytes is None and fp.sizes.capture_size is None
     new = predict(p, CARD12, config("qwen2.5-7b-awq"))
-    assert abs(fp.engine["gpu_memory_utilization"] - new.engine["gpu_memory_utilization"]) < 0.05  # ~ the same KV
+    assert abs(fp.sizes.share - new.sizes.share) < 0.05  # ~ the same KV
     assert any("has no --kv-cache-memory-bytes" in n for n in fp.notes)
 
 
@@ -300,8 +301,8 @@ def test_fill_and_fit_size_the_kv_cache_and_context():
 def test_share_form_on_a_budgeted_card_is_scaled_to_the_devices_total():
     p = profile({"gpu_memory_utilization": 0.85, "max_model_len": 8192})
     fp = predict(p, EMULATED, config("qwen2.5-7b-awq"))
-    assert fp.engine == {"gpu_memory_utilization": 0.129, "max_num_seqs": 256, "max_num_batched_tokens": 2048}
-    assert predict(p, CARD12, config("qwen2.5-7b-awq")).engine == {}  # the whole card: argv as before
+    assert fp.sizes == Sizes(share=0.129, sequences=256, batched_tokens=2048)
+    assert predict(p, CARD12, config("qwen2.5-7b-awq")).sizes == Sizes()  # the whole card: argv as before
 
 
 def test_a_broken_share_never_crashes_the_prediction():
@@ -313,15 +314,15 @@ def test_a_broken_share_never_crashes_the_prediction():
 
 def test_no_shapes_on_disk_falls_back_to_a_share():
     fp = predict(profile({}, MemorySpec(context=8192, sequences=16)), CARD12, None)
-    assert fp.form == "unknown" and fp.engine["gpu_memory_utilization"] == 0.9
-    assert fp.engine["max_model_len"] == 8192 and "kv_cache_memory_bytes" not in fp.engine
+    assert fp.form == "unknown" and fp.sizes.share == 0.9
+    assert fp.sizes.context == 8192 and fp.sizes.kv_cache_bytes is None
 
 
 def test_no_card_derives_the_model_side_only():
     fp = predict(profile({}, MemorySpec(context=4096, sequences=32, kv_tokens=32768)), None, SMOLLM2_135M)
-    assert fp.engine == {"max_model_len": 4096, "max_num_seqs": 32, "kv_cache_memory_bytes": 32768 * 30 * 3 * 64 * 4}
+    assert fp.sizes == Sizes(context=4096, sequences=32, kv_cache_bytes=32768 * 30 * 3 * 64 * 4)
     fill = predict(profile({}, MemorySpec(sequences=64, kv_fill=True)), None, SMOLLM2_135M)
-    assert fill.engine == {"max_num_seqs": 64} and fill.starts  # vLLM's own context and KV sizing: no card to fill
+    assert fill.sizes == Sizes(sequences=64) and fill.starts  # vLLM's own context and KV sizing: no card to fill
 
 
 # --- mm perf MODEL: any model fitted to the card ----------------------------------------------------------------
@@ -378,7 +379,7 @@ def test_predict_never_crashes_on_odd_but_valid_tables():
     def check(spec, card, name):
         fp = predict(profile({"kv_cache_dtype": "fp8"}, spec), card, config(name))
         assert fp.awake_bytes >= 0 and (fp.context >= 16 if fp.context is not None else card is None or not fp.starts)
-        assert fp.summary() and all(isinstance(v, (int, float)) for v in fp.engine.values())
+        assert fp.summary() and all(isinstance(v, (int, float, type(None))) for v in vars(fp.sizes).values())
 
     check()
 
@@ -388,7 +389,7 @@ def test_argv_builder_for_the_supervisor(mm_env, shipped_models):
     argv = build(load_profile("chat"), 8123)
     fp = checks.footprint(load_profile("chat"), CARD12)
     assert argv[:4] == ["python", "-m", "vllm.entrypoints.cli.main", "serve"] and "8123" in argv
-    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(fp.engine["kv_cache_memory_bytes"])
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(fp.sizes.kv_cache_bytes)
     assert argv[argv.index("--max-cudagraph-capture-size") + 1] == "16"
 
 

@@ -343,7 +343,7 @@ class FakeCard:
         return Footprint(fp.awake, fp.asleep)
 
 
-from mmlib.serve.memory import Footprint  # noqa: E402
+from mmlib.guard.fit import Footprint  # noqa: E402
 from mmlib.serve.scheduler import Policy  # noqa: E402
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from mmlib.profiles import vllm_cmd
 from mmlib.profiles.profile import load_profile
-from mmlib.profiles.vllm_cmd import VllmInstall, engine_args, server_argv, server_env
+from mmlib.profiles.memory import GIB
+from mmlib.profiles.vllm_cmd import Sizes, VllmInstall, engine_args, server_argv, server_env
 
 
 def test_engine_args_spelling():
@@ -31,8 +32,7 @@ def test_perf_argv(mm_env, monkeypatch):
         assert part in joined
     # what depends on the card and the model's shapes comes from guard.fit, handed in as `derived`
     assert "--max-model-len" not in joined and "--kv-offloading-size" not in joined
-    derived = {"max_model_len": 16384, "kv_cache_memory_bytes": 4996121320, "kv_offloading_size": 7,
-               "max_num_seqs": 64}
+    derived = Sizes(context=16384, kv_cache_bytes=4996121320, offload_bytes=7 * GIB, sequences=64)
     joined = " ".join(server_argv(load_profile("perf"), 8123, python="python", derived=derived))
     for part in ("--max-model-len 16384", "--kv-cache-memory-bytes 4996121320", "--kv-offloading-size 7"):
         assert part in joined
