@@ -40,6 +40,11 @@ def host_ram() -> int | None:
         return None
 
 
+def capped(total: int, budget: int | None) -> int:
+    """Bytes mm may fill of a card of `total` bytes: config.toml's gpu_budget, never more than the card."""
+    return min(budget, total) if budget else total
+
+
 def card(config: Any, report: GpuReport | None, ram: int | None = None) -> Card | None:
     """The card mm may use: NVML's first GPU, capped by config.gpu_budget (a desktop's share of the
     card, or an emulated smaller one); the budget alone where no GPU answers; None with neither."""
@@ -48,8 +53,7 @@ def card(config: Any, report: GpuReport | None, ram: int | None = None) -> Card 
     if gpu is None and budget is None:
         return None
     total = gpu.total if gpu else budget
-    capacity = min(budget, total) if budget else total
-    return Card(capacity=capacity, total=total, name=gpu.name if gpu else "the GPU budget",
+    return Card(capacity=capped(total, budget), total=total, name=gpu.name if gpu else "the GPU budget",
                 host_ram=host_ram() if ram is None else ram)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from mmlib.guard import fit
+from mmlib.guard.card import capped
 from mmlib.guard.fit import Footprint
 from mmlib.profiles.profile import Profile
 from mmlib.system import proctree
@@ -44,7 +45,7 @@ class CardMemory:
         gpu = self._device()
         if gpu is None:
             return None
-        return min(self.budget, gpu.total) if self.budget else gpu.total
+        return capped(gpu.total, self.budget)
 
     def name(self) -> str | None:
         gpu = self._device()
