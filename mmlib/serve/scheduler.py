@@ -614,8 +614,8 @@ class Scheduler:
             await server.wake()
         except MMError as e:
             if restoring and server.state != State.AWAKE:
-                log.warning("%s: restoring it from its checkpoint failed (%s); starting it again",
-                            server.name, _first_line(e))
+                # (why is the server's own line, logged once where it failed)
+                log.warning("%s: restoring it from its checkpoint failed; starting it again", server.name)
                 await server.stop()  # whatever is left of it
                 await self._make_room(targets)  # a start peaks above what a wake needs
                 await self._await_room(self._room_needed([server]))
