@@ -16,14 +16,7 @@ from mmlib.profiles.profile import load_all, load_profile
 from mmlib.profiles.vllm_cmd import VllmInstall, server_argv, server_env
 
 from tests.unit.test_checks import SPEC
-
-
-def write(mm_env, name: str, text: str) -> Path:
-    d = Path(mm_env["MM_HOME"]) / "config" / "profiles"
-    d.mkdir(parents=True, exist_ok=True)
-    p = d / f"{name}.toml"
-    p.write_text(text)
-    return p
+from tests.unit.test_profiles import write
 
 
 def owners(profiles) -> dict[str, str]:
