@@ -358,9 +358,9 @@ class Daemon:
                 records.stop_recorded(f, record)
                 continue
             server = self.make_server(profile)
-            server.on_death = self.scheduler.on_death
+            server.on_death = self.scheduler.on_death  # a death while it is being adopted
             if await server.adopt(record):
-                self.scheduler.servers[profile.name] = server
+                self.scheduler.adopt(server)
                 if server.state == State.AWAKE:
                     self.scheduler.active = [profile.name]
                 log.info("adopted %s (pid %s, %s)", profile.name, server.pid, server.state.value)

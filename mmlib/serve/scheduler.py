@@ -194,16 +194,16 @@ class Scheduler:
         """The server of this profile, replaced by a fresh one if the profile changed while it was down."""
         server = self.servers.get(profile.name)
         if server is None or (server.state not in LIVE and server.profile != profile):
-            server = self._make_server(profile)
-            server.on_death = self.on_death
-            self.servers[profile.name] = server
-        self._wire(server)
+            server = self.adopt(self._make_server(profile))
         return server
 
-    def _wire(self, server: Any) -> None:
-        """A request's release must reach the loop (a drain or a paused server's come-back waits on it)."""
-        if getattr(server, "on_release", None) != self._on_release:
-            server.on_release = self._on_release
+    def adopt(self, server: Any) -> Any:
+        """Take a server into the scheduler's care: its deaths come here, and each request's release
+        reaches the loop (a drain or a paused server's come-back waits on it)."""
+        server.on_death = self.on_death
+        server.on_release = self._on_release
+        self.servers[server.name] = server
+        return server
 
     def _on_release(self, server: Any) -> None:
         self._kick()
@@ -226,7 +226,6 @@ class Scheduler:
         self._check_open()
         server = self._ready_now(profile)
         if server is not None:
-            self._wire(server)
             server.in_flight += 1
             return server
         failed = self.servers.get(profile.name)
@@ -734,7 +733,6 @@ class Scheduler:
         """Requests already on a server finish before it sleeps; none is cut off by a switch. The
         wait ends early when the server stops serving (it crashed), and at limit_s (default
         drain_limit_s; the proxy's upstream timeout bounds each request as well)."""
-        self._wire(server)
         deadline = self.clock.now() + (self.drain_limit_s if limit_s is None else limit_s)
         while server.in_flight > 0 and server.state == State.AWAKE and self.clock.now() < deadline:
             await self._until_change(deadline)
