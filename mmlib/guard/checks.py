@@ -238,11 +238,24 @@ def footprint(p: Profile, card: fitmod.Card | None, spec: ArgSpec | None = None,
 
 
 # --- the servers that may sleep beside a profile ------------------------------------------------------
-def checkpoint_support() -> Any:
-    """Whether the CUDA driver can checkpoint a sleeper off the card (cuda_checkpoint.Support)."""
-    from mmlib.system import cuda_checkpoint
+def checkpoint_support(report: GpuReport | None = None, enabled: bool | None = None) -> Any:
+    """Whether sleepers are checkpointed off the card here (cuda_checkpoint.Support): config.toml's
+    checkpoint_sleepers, and the driver's API version as NVML reports it, so that `mm check` loads no
+    CUDA library. One answer for the fit's room and for check's line."""
+    from mmlib.profiles.config import checkpoint_sleepers
+    from mmlib.system import nvml
+    from mmlib.system.cuda_checkpoint import MIN_DRIVER_API, Support
 
-    return cuda_checkpoint.support()
+    if not (checkpoint_sleepers() if enabled is None else enabled):
+        return Support(False, "checkpoint_sleepers = false in config.toml")
+    report = report if report is not None else nvml.session().report(with_processes=False)
+    if not report.gpus:
+        return Support(False, "no NVIDIA GPU")
+    api = _driver_api(report.cuda)
+    if api is None or api < MIN_DRIVER_API:
+        cuda = f"CUDA {report.cuda}" if report.cuda else "no NVIDIA driver"
+        return Support(False, f"the driver has no process checkpoint ({cuda}; r550, CUDA 12.4, or newer has it)", api)
+    return Support(True, f"CUDA process checkpoint, driver API {api}", api)
 
 
 def measured_residues() -> dict[tuple[str, str | None], int]:
@@ -477,22 +490,17 @@ def checkpoint_findings(p: Profile, report: GpuReport | None, enabled: bool) -> 
     """Whether this profile's sleepers will be checkpointed off the card (the CUDA driver's process
     checkpoint) when room is needed, or keep their residue. The driver's API version is NVML's, so
     `mm check` loads no CUDA library."""
-    from mmlib.system.cuda_checkpoint import MIN_DRIVER_API
-
     if not p.sleep.enabled or report is None or not report.gpus:
         return []
     why = checkpoint_blocker(p)
-    api = _driver_api(report.cuda)
-    if why is None and not enabled:
-        why = "checkpoint_sleepers = false in config.toml"
-    if why is None and (api is None or api < MIN_DRIVER_API):
-        why = f"the driver (CUDA {report.cuda or '?'}) has no process checkpoint; r550 (CUDA 12.4) or newer has"
+    support = checkpoint_support(report, enabled)
+    if why is None and not support.ok:
+        why = support.why
     if why is not None:
         return [Finding(INFO, p.source, "sleep", f"asleep, it keeps its residue on the card (no checkpoint: {why})",
                         "", "checkpoint")]
     return [Finding(INFO, p.source, "sleep", f"asleep, it can give the whole card back: checkpointed to RAM "
-                    f"when room is needed, restored on waking (CUDA process checkpoint, driver API {api})",
-                    "", "checkpoint")]
+                    f"when room is needed, restored on waking ({support.why})", "", "checkpoint")]
 
 
 def _driver_api(cuda: str | None) -> int | None:
