@@ -19,7 +19,9 @@ paused for the switch, came back whole.
 
 Each result line: `mix=NAME ratio=R p99_s=P errors=E wrong_model=W` where ratio is output tokens/s over
 the reference's (single, or chat4 for chat+title) and p99 is of the rarer model's requests (all
-requests for single). --card-gib N holds all but N GiB of the GPU first (ballast), as on that card.
+requests for single). Before anything counts, --warmup seconds of load (a fresh server's first batches
+compile and allocate); then --repeat passes over every mix, each line their median (the ratios of
+each pass are listed). --card-gib N holds all but N GiB of the GPU first (ballast), as on that card.
 
 Usage (GPU): python3 benchmarks/mixed_load.py --models-dir .gpu-stage/models --out FILE [--budget 12GiB]
 Usage (here, fake vLLM, a smoke test): PYTHONPATH=tests/faults/fakevllm:. python3 benchmarks/mixed_load.py --fake
@@ -132,16 +134,16 @@ def p99(xs: list[float]) -> float:
     return xs[min(len(xs) - 1, int(0.99 * len(xs)))]
 
 
-async def mixes(base: str, names: dict[str, str], duration: float, clients: int) -> list[str]:
-    lines, rates = [], {}
+async def one_pass(base: str, names: dict[str, str], duration: float, clients: int) -> dict[str, dict]:
+    """Each mix once: {mix: {"tok_s", "p99_s" (the rarer model's), "p99_big_s", "errors", "wrong"}}."""
+    out: dict[str, dict] = {}
 
-    async def mixed(share_small: float) -> Load:
+    async def mixed(share_small: float) -> tuple[Load, float]:
         load = Load(base, names)
 
         async def script(client):
             await load.one(client, "small" if random.random() < share_small else "big", 64, False)
-        rates[share_small] = await load.run(clients, duration, script)
-        return load
+        return load, await load.run(clients, duration, script)
 
     async def chat(with_title: bool) -> tuple[Load, float]:
         load = Load(base, names)
@@ -152,19 +154,61 @@ async def mixes(base: str, names: dict[str, str], duration: float, clients: int)
                 await load.one(client, "small", 10, False)
         return load, await load.run(4, duration, script)
 
-    single = await mixed(0.0)
-    lines.append(f"mix=single ratio=1.000 p99_s={p99(single.latency['big']):.3f} errors={single.errors} "
-                 f"wrong_model={single.wrong} tok_s={rates[0.0]:.0f}")
+    def figures(load: Load, rate: float, rare: str) -> dict:
+        return {"tok_s": rate, "p99_s": p99(load.latency[rare]), "p99_big_s": p99(load.latency["big"]),
+                "errors": load.errors, "wrong": load.wrong}
+    single, rate = await mixed(0.0)
+    out["single"] = figures(single, rate, "big")
     for label, share in (("50/50", 0.5), ("90/10", 0.1)):
-        load = await mixed(share)
-        lines.append(f"mix={label} ratio={rates[share] / rates[0.0]:.3f} p99_s={p99(load.latency['small']):.3f} "
-                     f"errors={load.errors} wrong_model={load.wrong} tok_s={rates[share]:.0f} "
-                     f"p99_big_s={p99(load.latency['big']):.3f}")
-    chat4, chat4_rate = await chat(False)
-    both, both_rate = await chat(True)
-    lines.append(f"mix=chat+title ratio={both_rate / chat4_rate:.3f} p99_s={p99(both.latency['small']):.3f} "
-                 f"errors={both.errors + chat4.errors} wrong_model={both.wrong + chat4.wrong} "
-                 f"tok_s={both_rate:.0f} chat4_tok_s={chat4_rate:.0f}")
+        out[label] = figures(*await mixed(share), "small")
+    out["chat4"] = figures(*await chat(False), "big")
+    out["chat+title"] = figures(*await chat(True), "small")
+    return out
+
+
+async def warm_up(base: str, names: dict[str, str], seconds: float, clients: int) -> None:
+    """Both models answer and the big one serves the full load for a while before anything counts
+    (the first batches of a fresh server compile and allocate: the single-model reference ran cold)."""
+    load = Load(base, names)
+
+    async def script(client):
+        await load.one(client, "small" if random.random() < 0.1 else "big", 64, False)
+    await load.run(clients, seconds, script)
+
+
+async def mixes(base: str, names: dict[str, str], duration: float, clients: int, repeat: int = 1,
+                warmup_s: float = 0.0) -> list[str]:
+    """A line per mix: the median of `repeat` passes (each pass runs every mix once, so that a slow
+    phase of the machine touches all mixes alike); ratios are of each pass's own reference."""
+    if warmup_s > 0:
+        await warm_up(base, names, warmup_s, clients)
+    passes = [await one_pass(base, names, duration, clients) for _ in range(repeat)]
+
+    def med(mix: str, key: str) -> float:
+        return statistics.median(p[mix][key] for p in passes)
+
+    def ratios(mix: str, ref: str) -> list[float]:
+        return [p[mix]["tok_s"] / p[ref]["tok_s"] if p[ref]["tok_s"] else float("nan") for p in passes]
+
+    def errors(*mixes_: str) -> tuple[int, int]:
+        return (sum(p[m]["errors"] for p in passes for m in mixes_), sum(p[m]["wrong"] for p in passes for m in mixes_))
+
+    note = f" (median of {repeat})" if repeat > 1 else ""
+    e, w = errors("single")
+    lines = [f"mix=single ratio=1.000 p99_s={med('single', 'p99_s'):.3f} errors={e} wrong_model={w} "
+             f"tok_s={med('single', 'tok_s'):.0f}{note}"]
+    for label in ("50/50", "90/10"):
+        r = ratios(label, "single")
+        e, w = errors(label)
+        lines.append(f"mix={label} ratio={statistics.median(r):.3f} p99_s={med(label, 'p99_s'):.3f} errors={e} "
+                     f"wrong_model={w} tok_s={med(label, 'tok_s'):.0f} p99_big_s={med(label, 'p99_big_s'):.3f}"
+                     + (f" (median of {repeat}: ratios {' '.join(f'{x:.3f}' for x in r)})" if repeat > 1 else ""))
+    r = ratios("chat+title", "chat4")
+    e, w = errors("chat4", "chat+title")
+    lines.append(f"mix=chat+title ratio={statistics.median(r):.3f} p99_s={med('chat+title', 'p99_s'):.3f} "
+                 f"errors={e} wrong_model={w} tok_s={med('chat+title', 'tok_s'):.0f} "
+                 f"chat4_tok_s={med('chat4', 'tok_s'):.0f}"
+                 + (f" (median of {repeat}: ratios {' '.join(f'{x:.3f}' for x in r)})" if repeat > 1 else ""))
     return lines
 
 
@@ -264,6 +308,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=3, help="passes over every mix; each line is their median")
+    ap.add_argument("--warmup", type=float, default=10.0, help="seconds of load before anything counts")
     ap.add_argument("--budget", help='config.toml gpu_budget for the daemon, e.g. "12GiB"')
     ap.add_argument("--big-extra", default="gpu_memory_utilization = 0.125", help="engine lines for the big model")
     ap.add_argument("--small-extra", default="gpu_memory_utilization = 0.125")
@@ -287,7 +333,8 @@ def main() -> None:
     (home / "config" / "config.toml").write_text(config)
     port = 8200 + random.randint(0, 500)
     env = {**os.environ, "MM_HOME": str(home), "MM_PROXY_PORT": str(port),
-           "MM_RUNTIME_DIR": tempfile.mkdtemp(prefix="mm-", dir="/tmp")}
+           "MM_RUNTIME_DIR": tempfile.mkdtemp(prefix="mm-", dir="/tmp"),
+           **({"HF_HUB_OFFLINE": "1"} if args.fake else {})}  # (fake/NAME is on no hub: `up --force` skips the look)
     base = f"http://127.0.0.1:{port}"
     out = [f"# benchmarks/mixed_load.py {args.label}".rstrip(), f"# {time.strftime('%Y-%m-%d %H:%M')}",
            f"# config.toml: {config.strip().replace(chr(10), ', ') or '(mm defaults)'}"]
@@ -296,7 +343,8 @@ def main() -> None:
         mm(env, "up", names["small"], "--force")
         mm(env, "up", names["big"], "--force")
         out.append(f"# started both in {time.perf_counter() - t0:.0f} s")
-        out += asyncio.run(mixes(base, names, args.duration, args.clients))
+        out.append(f"# {args.warmup:.0f} s of warm-up load, then {args.repeat} passes of {args.duration:.0f} s per mix")
+        out += asyncio.run(mixes(base, names, args.duration, args.clients, args.repeat, args.warmup))
         if args.switch:
             out.append(switch_times(env, base, names, args.rounds))
             out.append(pause_check(base, names))

@@ -7,7 +7,8 @@ restart, as mm did it.
    then put to sleep and checkpointed off the card (`mm sleep NAME --checkpoint`, each member of a
    stack), so that all six are sleepers together. A line per profile:
        profile=NAME asleep_gpu_gib=X asleep_ram_gib=Y
-   (mm status's figures: NVML for the GPU, the process tree's RSS for RAM; a stack sums its members).
+   (mm status's figures: NVML for the GPU, the process tree's PSS for RAM, each shared page divided
+   among the processes that map it; a stack sums its members).
 2. A round visiting them in a shuffled order (seeded; no profile twice in a row) --rounds times,
    through mm's proxy as a client would. A line per switch:
        switch from=A to=B kind=restore|wake|restart first_token_s=S greedy_same=True|False
@@ -93,8 +94,10 @@ def switch_kind(members: list[str], before: dict[str, dict], after: dict[str, di
 def profile_line(name: str, members: list[str], servers: dict[str, dict]) -> str:
     def total(key: str) -> str:
         values = [((servers.get(m) or {}).get("memory") or {}).get(key) for m in members]
+        if key == "ram_mib" and None in values:  # (a status without PSS figures)
+            values = [((servers.get(m) or {}).get("memory") or {}).get("rss_mib") for m in members]
         return "n/a" if any(v is None for v in values) else f"{sum(values) / 1024:.2f}"
-    return f"profile={name} asleep_gpu_gib={total('gpu_mib')} asleep_ram_gib={total('rss_mib')}"
+    return f"profile={name} asleep_gpu_gib={total('gpu_mib')} asleep_ram_gib={total('ram_mib')}"
 
 
 @dataclass
@@ -210,7 +213,32 @@ def start_all(run: Run, profiles: list[str], served: dict, fake: bool, client: h
         run.line(profile_line(name, members(name), found))
     run.line("# sleepers: " + ", ".join(f"{n}={s['state']}" for n, s in sorted(found.items()))
              + f"; card {run.status().get('card', {}).get('free', 0) / 2**30:.2f} GiB free")
+    run.line(ram_line(run, "with every profile asleep"))
     return first
+
+
+def ram_line(run: Run, when: str) -> str:
+    """The machine's RAM, mm's RAM budget for sleepers and what the sleepers hold (PSS, and RSS for
+    comparison with earlier runs), so that a stop for RAM can be read against its figures."""
+    import psutil
+
+    status, vm = run.status(), psutil.virtual_memory()
+    asleep = [s for s in status.get("servers", []) if s.get("state") in ("asleep", "checkpointed")]
+
+    def gib(key: str) -> str:
+        return f"{sum((s.get('memory') or {}).get(key) or 0 for s in asleep) / 1024:.1f}"
+    budget = status.get("ram_budget")
+    return (f"# ram {when}: total {vm.total / 2**30:.1f} GiB, available {vm.available / 2**30:.1f}; mm's budget "
+            f"for sleepers {'none' if budget is None else f'{budget / 2**30:.1f}'}; {len(asleep)} sleepers hold "
+            f"{gib('ram_mib')} GiB (PSS; RSS {gib('rss_mib')})")
+
+
+def stops_for_ram(home: str) -> list[str]:
+    """The daemon's lines for sleepers it stopped or checkpointed on its own, and failed checkpoints."""
+    log = Path(home) / "state" / "logs" / "daemon.log"
+    words = ("to free", "checkpoint failed", "restore failed", "starts again")
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    return [f"# daemon: {line[:300]}" for line in lines if any(w in line for w in words)]
 
 
 def the_round(run: Run, order: list[str], last: str, first: dict[str, list[str]], served: dict, fake: bool,
@@ -308,6 +336,9 @@ def main() -> None:
             order = rotation(profiles, args.rounds, args.seed, after=profiles[-1])
             the_round(run, order, profiles[-1], first, served_names(), args.dry, client, args.explicit_checkpoint,
                       args.max_restarts)
+            run.line(ram_line(run, "after the round"))
+            for line in stops_for_ram(env["MM_HOME"]):
+                run.line(line)
     finally:
         run.mm("daemon", "stop")
 

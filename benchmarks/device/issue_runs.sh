@@ -22,7 +22,7 @@
 #           unpack), then the same with switch_pause_in_flight = false (mixed_load_nopause.txt)
 # What comes back is named by what ran, not where: a run of record goes to benchmark_results/ named
 # by the card its header names (an nvidia-h100 call may come as an H200).
-# Usage: bash benchmarks/device/issue_runs.sh first|second|card12|poll|mixed
+# Usage: bash benchmarks/device/issue_runs.sh first|second|card12|poll|mixed|mixed1
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-/tmp/mm-out}"; mkdir -p "$out"
@@ -72,6 +72,13 @@ mixed() {  # issue 11 alone: the one-at-a-time mixed traffic, the switch and the
   one_at_a_time "$out/mixed_load.txt" > "$out/mixed1.log" 2>&1
   one_at_a_time "$out/mixed_load_nopause.txt" --no-pause > "$out/mixed3.log" 2>&1
   tail -n 8 "$out/mixed1.log" "$out/mixed3.log"; cat "$out/mixed_load.txt" "$out/mixed_load_nopause.txt"
+}
+
+mixed1() {  # issue 20's re-run of issue 11: the one-at-a-time mixed traffic after a warm-up, each mix the median
+  # of three passes (mixed_load.py's defaults), with the switch and the pause; one call
+  export MIXED_S="${MIXED_S:-10}" MIXED_TIMEOUT="${MIXED_TIMEOUT:-540}"
+  one_at_a_time "$out/mixed_load.txt" > "$out/mixed1.log" 2>&1
+  tail -n 8 "$out/mixed1.log"; cat "$out/mixed_load.txt"
 }
 
 second() {

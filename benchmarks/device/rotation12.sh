@@ -10,7 +10,8 @@
 #   poll:   waits up to 9 minutes for the run, brings back what it wrote so far (the result file, its
 #           log, the daemon's and servers' logs); call it back to back until the run has ended.
 #   mixed:  then issue 11's one-at-a-time mixed load again on the whole card (ballast gone), to see
-#           that the restore step does not cost it (issue_runs.sh mixed).
+#           that the restore step does not cost it: a warm-up, each mix the median of three passes
+#           (issue_runs.sh mixed1; mixed_load_<device>.txt).
 # ROTATION12_ARGS passes flags (e.g. --explicit-checkpoint where the scheduler does not checkpoint yet).
 # Usage: bash benchmarks/device/rotation12.sh start|poll|mixed
 set -uo pipefail
@@ -53,7 +54,10 @@ print(rotation12.device_tag(str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHan
 mixed() {
   running && { echo "rotation12.py still runs: poll first"; return 1; }
   kill "$(grep -o "ballast pid [0-9]*" /tmp/ballast.log | grep -o "[0-9]*$")" 2>/dev/null; sleep 5
-  bash benchmarks/device/issue_runs.sh mixed
+  bash benchmarks/device/issue_runs.sh mixed1
+  tag=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import rotation12, pynvml; pynvml.nvmlInit(); \
+print(rotation12.device_tag(str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))))" 2>/dev/null || echo h100)
+  mv "$out/mixed_load.txt" "$out/mixed_load_${tag}.txt"
 }
 
 for step in "$@"; do echo "== $step"; $step; done

@@ -250,7 +250,8 @@ def state_cell(s: dict) -> str:
 
 def memory_cells(mem: dict) -> tuple[str, str]:
     gpu = f"{mem['gpu_mib'] / 1024:.1f} GiB" if mem.get("gpu_mib") is not None else (mem.get("gpu") or "-")
-    ram = f"{mem['rss_mib'] / 1024:.1f} GiB" if mem.get("rss_mib") is not None else "-"
+    ram_mib = mem["ram_mib"] if mem.get("ram_mib") is not None else mem.get("rss_mib")
+    ram = f"{ram_mib / 1024:.1f} GiB" if ram_mib is not None else "-"
     return gpu, ram
 
 

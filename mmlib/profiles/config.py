@@ -19,8 +19,8 @@ KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "upstream_timeout": ((int, float), "seconds a model may stay silent mid-request, e.g. 600"),
     "max_body_mib": ((int, float), "MiB, the largest request body the endpoint takes, e.g. 100"),
     "gpu_budget": ((str, int), 'a size such as "12GiB": the GPU memory mm may use (default: the whole card)'),
-    "ram_budget": ((str, int), 'a size such as "24GiB": the RAM sleeping models may hold (default: 60% of '
-                   "the machine's RAM less what other programs hold)"),
+    "ram_budget": ((str, int), 'a size such as "24GiB": the RAM mm\'s servers may hold, awake and asleep '
+                   "(default: 80% of the machine's RAM less what other programs hold)"),
     "switch_max_wait": ((int, float), "seconds a request waits for its model while another serves, e.g. 1"),
     "switch_pause_in_flight": (bool, "true (a switch pauses an answer still running after switch_pause_after; "
                                "it goes on when its model is back) or false (a switch waits for it to finish)"),
@@ -44,8 +44,8 @@ class Config:
     # GPU memory mm may use, bytes: a desktop's share of the card, or an emulated smaller card.
     # None: the whole card, as NVML reports it.
     gpu_budget: int | None = None
-    # RAM the sleepers may hold (weights a sleep moved off the card, checkpoints), bytes; None: derived
-    # (the scheduler's derived_ram_budget).
+    # RAM mm's servers may hold together, awake and asleep (sleepers: the weights a sleep moved off the
+    # card, checkpoints), bytes; None: derived (the scheduler's derived_ram_budget).
     ram_budget: int | None = None
     switch_max_wait: float = 1.0
     switch_pause_in_flight: bool = True

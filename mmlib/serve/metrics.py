@@ -153,7 +153,8 @@ def server_families(servers: list[dict[str, Any]], waiting: dict[str, int]) -> I
     state = StateSetMetricFamily("mm_server_state", "Each server's state", labels=["model"])
     gpu = GaugeMetricFamily("mm_server_gpu_memory_bytes", "GPU memory a server's processes hold "
                             "(absent without a GPU or where NVML cannot tell)", labels=["model"])
-    ram = GaugeMetricFamily("mm_server_ram_bytes", "RAM (RSS) of a server's process tree", labels=["model"])
+    ram = GaugeMetricFamily("mm_server_ram_bytes", "RAM of a server's process tree (its PSS share: "
+                            "libraries shared between processes counted once)", labels=["model"])
     in_flight = GaugeMetricFamily("mm_requests_in_flight", "Requests being answered by a server",
                                   labels=["model"])
     queued = GaugeMetricFamily("mm_requests_waiting", "Requests waiting for their server to be ready",
@@ -163,8 +164,9 @@ def server_families(servers: list[dict[str, Any]], waiting: dict[str, int]) -> I
         state.add_metric([name], {st.value: st.value == s["state"] for st in State})
         if memory.get("gpu_mib") is not None:
             gpu.add_metric([name], memory["gpu_mib"] * (1 << 20))
-        if memory.get("rss_mib") is not None:
-            ram.add_metric([name], memory["rss_mib"] * (1 << 20))
+        ram_mib = memory["ram_mib"] if memory.get("ram_mib") is not None else memory.get("rss_mib")
+        if ram_mib is not None:
+            ram.add_metric([name], ram_mib * (1 << 20))
         in_flight.add_metric([name], s.get("in_flight", 0))
     for name, n in sorted(waiting.items()):
         queued.add_metric([name], n)

@@ -24,9 +24,11 @@ keeps its residue while everything fits), then waits until the card shows the me
 checkpointed server holds no GPU memory; its wake restores it, and a failed restore is a cold start.
 Without a GPU, declared shares (share_gpu) decide as before.
 
-Sleepers hold RAM (the weights a sleep moved off the card, checkpoints): their total stays under the
-RAM budget (config.toml ram_budget, else derived_ram_budget), and while the machine's free RAM is
-under ram_floor the least recently used sleepers are stopped, so it never swaps.
+Sleepers hold RAM (the weights a sleep moved off the card, checkpoints): what mm's servers hold
+together, awake and asleep, stays under the RAM budget (config.toml ram_budget, else
+derived_ram_budget), the least recently used sleepers stopped to keep it so; and while the machine's
+free RAM is under ram_floor sleepers are stopped too, so it never swaps. An awake server's RAM counts
+(perf's pinned KV offload is RAM whether it is awake or asleep), but only sleepers give way.
 
 Under mixed traffic a switch is not made for every request of the other model: the awake model keeps
 serving until the other model's oldest waiter has waited policy.max_wait_s, or the awake model has
@@ -66,9 +68,11 @@ log = logging.getLogger("mm.scheduler")
 GPU_SHARE_LIMIT = 1.0
 SETTLE_POLL_S = 0.1  # the card is asked (NVML) this often while freed memory settles
 MEASURE_DELAY_S = 0.05
-# Without a ram_budget in config.toml, sleepers may hold this share of the machine's RAM, less what
-# other programs hold; and whatever the budget, sleepers stop while free RAM is under the floor.
-RAM_SHARE = 0.6
+# Without a ram_budget in config.toml, mm's servers (awake and asleep) may hold this share of the
+# machine's RAM, less what other programs hold; and whatever the budget, sleepers stop while free RAM
+# is under the floor. (0.6 for the sleepers alone was too little on the H200 rotation12 run: perf's
+# offload = "fit" pins half of the spare RAM, and the awake server's share went uncounted.)
+RAM_SHARE = 0.8
 SLEEPING = frozenset({State.ASLEEP, State.CHECKPOINTED})  # sleepers: on the card, or off it in RAM
 
 
@@ -157,7 +161,7 @@ class Scheduler:
         self.memory = memory or NoCard()
         self.policy = policy
         self.clock = clock or Clock()  # now() and sleep(): tests advance a fake one
-        self.ram_budget = ram_budget  # bytes the sleepers may hold in RAM; None: derived_ram_budget
+        self.ram_budget = ram_budget  # bytes mm's servers may hold in RAM; None: derived_ram_budget
         self.host_ram = host_ram  # () -> (total, available) bytes of the machine's RAM; None: unknown
         self.footprints: dict[tuple[str, str | None], Footprint] = {}  # (profile, model) -> measured
         self.switch_times: deque[float] = deque(maxlen=1000)
@@ -603,7 +607,14 @@ class Scheduler:
         self.switch_times.append(self.clock.now())
         self.active = [t.name for t in targets]
         self.on_switch(awake_before, self.active, took)  # metrics (issue 14)
+        self._later(self._ram_after_switch())
         return targets
+
+    async def _ram_after_switch(self) -> None:
+        """Once the switch's waiters run: what the targets hold awake (a start pins perf's KV offload)
+        counts against the RAM budget now, not at the next background check."""
+        await self.clock.sleep(MEASURE_DELAY_S)
+        await self.keep_ram()
 
     async def _bring_up(self, server: Any, targets: list[Any]) -> None:
         """Wake (restoring a checkpointed one) or start one target; a start that fails spends its
@@ -682,7 +693,7 @@ class Scheduler:
         return (measure() if measure else None) or 0
 
     def ram_budget_now(self) -> int | None:
-        """Bytes the sleepers may hold in RAM now: config.toml's ram_budget, else derived."""
+        """Bytes mm's servers may hold in RAM together now: config.toml's ram_budget, else derived."""
         if self.ram_budget is not None:
             return self.ram_budget
         ram = self.host_ram() if self.host_ram else None
@@ -692,13 +703,13 @@ class Scheduler:
         return derived_ram_budget(ram[0], ram[1], mine)
 
     def _ram_deficit(self, extra: int = 0) -> tuple[int, str]:
-        """Bytes of the sleepers' RAM to free (0: none), and why: the sleepers (plus `extra` bytes
-        more) over the budget, or free RAM (less `extra`) under the floor."""
+        """Bytes of the sleepers' RAM to free (0: none), and why: mm's servers, awake and asleep
+        (plus `extra` bytes more), over the budget, or free RAM (less `extra`) under the floor."""
         need, why = 0, ""
         budget = self.ram_budget_now()
         if budget is not None:
-            held = sum(self._host_bytes(s) for s in self._sleepers()) + extra
-            need, why = held - budget, f"the sleepers' {held / GIB:.1f} GiB of RAM over its budget {budget / GIB:.1f}"
+            held = sum(self._host_bytes(s) for s in self.servers.values() if s.state in LIVE) + extra
+            need, why = held - budget, f"mm's servers hold {held / GIB:.1f} GiB of RAM, over its budget {budget / GIB:.1f}"
         ram = self.host_ram() if self.host_ram else None
         if ram is not None and ram_floor(ram[0]) - (ram[1] - extra) > need:
             need = ram_floor(ram[0]) - (ram[1] - extra)

@@ -53,6 +53,7 @@ OLD_LOGS, OLD_LOGS_BYTES = 3, 64 * 2**20  # per server: its last runs' logs, tog
 CONTROL_TIMEOUT_S = 300.0  # a first sleep of a 7B model took 9 s; a level-2 weight reload reads the disk
 # A checkpoint of a 1.4 GiB residue took 0.95 s and its restore 0.66 s (H100): a minute means stuck.
 CHECKPOINT_TIMEOUT_S = 60.0
+HOST_BYTES_TTL_S = 2.0  # host_bytes(): how long one reading of a server's RAM stands while its state is unchanged
 log = logging.getLogger("mm.server")
 
 
@@ -108,6 +109,7 @@ class ManagedServer:
     _gpu_pids: list[int] = field(default_factory=list)  # checkpointed: they leave NVML's list, so kept here
     _proc: Any = None
     _family: list[psutil.Process] = field(default_factory=list)
+    _host_bytes_seen: tuple[Any, int | None, float, int | None] = (None, None, 0.0, None)
     _watch: asyncio.Task | None = None
     _starting: asyncio.Task | None = None
     _http: httpx.AsyncClient | None = None
@@ -157,8 +159,18 @@ class ManagedServer:
         return self.can_sleep and checkpoint_blocker(self.profile) is None and self.checkpoint_driver() is not None
 
     def host_bytes(self) -> int | None:
-        """RAM its process tree holds now (a checkpointed engine's GPU state included); None when gone."""
-        return proctree.rss_bytes(self._family or self._process_family()) if self.pid else None
+        """RAM its process tree holds now, as its PSS share (a checkpointed engine's GPU state
+        included); None when gone. Read again at most every HOST_BYTES_TTL_S while its state stays
+        the same: the scheduler asks for every sleeper at each switch, and reading smaps takes a
+        vLLM process some milliseconds."""
+        if not self.pid:
+            return None
+        now, (state, pid, at, value) = time.monotonic(), self._host_bytes_seen
+        if state == self.state and pid == self.pid and now - at < HOST_BYTES_TTL_S:
+            return value
+        value = proctree.pss_bytes(self._family or self._process_family())
+        self._host_bytes_seen = (self.state, self.pid, now, value)
+        return value
 
     def memory(self) -> dict[str, Any]:
         """What it holds now, GPU and RAM, as `mm status` shows it. A checkpointed engine has left

@@ -1,5 +1,5 @@
 """The one process-tree wrapper (psutil): a server's family (its root and every descendant, vLLM's
-engine processes included), whether they died, what RAM they hold, and stopping a process group
+engine processes included), whether they died, what RAM they hold (RSS, or their PSS share), and stopping a process group
 politely, then firmly."""
 from __future__ import annotations
 
@@ -38,6 +38,23 @@ def rss_bytes(procs: list[psutil.Process]) -> int | None:
     for p in procs:
         try:
             total += p.memory_info().rss
+            seen = True
+        except psutil.Error:
+            continue
+    return total if seen else None
+
+
+def pss_bytes(procs: list[psutil.Process]) -> int | None:
+    """Their share of RAM (PSS: each shared page divided among the processes that map it), so that
+    the CUDA and torch libraries every vLLM process maps count once across servers, not once per
+    process as RSS counts them. A process whose smaps cannot be read counts its RSS."""
+    total, seen = 0, False
+    for p in procs:
+        try:
+            try:
+                total += p.memory_full_info().pss
+            except psutil.AccessDenied:
+                total += p.memory_info().rss
             seen = True
         except psutil.Error:
             continue

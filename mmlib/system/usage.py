@@ -14,19 +14,22 @@ NO_GPU = "no GPU"
 
 
 def tree_memory(pid: int | None, nv: Nvml | None = None) -> dict[str, Any]:
-    """{"gpu_mib": MiB | None, "rss_mib": MiB | None, "gpu": note | None} for pid's whole tree.
+    """{"gpu_mib": MiB | None, "rss_mib": MiB | None, "ram_mib": MiB | None, "gpu": note | None} for
+    pid's whole tree. ram_mib is its share of RAM (PSS; what `mm status` shows), rss_mib the sum of
+    its processes' RSS (which counts the libraries they share once per process).
 
     gpu_mib is None without a GPU ("gpu": "no GPU") or where NVML cannot attribute memory to the
     tree's processes ("gpu": "not visible")."""
     if not pid:
-        return {"gpu_mib": None, "rss_mib": None, "gpu": None}
+        return {"gpu_mib": None, "rss_mib": None, "ram_mib": None, "gpu": None}
     procs = proctree.family(pid)
     nv = nv or session()
     gpu = nv.processes_bytes({p.pid for p in procs}) if nv.available and procs else None
     note = NO_GPU if not nv.available else (gpu if isinstance(gpu, str) else None)
-    rss = proctree.rss_bytes(procs)
+    rss, pss = proctree.rss_bytes(procs), proctree.pss_bytes(procs)
     return {"gpu_mib": None if gpu is None or isinstance(gpu, str) else round(gpu / MIB, 1),
-            "rss_mib": None if rss is None else round(rss / MIB, 1), "gpu": note}
+            "rss_mib": None if rss is None else round(rss / MIB, 1),
+            "ram_mib": None if pss is None else round(pss / MIB, 1), "gpu": note}
 
 
 def host_ram() -> tuple[int, int]:

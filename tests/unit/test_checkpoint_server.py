@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 import threading
+import time
 from types import MappingProxyType
 
 import psutil
@@ -19,6 +21,7 @@ from mmlib.profiles.profile import Profile, SleepSettings, validate
 from mmlib.profiles.vllm_cmd import VllmInstall, checkpoint_blocker
 from mmlib.serve.states import State
 from mmlib.serve.supervisor import ManagedServer
+from mmlib.system import proctree
 from mmlib.system.cuda_checkpoint import ProcessState, Support
 from mmlib.system.nvml import GIB, GpuInfo, GpuReport
 
@@ -165,12 +168,33 @@ def test_status_survives_a_server_added_while_it_reads_memory(mm_env):
     assert [s["profile"] for s in status["servers"]] == ["first"]
 
 
-def test_host_bytes_is_the_rss_of_the_process_tree(mm_env):
+def test_host_bytes_is_the_pss_share_of_the_process_tree(mm_env):
     server = ManagedServer(profile())
     assert server.host_bytes() is None
     server.pid = psutil.Process().pid
-    rss = psutil.Process().memory_info().rss
-    assert server.host_bytes() > 0.8 * rss  # this process's tree (its RSS moves between two readings)
+    pss = psutil.Process().memory_full_info().pss
+    assert server.host_bytes() > 0.8 * pss  # this process's tree (its PSS moves between two readings)
+
+
+def test_pss_counts_pages_a_tree_shares_once_where_rss_counts_them_per_process():
+    """A vLLM server is two or more processes mapping the same CUDA and torch libraries: RSS counted
+    them in each (the H200 rotation12 run: 16.9 GiB for the voice stack's sleepers)."""
+    forked = subprocess.Popen([sys.executable, "-c", "import os, time, json; b = bytearray(64 << 20); "
+                               "b[::4096] = b'x' * len(b[::4096]); os.fork(); time.sleep(30)"])
+    try:
+        procs = []
+        for _ in range(100):
+            procs = proctree.family(forked.pid)
+            if len(procs) == 2 and all(p.memory_info().rss > 64 << 20 for p in procs):
+                break
+            time.sleep(0.05)
+        assert len(procs) == 2
+        rss, pss = proctree.rss_bytes(procs), proctree.pss_bytes(procs)
+        assert rss > 128 << 20 and pss < 0.7 * rss  # the 64 MiB written before the fork count once
+    finally:
+        for p in proctree.family(forked.pid)[::-1]:
+            p.kill()
+        forked.wait()
 
 
 def test_a_restore_that_hangs_kills_the_server_and_the_wake_says_it_starts_cold(mm_env, monkeypatch):

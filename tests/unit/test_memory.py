@@ -89,8 +89,10 @@ def test_tree_memory_reads_this_process_tree():
     assert out["gpu_mib"] is None and out["gpu"] == NO_GPU
     assert out["rss_mib"] > 1
     with_gpu = tree_memory(os.getpid(), nv=FakeProbe(server=1234.5))
-    assert with_gpu == {"gpu_mib": 1234.5, "rss_mib": pytest.approx(out["rss_mib"], rel=0.5), "gpu": None}
-    assert tree_memory(None)["rss_mib"] is None
+    assert with_gpu == {"gpu_mib": 1234.5, "rss_mib": pytest.approx(out["rss_mib"], rel=0.5),
+                        "ram_mib": pytest.approx(out["ram_mib"], rel=0.5), "gpu": None}
+    assert 0 < out["ram_mib"] <= out["rss_mib"] * 1.1  # this process's PSS share
+    assert tree_memory(None)["rss_mib"] is None and tree_memory(None)["ram_mib"] is None
 
 
 def test_tree_memory_is_cheap():

@@ -848,8 +848,21 @@ def test_ram_freed_late_stops_only_as_many_sleepers_as_the_deficit():
 def test_the_default_ram_budget_is_a_share_of_the_machine_less_other_programs():
     from mmlib.serve.scheduler import derived_ram_budget
 
-    assert derived_ram_budget(32 * GIB, 20 * GIB, 4 * GIB) == int(0.6 * 32 * GIB) - 8 * GIB
+    assert derived_ram_budget(32 * GIB, 20 * GIB, 4 * GIB) == int(0.8 * 32 * GIB) - 8 * GIB
     assert derived_ram_budget(32 * GIB, 2 * GIB, 0) == 0  # others hold more than the share: no sleepers
+
+
+def test_the_awake_servers_ram_counts_against_the_budget_but_only_sleepers_give_way():
+    """perf's offload = "fit" pins half of the spare RAM, awake or asleep: the budget is for all of mm."""
+    async def go():
+        w, card = checkpoint_world(FOUR, ram_budget_gib=14)  # three sleepers' 4 GiB fit beside nothing
+        w.server("big").ram[State.AWAKE] = 6 * GIB
+        await visit(w, "a", "b", "c", "big")  # 6 awake + 3 x 4 asleep > 14: a goes, once big is up
+        await w.clock.advance(1)
+        assert [e for e in w.log if e.startswith("stop")] == ["stop a"]
+        assert (w.server("b").state, w.server("c").state, w.server("big").state) == \
+            (State.ASLEEP, State.ASLEEP, State.AWAKE)
+    run(go())
 
 
 def test_a_failed_restore_is_a_cold_start_and_the_request_is_served(caplog):

@@ -253,7 +253,7 @@ function renderServers() {
   const c = card();
   const gpuOf = (s) => s.memory && s.memory.gpu_mib;
   const peakGpu = c && c.total_mib ? c.total_mib : Math.max(1, ...list.map((s) => Math.max(gpuOf(s) || 0, fp[s.profile]?.awake?.gpu_mib || 0)));
-  const peakRam = Math.max(1, ...list.map((s) => Math.max(s.memory?.rss_mib || 0, fp[s.profile]?.awake?.rss_mib || 0, fp[s.profile]?.asleep?.rss_mib || 0)));
+  const peakRam = Math.max(1, ...list.map((s) => Math.max(s.memory?.ram_mib || s.memory?.rss_mib || 0, fp[s.profile]?.awake?.rss_mib || 0, fp[s.profile]?.asleep?.rss_mib || 0)));
   const html = list.map((s) => serverCard(s, fp[s.profile] || {}, peakGpu, peakRam)).join("");
   if ($("#servers").dataset.html !== html) {
     $("#servers").innerHTML = html || `<div class="muted">No server has run yet: wake a profile below, or send a request to the proxy.</div>`;
@@ -273,7 +273,7 @@ function serverCard(s, fp, peakGpu, peakRam) {
   const other = ["asleep", "checkpointed"].includes(s.state) ? "awake" : "asleep";
   const m = s.memory || {};
   const gpu = memRow("GPU", m.gpu_mib, fp[other]?.gpu_mib, peakGpu, s.state, other);
-  const ram = memRow("RAM", m.rss_mib, fp[other]?.rss_mib, peakRam, s.state, other);
+  const ram = memRow("RAM", m.ram_mib ?? m.rss_mib, fp[other]?.rss_mib, peakRam, s.state, other);
   const h = lastHour(s.profile);
   const waiting = (S.status.waiting || {})[s.profile] || 0;
   // The names clients use, where they are not just the profile's own name.
