@@ -453,11 +453,12 @@ def _ram_findings(p: Profile, fp: fitmod.Prediction, facts: Facts) -> list[Findi
         return []
     offload = fp.sizes.offload_bytes or fitmod.engine_offload_bytes(p)
     key = "memory.offload" if p.memory and (p.memory.offload or p.memory.offload_fit) else "engine.kv_offloading_size"
-    parts = (f"{fitmod.gib(offload)} of KV offload + " if offload else "") + \
-        f"{fitmod.gib(fp.host_ram_bytes - offload - fitmod.HOST_BASE)} of weights kept asleep + " \
+    cost = fitmod.offload_ram(offload)
+    parts = (f"{fitmod.gib(cost)} for {fitmod.gib(offload)} of KV offload + " if offload else "") + \
+        f"{fitmod.gib(fp.host_ram_bytes - cost - fitmod.HOST_BASE)} of weights kept asleep + " \
         f"{fitmod.gib(fitmod.HOST_BASE)} for its processes"
     if fp.host_ram_bytes > total:
-        fits = max(0, total - fitmod.RAM_RESERVE - (fp.host_ram_bytes - offload)) // fitmod.GIB
+        fits = int(max(0, total - fitmod.RAM_RESERVE - (fp.host_ram_bytes - cost)) / fitmod.OFFLOAD_RAM_COST) // fitmod.GIB
         fix = (f'set memory.offload = "fit" (or {fits} GiB)' if key == "memory.offload" or p.memory
                else f"set engine.kv_offloading_size = {fits}") if offload else "use sleep level 2 (drops the weights)"
         return [Finding(ERROR, p.source, key if offload else "sleep.level",

@@ -115,10 +115,14 @@ def default_batched_tokens(total: int) -> int:
 # libraries). Not measured cleanly (RSS sums count shared pages twice); a round figure.
 HOST_BASE = 3 * GIB
 RAM_RESERVE = 8 * GIB  # left to the desktop and mm when offload = "fit" sizes the KV offload
-# The most offload = "fit" pins: pinned RAM is the OS's no more until the server stops, and pinning
-# it takes each start 0.7 s a GiB (54 GiB: 38 s on the H100 machine, card12_h100_run1). 32 GiB holds
-# 1.2 million tokens of the 7B's fp8 KV cache, nine times what its GPU holds on a 12 GiB card.
-OFFLOAD_FIT_MAX = 32 * GIB
+# RAM a KV offload takes per byte of its size: vLLM 0.26's native offload of 32 GiB left perf holding
+# 69-71 GiB (PSS) asleep where baseline, the same model without it, held 15.0 (rotation12_h100.txt).
+OFFLOAD_RAM_COST = 1.75
+# The most offload = "fit" sizes: pinned RAM is the OS's no more until the server stops, pinning it
+# takes each start 0.7 s a GiB (card12_h100_run1), and a sleeping perf keeps it: with 32 GiB, perf
+# alone held 70 GiB and the six shipped profiles could not sleep together in 128 GiB (rotation12_h100).
+# 8 GiB holds 300,000 tokens of the 7B's fp8 KV cache, twice what its GPU holds on a 12 GiB card.
+OFFLOAD_FIT_MAX = 8 * GIB
 FIT_REQUESTS = 8  # context = "fit": the longest context at which this many full requests fit the KV cache
 DEFAULT_SEQUENCES = 16
 NO_SHAPES = "no model shapes on this machine"
@@ -397,9 +401,14 @@ def _kv_size(m: Any, context: int | None, sequences: int, extra: int, per_token:
     return _round_tokens(sequences * (context + extra)) * per_token
 
 
+def offload_ram(offload: int) -> int:
+    """RAM a KV offload of `offload` bytes takes (OFFLOAD_RAM_COST, measured)."""
+    return int(offload * OFFLOAD_RAM_COST)
+
+
 def _host_ram(profile: Profile, weights: int, offload: int) -> int:
     level1 = profile.sleep.enabled and profile.sleep.level == 1
-    return HOST_BASE + offload + (weights if level1 else 0)
+    return HOST_BASE + offload_ram(offload) + (weights if level1 else 0)
 
 
 def engine_offload_bytes(profile: Profile) -> int:
@@ -565,9 +574,9 @@ def _fall_back(sizes: Sizes, spec: ArgSpec | None, card: Card, weights: int, pro
 
 
 def _offload(profile: Profile, card: Card | None, weights: int, notes: list[str]) -> int:
-    """Bytes of RAM for offloaded KV blocks: memory.offload, or for "fit" half of what this machine
-    spares after the desktop, this server's processes and (level 1 sleep) its weights, at most
-    OFFLOAD_FIT_MAX."""
+    """Bytes of RAM for offloaded KV blocks: memory.offload, or for "fit" the size whose RAM
+    (OFFLOAD_RAM_COST) is half of what this machine spares after the desktop, this server's processes
+    and (level 1 sleep) its weights, at most OFFLOAD_FIT_MAX: the other half is where sleepers sit."""
     m = profile.memory
     if m is None or not (m.offload or m.offload_fit):
         return 0
@@ -577,7 +586,7 @@ def _offload(profile: Profile, card: Card | None, weights: int, notes: list[str]
     if not ram:
         notes.append('offload = "fit" needs the machine\'s RAM, which is unknown: no KV offload')
         return 0
-    spare = (ram - RAM_RESERVE - _host_ram(profile, weights, 0)) // 2
+    spare = int((ram - RAM_RESERVE - _host_ram(profile, weights, 0)) / 2 / OFFLOAD_RAM_COST)
     if spare < GIB:
         notes.append(f"offload = \"fit\": {gib(ram)} of RAM leaves nothing to offload KV blocks to")
         return 0

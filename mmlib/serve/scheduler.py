@@ -68,11 +68,16 @@ log = logging.getLogger("mm.scheduler")
 GPU_SHARE_LIMIT = 1.0
 SETTLE_POLL_S = 0.1  # the card is asked (NVML) this often while freed memory settles
 MEASURE_DELAY_S = 0.05
+RAM_AFTER_SWITCH_S = 1.0  # a switch's RAM is judged this long after it (its first tokens stream first)
 # Without a ram_budget in config.toml, mm's servers (awake and asleep) may hold this share of the
 # machine's RAM, less what other programs hold; and whatever the budget, sleepers stop while free RAM
 # is under the floor. (0.6 for the sleepers alone was too little on the H200 rotation12 run: perf's
 # offload = "fit" pins half of the spare RAM, and the awake server's share went uncounted.)
 RAM_SHARE = 0.8
+# A stopped server's RAM shows as available only a moment later (seconds for tens of GiB): meanwhile
+# it counts as freed, or the next judgment (the budget derived from what others seem to hold, the
+# floor) would stop more sleepers for memory already on its way back (the H100 rotation12 run).
+FREED_GRACE_S = 10.0
 SLEEPING = frozenset({State.ASLEEP, State.CHECKPOINTED})  # sleepers: on the card, or off it in RAM
 
 
@@ -162,6 +167,7 @@ class Scheduler:
         self.policy = policy
         self.clock = clock or Clock()  # now() and sleep(): tests advance a fake one
         self.ram_budget = ram_budget  # bytes mm's servers may hold in RAM; None: derived_ram_budget
+        self._freed: list[tuple[float, int]] = []  # (when, bytes of RAM) of servers stopped lately
         self.host_ram = host_ram  # () -> (total, available) bytes of the machine's RAM; None: unknown
         self.footprints: dict[tuple[str, str | None], Footprint] = {}  # (profile, model) -> measured
         self.switch_times: deque[float] = deque(maxlen=1000)
@@ -563,7 +569,10 @@ class Scheduler:
         held = None
         if fp and server.state in LIVE and server.state != State.CHECKPOINTED and server.pid:
             held = fp.asleep if server.state == State.ASLEEP else fp.awake
+        ram = self._host_bytes(server) if server.state in LIVE else 0
         await server.stop()
+        if ram:
+            self._freed.append((self.clock.now(), ram))
         if before is not None and held:
             await self._await_room(before + int(held * 0.9))
 
@@ -613,7 +622,7 @@ class Scheduler:
     async def _ram_after_switch(self) -> None:
         """Once the switch's waiters run: what the targets hold awake (a start pins perf's KV offload)
         counts against the RAM budget now, not at the next background check."""
-        await self.clock.sleep(MEASURE_DELAY_S)
+        await self.clock.sleep(RAM_AFTER_SWITCH_S)
         await self.keep_ram()
 
     async def _bring_up(self, server: Any, targets: list[Any]) -> None:
@@ -692,11 +701,31 @@ class Scheduler:
         measure = getattr(server, "host_bytes", None)
         return (measure() if measure else None) or 0
 
+    async def _read_ram(self) -> None:
+        """Fresh RAM readings of mm's servers, taken off the event loop: reading a vLLM process's
+        smaps takes milliseconds, and a switch's first tokens stream meanwhile (the H100 mixed load:
+        134 ms more per switch while they were read on the loop)."""
+        readers = [s.read_host_bytes for s in self.servers.values()
+                   if s.state in LIVE and hasattr(s, "read_host_bytes")]
+        if readers:
+            await asyncio.gather(*(asyncio.to_thread(read) for read in readers))
+
+    def _freeing(self) -> int:
+        """Bytes of RAM that servers stopped in the last FREED_GRACE_S held (not yet shown as free)."""
+        now = self.clock.now()
+        self._freed = [(t, n) for t, n in self._freed if now - t < FREED_GRACE_S]
+        return sum(n for _, n in self._freed)
+
+    def _machine_ram(self) -> tuple[int, int] | None:
+        """(total, available) bytes of RAM, available counting what stopped servers are still freeing."""
+        ram = self.host_ram() if self.host_ram else None
+        return None if ram is None else (ram[0], min(ram[0], ram[1] + self._freeing()))
+
     def ram_budget_now(self) -> int | None:
         """Bytes mm's servers may hold in RAM together now: config.toml's ram_budget, else derived."""
         if self.ram_budget is not None:
             return self.ram_budget
-        ram = self.host_ram() if self.host_ram else None
+        ram = self._machine_ram()
         if ram is None:
             return None
         mine = sum(self._host_bytes(s) for s in self.servers.values() if s.state in LIVE)
@@ -710,7 +739,7 @@ class Scheduler:
         if budget is not None:
             held = sum(self._host_bytes(s) for s in self.servers.values() if s.state in LIVE) + extra
             need, why = held - budget, f"mm's servers hold {held / GIB:.1f} GiB of RAM, over its budget {budget / GIB:.1f}"
-        ram = self.host_ram() if self.host_ram else None
+        ram = self._machine_ram()
         if ram is not None and ram_floor(ram[0]) - (ram[1] - extra) > need:
             need = ram_floor(ram[0]) - (ram[1] - extra)
             why = f"{(ram[1] - extra) / GIB:.1f} GiB of RAM free, under its floor {ram_floor(ram[0]) / GIB:.1f}"
@@ -723,6 +752,7 @@ class Scheduler:
         """Stop the least recently used sleepers until what they held covers the deficit, judged once
         before the first stop: a stopped process's RAM shows as free only a moment later, and judging
         again after each stop took every sleeper (the H200 rotation12 run: six stopped in 0.5 s)."""
+        await self._read_ram()
         need, why = self._ram_deficit(extra)
         victims = sorted(self._sleepers(exclude), key=lambda s: (s.in_flight > 0, s.last_used))
         for s in victims:
@@ -737,6 +767,7 @@ class Scheduler:
 
     async def keep_ram(self) -> None:
         """For the daemon's background duty: RAM may run short through other programs too."""
+        await self._read_ram()
         if self._ram_short():
             await self._in_loop(self._keep_ram)
 

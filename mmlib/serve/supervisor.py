@@ -165,11 +165,16 @@ class ManagedServer:
         vLLM process some milliseconds."""
         if not self.pid:
             return None
-        now, (state, pid, at, value) = time.monotonic(), self._host_bytes_seen
-        if state == self.state and pid == self.pid and now - at < HOST_BYTES_TTL_S:
+        state, pid, at, value = self._host_bytes_seen
+        if state == self.state and pid == self.pid and time.monotonic() - at < HOST_BYTES_TTL_S:
             return value
-        value = proctree.pss_bytes(self._family or self._process_family())
-        self._host_bytes_seen = (self.state, self.pid, now, value)
+        return self.read_host_bytes()
+
+    def read_host_bytes(self) -> int | None:
+        """host_bytes() read now (the scheduler calls it in a worker thread before it judges RAM)."""
+        pid, state = self.pid, self.state
+        value = proctree.pss_bytes(self._family or self._process_family()) if pid else None
+        self._host_bytes_seen = (state, pid, time.monotonic(), value)
         return value
 
     def memory(self) -> dict[str, Any]:

@@ -845,6 +845,24 @@ def test_ram_freed_late_stops_only_as_many_sleepers_as_the_deficit():
     run(go())
 
 
+def test_a_second_judgment_soon_after_counts_what_the_first_stop_is_freeing():
+    """The H100 rotation12 run: perf (70 GiB) stopped, and 70 ms later the budget derived from what
+    other programs seemed to hold (its RAM not yet shown as free) had fallen to 30 GiB: voice went too."""
+    async def go():
+        # 32 GiB, other programs 8: the derived budget is 0.8 x 32 - 8 = 17.6 GiB for mm
+        w, card = checkpoint_world({"a": (8, 1), "b": (8, 1), "c": (8, 1), "d": (8, 1)}, total_ram_gib=32,
+                                   others_ram_gib=8)
+        w.server("d").ram[State.AWAKE] = 6 * GIB
+        await visit(w, "a", "b", "c", "d")  # 3 x 4 asleep + 6 awake = 18 > 17.6: a goes
+        await w.clock.advance(2)
+        assert [e for e in w.log if e.startswith("stop")] == ["stop a"]
+        lagging = w.sched.host_ram()  # a's 4 GiB shows as free only seconds later
+        w.sched.host_ram = lambda: (lagging[0], lagging[1] - 4 * GIB)
+        await w.clock.run(w.sched.keep_ram())  # the background duty, within FREED_GRACE_S
+        assert [e for e in w.log if e.startswith("stop")] == ["stop a"]
+    run(go())
+
+
 def test_the_default_ram_budget_is_a_share_of_the_machine_less_other_programs():
     from mmlib.serve.scheduler import derived_ram_budget
 
