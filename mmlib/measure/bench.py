@@ -30,7 +30,7 @@ FIGURE_KEYS = (
     "completed", "failed", "duration", "request_throughput", "output_throughput", "max_output_tokens_per_s",
     "total_token_throughput", "max_concurrent_requests", "total_input_tokens", "total_output_tokens",
     "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
-    "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms",
+    "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms",
 )
 
 
@@ -94,20 +94,22 @@ def run_scenario(p: Plan, target: Target, workdir: Path, log: Path,
 # --- one whole run ------------------------------------------------------------------------------------
 def run(profile: Any, server: dict[str, Any], plans: list[Plan], mode: str, ui: Any = None,
         root: Path | None = None, runner: Callable[..., dict[str, Any]] = run_scenario,
-        sampler: Any = None, file: Any = None) -> tuple[Path, dict[str, Any]]:
+        sampler: Any = None, file: Any = None, kind: str = "bench",
+        section: str = "scenarios") -> tuple[Path, dict[str, Any]]:
     """Bench every plan against the server, sampling memory; returns the result file and document.
 
     The document is saved after each scenario; on Ctrl-C or a failure it is saved with what
-    finished and "complete": false before the exception goes on."""
+    finished and "complete": false before the exception goes on. A sweep (measure/sweep.py) runs
+    its levels through here as kind "sweep", section "levels", and leaves summary.md alone."""
     import tempfile
 
     ui = ui or NullUI()
     target = target_for(profile, server)
     sampler = sampler or memory.MemorySampler(target.pid).start()
-    doc = results.base_doc("bench", profile, mode, server, memory.gpu_name(sampler.probe))
-    rec = results.Recorder(doc, "scenarios", file or results.ResultFile(profile.name, "bench", root), sampler)
+    doc = results.base_doc(kind, profile, mode, server, memory.gpu_name(sampler.probe))
+    rec = results.Recorder(doc, section, file or results.ResultFile(profile.name, kind, root), sampler)
     log = log_path(profile.name, "bench")
-    with results.finishing(rec, root) as outcome, tempfile.TemporaryDirectory(prefix="mm-bench-") as work:
+    with results.finishing(rec, root, summary=kind == "bench") as outcome, tempfile.TemporaryDirectory(prefix="mm-bench-") as work:
         for i, p in enumerate(plans):
             if i:
                 time.sleep(0.5)  # let the server finish the last scenario's bookkeeping
