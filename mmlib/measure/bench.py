@@ -35,8 +35,12 @@ FIGURE_KEYS = (
 
 
 def bench_argv(p: Plan, target: Target, result_dir: Path, filename: str, python: str = sys.executable) -> list[str]:
-    argv = [python, "-m", "vllm.entrypoints.cli.main", "bench", "serve",
-            "--backend", "vllm", "--endpoint", "/v1/completions", "--base-url", target.url,
+    return [python, "-m", "vllm.entrypoints.cli.main", "bench", "serve", *bench_args(p, target, result_dir, filename)]
+
+
+def bench_args(p: Plan, target: Target, result_dir: Path, filename: str) -> list[str]:
+    """What follows `vllm bench serve` for one scenario or sweep level."""
+    argv = ["--backend", "vllm", "--endpoint", "/v1/completions", "--base-url", target.url,
             "--model", target.served_model_name, "--tokenizer", target.tokenizer,
             "--dataset-name", "random", "--random-input-len", str(p.input_len),
             "--random-output-len", str(p.output_len), "--ignore-eos", "--num-prompts", str(p.prompts),
@@ -74,10 +78,8 @@ def bench_env(target: Target) -> dict[str, str]:
     return env
 
 
-def run_scenario(p: Plan, target: Target, workdir: Path, log: Path,
-                 on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
-    """Run one scenario; on_progress gets the requests finished so far (warm-ups included)."""
-    filename = f"{p.scenario}.json"
+def progress_ticker(target: Target, on_progress: Callable[[float], None] | None) -> Callable[[], None]:
+    """A tick that reports the server's requests finished since now (warm-ups included)."""
     base = finished_requests(target.url, target.api_key, target.served_model_name) if on_progress else None
 
     def tick() -> None:
@@ -85,8 +87,14 @@ def run_scenario(p: Plan, target: Target, workdir: Path, log: Path,
             now = finished_requests(target.url, target.api_key, target.served_model_name)
             if now is not None:
                 on_progress(now - base)
+    return tick
 
-    run_helper(bench_argv(p, target, workdir, filename), bench_env(target), log, tick,
+
+def run_scenario(p: Plan, target: Target, workdir: Path, log: Path,
+                 on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """Run one scenario; on_progress gets the requests finished so far (warm-ups included)."""
+    filename = f"{p.scenario}.json"
+    run_helper(bench_argv(p, target, workdir, filename), bench_env(target), log, progress_ticker(target, on_progress),
                what=f"vLLM's bench ({p.scenario})")
     return read_vllm_result(workdir / filename)
 

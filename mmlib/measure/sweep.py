@@ -202,7 +202,7 @@ def write_plot(doc: dict[str, Any], path: Path) -> Path:
     timed = [v for v in series("ttft_p99_ms") + series("tpot_p50_ms") if v > 0]
     if timed and max(timed) / min(timed) > 20:
         latency.set_yscale("log")
-    latency.set_ylabel("ms")
+    latency.set_ylabel("latency, ms")
     found = doc.get("knee") or analyse(doc)
     if found.get("concurrency"):
         ax.axvline(found["concurrency"], color="grey", linestyle=":")
@@ -212,7 +212,8 @@ def write_plot(doc: dict[str, Any], path: Path) -> Path:
     more = latency.get_legend_handles_labels()
     ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize="small", loc="upper left")
     first = next(iter(doc.get(SECTION, {}).values()), {}).get("params", {})
-    ax.set_title(f"{doc.get('profile')}: throughput and latency vs concurrency ({doc.get('gpu') or 'no GPU'}; "
+    gpu = doc.get("gpu") if doc.get("gpu") not in (None, "none") else "no GPU"
+    ax.set_title(f"{doc.get('profile')}: throughput and latency vs concurrency ({gpu}; "
                  f"{first.get('input_len')} in / {first.get('output_len')} out)", fontsize="medium")
     save_figure(fig, path, plt)
     return path
@@ -280,6 +281,35 @@ def recall(setup: dict[str, Any], path: Path | None = None) -> dict[str, Any] | 
 
 
 # --- running it -----------------------------------------------------------------------------------------
+class LevelRunner:
+    """bench.run's runner for a sweep: every level in one helper process (measure/bench_levels.py),
+    started at the first level and ended by close()."""
+
+    def __init__(self) -> None:
+        self.helper: Any = None
+
+    def __call__(self, p: Plan, target: Any, workdir: Path, log: Path, on_progress: Any = None) -> dict[str, Any]:
+        import sys
+
+        from mmlib.measure.bench import bench_args, bench_env, progress_ticker, read_vllm_result
+        from mmlib.measure.helper import KeptHelper
+
+        if self.helper is None:
+            self.helper = KeptHelper([sys.executable, "-m", "mmlib.measure.bench_levels"], bench_env(target), log,
+                                     what="vLLM's bench")
+        filename, done = f"{p.scenario}.json", workdir / f"{p.scenario}.done"
+        status = self.helper.run({"argv": bench_args(p, target, workdir, filename), "done": str(done)}, done,
+                                 progress_ticker(target, on_progress))
+        if status != "0":
+            raise MMError(f"vLLM's bench ({p.scenario}) failed: {status}; see {log}")
+        return read_vllm_result(workdir / filename)
+
+    def close(self) -> None:
+        if self.helper is not None:
+            self.helper.close()
+            self.helper = None
+
+
 def run(profile: Any, server: dict[str, Any], plans: list[Plan], mode: str, ui: Any = None,
         root: Path | None = None, runner: Any = None, sampler: Any = None, file: Any = None,
         source: str | None = None, card: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
@@ -288,8 +318,13 @@ def run(profile: Any, server: dict[str, Any], plans: list[Plan], mode: str, ui: 
     from mmlib.measure import bench, results
 
     file = file or results.ResultFile(profile.name, "sweep", root)
-    path, doc = bench.run(profile, server, plans, mode, ui=ui, root=root, runner=runner or bench.run_scenario,
-                          sampler=sampler, file=file, kind="sweep", section=SECTION)
+    levels = runner or LevelRunner()
+    try:
+        path, doc = bench.run(profile, server, plans, mode, ui=ui, root=root, runner=levels, sampler=sampler,
+                              file=file, kind="sweep", section=SECTION)
+    finally:
+        if runner is None:
+            levels.close()
     doc["knee"] = found = analyse(doc)
     try:
         doc["plot"] = write_plot(doc, path.with_suffix(".png")).name

@@ -8,7 +8,7 @@ import pytest
 
 from mmlib import paths
 from mmlib.errors import MMError
-from mmlib.measure import bench, sweep
+from mmlib.measure import sweep
 from mmlib.measure.scenarios import CPU_QUICK_LENGTH_DIVISOR, Plan
 from mmlib.measure.sweep import Point, knee, level_plans, parse_levels, ttft_climb
 from mmlib.profiles.profile import load_profile
@@ -223,9 +223,19 @@ def test_best_concurrency_remembered_default_or_a_short_sweep(mm_env, tmp_path, 
         sweep.DEFAULT_CONCURRENCY, "mm's default (no sweep measured for this setup yet; "
                                    "`mm bench default --sweep` measures one)")
     calls = []
-    monkeypatch.setattr(bench, "run_scenario", curve_runner(calls, limit=16))
+    class Levels:  # sweep.run's runner when none is given: one that closes
+        def __init__(self):
+            self.run, self.closed = curve_runner(calls, limit=16), False
+
+        def __call__(self, *a):
+            return self.run(*a)
+
+        def close(self):
+            closed.append(True)
+    closed = []
+    monkeypatch.setattr(sweep, "LevelRunner", Levels)
     concurrency, where = sweep.best_concurrency(profile, SERVER)
-    assert calls == [f"c{c}" for c in sweep.QUICK_LEVELS] and concurrency == 16
+    assert calls == [f"c{c}" for c in sweep.QUICK_LEVELS] and concurrency == 16 and closed == [True]
     assert where.startswith("a short sweep just now (levels 1,4,16,64,256, ") and "-sweep.json" in where
     assert sweep.best_concurrency(profile, SERVER) == (16, f"measured by a short sweep (`mm batch`) on "
                                                            f"{sweep.recall(sweep.setup_of(profile, SERVER))['measured_at'][:10]}")
@@ -244,3 +254,72 @@ def test_bench_sweep_flags_are_checked_before_anything_starts(mm_env):
     r = CliRunner().invoke(main, ["bench", "default", "--sweep", "--levels", "1,four"])
     assert r.exit_code == 1 and "--levels '1,four': not a list of concurrencies" in r.output
     assert "Traceback" not in r.output
+
+
+# --- the kept helper (one vLLM import for every level) ---------------------------------------------------
+JOBS = """
+import json, os, sys
+for line in sys.stdin:
+    job = json.loads(line)
+    print("job", job["n"], os.getpid(), flush=True)
+    if job["n"] == 3:
+        sys.exit(7)
+    with open(job["done"] + ".tmp", "w") as f:
+        f.write("0" if job["n"] == 1 else "ValueError: no such dataset")
+    os.replace(job["done"] + ".tmp", job["done"])
+"""
+
+
+def test_kept_helper_runs_jobs_in_one_process_and_reports_how_each_ended(tmp_path):
+    import sys
+
+    from mmlib.measure.helper import KeptHelper
+
+    log = tmp_path / "log"
+    helper = KeptHelper([sys.executable, "-c", JOBS], {}, log, what="the jobs")
+    ticks = []
+    assert helper.run({"n": 1, "done": str(tmp_path / "1.done")}, tmp_path / "1.done", lambda: ticks.append(1)) == "0"
+    assert helper.run({"n": 2, "done": str(tmp_path / "2.done")}, tmp_path / "2.done") == "ValueError: no such dataset"
+    with pytest.raises(MMError, match=r"the jobs ended \(exit 7\); see .*log: job 3"):
+        helper.run({"n": 3, "done": str(tmp_path / "3.done")}, tmp_path / "3.done")
+    pids = {line.split()[2] for line in log.read_text().splitlines() if line.startswith("job")}
+    assert len(pids) == 1  # one process did every job
+    helper.close()
+
+
+def test_kept_helper_ends_its_group_on_ctrl_c(tmp_path):
+    import sys
+    import time
+
+    import psutil
+
+    from mmlib.measure.helper import KeptHelper
+
+    helper = KeptHelper([sys.executable, "-c", "import time, sys; sys.stdin.readline(); time.sleep(60)"], {},
+                        tmp_path / "log")
+
+    def tick():
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        helper.run({"n": 1}, tmp_path / "never.done", tick)
+    time.sleep(0.2)
+    assert helper.proc.poll() is not None or psutil.Process(helper.proc.pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_level_runner_drives_the_bench_levels_helper(tmp_path, monkeypatch):
+    """bench_levels.py against the fake vLLM's `bench serve` (no server: every request fails, counted)."""
+    from pathlib import Path
+
+    from mmlib.measure.helper import Target
+
+    fake = Path(__file__).resolve().parents[1] / "faults" / "fakevllm"
+    target = Target(url="http://127.0.0.1:9", served_model_name="m", tokenizer="t",
+                    env={"PYTHONPATH": f"{fake}:{paths.PROJECT_ROOT}", "PATH": "/usr/bin:/bin"})
+    runner = sweep.LevelRunner()
+    try:
+        out = [runner(p, target, tmp_path, tmp_path / "log") for p in level_plans((1, 2), "quick", cpu=True, prompts=2)]
+    finally:
+        runner.close()
+    assert [o["figures"]["failed"] for o in out] == [2, 2] and [o["figures"]["completed"] for o in out] == [0, 0]
+    assert out[0]["errors"] and "ConnectError" in out[0]["errors"][0]
+    assert (tmp_path / "log").read_text().count("# mm: ") == 1  # one helper started, for both levels
