@@ -6,7 +6,7 @@ weights of the real shapes; gpu_budget 12GiB).
        sweep c=C out_tok_s=X req_s=Y ttft_p50_ms=.. ttft_p99_ms=.. tpot_p50_ms=.. itl_p50_ms=.. failed=F
    then `knee=C best_c=B best_out_tok_s=X ttft_climbs_at=T` (the knee: the lowest concurrency reaching
    95% of the best output throughput), the plot copied to benchmark_results/batch_sweep_<device>.png.
-2. The same --prompts prompts (1,000: ~250 tokens each, seeded), written as an mm batch INPUT.jsonl
+2. The same --prompts prompts (1,000 of 200 tokens, seeded), written as an mm batch INPUT.jsonl
    ({"id", "prompt"}) and as vLLM's custom dataset ({"prompt"}), answered at the knee's concurrency
    with the same max_tokens, temperature and ignore_eos, each after the server was put to sleep and
    woken (sleep clears vLLM's prefix cache, so the second run gets no head start from the first):
@@ -64,7 +64,7 @@ WORDS = ("river stone light garden market winter engine paper window story music
 
 # --- what is pure (tests/unit/test_batch12.py) -----------------------------------------------------------
 def make_prompts(n: int, words: int = 190, seed: int = 23) -> list[str]:
-    """n distinct prompts of about `words` words (~250 tokens with the chat template), seeded."""
+    """n distinct prompts of about `words` words (about 200 tokens with the fixtures' SmolLM2 vocabulary), seeded."""
     rng = random.Random(seed)
     return [f"Prompt {i}: continue this text. " + " ".join(rng.choice(WORDS) for _ in range(words)) for i in range(n)]
 
@@ -202,11 +202,13 @@ def bench_serve(run: Run, dataset: Path, n: int, max_tokens: int, concurrency: i
                    int(doc["failed"]))
 
 
-def mm_batch(run: Run, batch_input: Path, n: int, max_tokens: int, concurrency: int, work: Path) -> Outcome | None:
+def mm_batch(run: Run, batch_input: Path, n: int, max_tokens: int, concurrency: int, work: Path,
+             force: list[str]) -> Outcome | None:
     out = work / "output.jsonl"
     t0 = time.monotonic()
     done = run.mm("batch", PROFILE, str(batch_input), "-o", str(out), "--concurrency", str(concurrency),
-                  "--ignore-eos", "--max-tokens", str(max_tokens), "--temperature", f"{TEMPERATURE:g}", timeout=3600)
+                  "--ignore-eos", "--max-tokens", str(max_tokens), "--temperature", f"{TEMPERATURE:g}", *force,
+                  timeout=3600)
     wall = time.monotonic() - t0
     (work / "batch.log").write_text(done.stdout + done.stderr)
     if done.returncode or not out.exists():
@@ -284,7 +286,7 @@ def main() -> None:
         if bench:
             run.line(bench.line())
         fresh(run, force)
-        batch = mm_batch(run, batch_input, n, max_tokens, knee, work)
+        batch = mm_batch(run, batch_input, n, max_tokens, knee, work, force)
         if batch:
             run.line(batch.line())
         if bench and batch:
