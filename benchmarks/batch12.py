@@ -19,11 +19,14 @@ weights of the real shapes; gpu_budget 12GiB).
    mm batch's closing line), wall_s: its process, start-up included; out_tok_s = output tokens /
    seconds. vLLM's bench streams (its openai-chat backend only streams); mm batch does not.
 
-vLLM's custom dataset: {"prompt": ...} lines, --custom-output-len N, and the flag that keeps its
-client from applying the chat template to a prompt the chat endpoint templates again:
+The prompts as vLLM's bench takes them (both formats read by vLLM 0.32's own parser here): its custom
+dataset, {"prompt": ...} lines with --custom-output-len N, which vLLM reads with pandas, and the flag
+that keeps its client from applying the chat template to a prompt the chat endpoint templates again:
 --skip-chat-template in 0.32 (vllm/benchmarks/datasets/datasets.py), --custom-skip-chat-template in
-older releases; skip_template_flag() reads which from the installed vLLM's source (0.26 on the
-device) without importing it. Both shuffle the dataset (seeded), which changes no figure here.
+older releases (skip_template_flag() reads which from the installed vLLM's source, 0.26 on the
+device, without importing it). Where pandas is missing, its ShareGPT dataset instead: a JSON list of
+conversations, the first turn the prompt (never templated), --sharegpt-output-len N. Both shuffle
+the prompts (seeded), which changes no figure here.
 
 GPU (after the kit's unpack and `ballast.py --leave 12`; benchmarks/device/batch12.sh runs it in
 the background and polls it):
@@ -69,12 +72,26 @@ def make_prompts(n: int, words: int = 190, seed: int = 23) -> list[str]:
     return [f"Prompt {i}: continue this text. " + " ".join(rng.choice(WORDS) for _ in range(words)) for i in range(n)]
 
 
-def write_inputs(texts: list[str], folder: Path) -> tuple[Path, Path]:
-    """The same prompts as mm batch's INPUT.jsonl and as vLLM's custom dataset."""
-    batch_input, dataset = folder / "input.jsonl", folder / "dataset.jsonl"
-    batch_input.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(texts)))
-    dataset.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
-    return batch_input, dataset
+def write_inputs(texts: list[str], folder: Path) -> dict[str, Path]:
+    """The same prompts as mm batch's INPUT.jsonl ("batch") and as vLLM's custom dataset ("custom":
+    a "prompt" a line) and ShareGPT dataset ("sharegpt": a JSON list of two-turn conversations, the
+    second turn's text unused when --sharegpt-output-len is given)."""
+    files = {"batch": folder / "input.jsonl", "custom": folder / "dataset.jsonl", "sharegpt": folder / "sharegpt.json"}
+    files["batch"].write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(texts)))
+    files["custom"].write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    files["sharegpt"].write_text(json.dumps([{"conversations": [{"from": "human", "value": t},
+                                                                 {"from": "gpt", "value": "..."}]} for t in texts]))
+    return files
+
+
+def dataset_args(files: dict[str, Path], output_len: int) -> list[str]:
+    """vLLM bench serve's flags for our prompts as they are: its custom dataset where pandas (which
+    vLLM reads it with) is installed, else its ShareGPT dataset (read with json, never templated)."""
+    if importlib.util.find_spec("pandas") is not None:
+        return ["--dataset-name", "custom", "--dataset-path", str(files["custom"]), skip_template_flag(),
+                "--custom-output-len", str(output_len)]
+    return ["--dataset-name", "sharegpt", "--dataset-path", str(files["sharegpt"]),
+            "--sharegpt-output-len", str(output_len)]
 
 
 def skip_template_flag(vllm_root: Path | None = None) -> str:
@@ -177,7 +194,8 @@ def fresh(run: Run, force: list[str]) -> None:
             failed_line(run, f"mm {verb} {PROFILE}", done)
 
 
-def bench_serve(run: Run, dataset: Path, n: int, max_tokens: int, concurrency: int, work: Path) -> Outcome | None:
+def bench_serve(run: Run, files: dict[str, Path], n: int, max_tokens: int, concurrency: int,
+                work: Path) -> Outcome | None:
     from mmlib.measure.helper import tokenizer_path
     from mmlib.profiles.profile import load_profile
 
@@ -185,11 +203,11 @@ def bench_serve(run: Run, dataset: Path, n: int, max_tokens: int, concurrency: i
     name = "bench.json"
     argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai-chat",
             "--endpoint", "/v1/chat/completions", "--base-url", run.base, "--model", chat.served_model_name,
-            "--tokenizer", tokenizer_path(chat.model), "--dataset-name", "custom", "--dataset-path", str(dataset),
-            skip_template_flag(), "--custom-output-len", str(max_tokens), "--ignore-eos",
+            "--tokenizer", tokenizer_path(chat.model), *dataset_args(files, max_tokens), "--ignore-eos",
             "--temperature", f"{TEMPERATURE:g}", "--num-prompts", str(n), "--max-concurrency", str(concurrency),
             "--request-rate", "inf", "--seed", "0", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el",
             "--save-result", "--result-dir", str(work), "--result-filename", name]
+    run.line(f"# vllm bench serve {' '.join(argv[5:])}")
     t0 = time.monotonic()
     done = subprocess.run(argv, env=run.env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     wall = time.monotonic() - t0
@@ -280,13 +298,13 @@ def main() -> None:
         knee = the_sweep(run, levels, force, png)
         if knee is None:
             return
-        batch_input, dataset = write_inputs(make_prompts(n), work)
+        files = write_inputs(make_prompts(n), work)
         fresh(run, force)
-        bench = bench_serve(run, dataset, n, max_tokens, knee, work)
+        bench = bench_serve(run, files, n, max_tokens, knee, work)
         if bench:
             run.line(bench.line())
         fresh(run, force)
-        batch = mm_batch(run, batch_input, n, max_tokens, knee, work, force)
+        batch = mm_batch(run, files["batch"], n, max_tokens, knee, work, force)
         if batch:
             run.line(batch.line())
         if bench and batch:

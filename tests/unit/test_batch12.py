@@ -16,10 +16,24 @@ def test_the_same_prompts_go_to_both_clients(tmp_path):
     texts = batch12.make_prompts(50)
     assert texts == batch12.make_prompts(50) and len(set(texts)) == 50  # seeded, distinct
     assert all(180 < len(t.split()) < 200 for t in texts)
-    batch_input, dataset = batch12.write_inputs(texts, tmp_path)
-    lines = [json.loads(x) for x in batch_input.read_text().splitlines()]
+    files = batch12.write_inputs(texts, tmp_path)
+    lines = [json.loads(x) for x in files["batch"].read_text().splitlines()]
     assert lines[3] == {"id": 3, "prompt": texts[3]}
-    assert [json.loads(x) for x in dataset.read_text().splitlines()] == [{"prompt": t} for t in texts]
+    assert [json.loads(x) for x in files["custom"].read_text().splitlines()] == [{"prompt": t} for t in texts]
+    assert [c["conversations"][0]["value"] for c in json.loads(files["sharegpt"].read_text())] == texts
+
+
+def test_vllms_dataset_flags(tmp_path, monkeypatch):
+    files = batch12.write_inputs(["a b c d e"], tmp_path)
+    real = batch12.importlib.util.find_spec
+    monkeypatch.setattr(batch12.importlib.util, "find_spec", lambda name: object() if name == "pandas" else real(name))
+    custom = batch12.dataset_args(files, 256)
+    assert custom[:4] == ["--dataset-name", "custom", "--dataset-path", str(files["custom"])]
+    assert custom[4] in ("--skip-chat-template", "--custom-skip-chat-template") and custom[5:] == ["--custom-output-len",
+                                                                                                   "256"]
+    monkeypatch.setattr(batch12.importlib.util, "find_spec", lambda name: None)  # no pandas: ShareGPT
+    assert batch12.dataset_args(files, 64) == ["--dataset-name", "sharegpt", "--dataset-path", str(files["sharegpt"]),
+                                               "--sharegpt-output-len", "64"]
 
 
 def test_the_skip_template_flag_is_the_installed_vllms(tmp_path):

@@ -3,7 +3,8 @@ HTTP path (streamed, as vLLM's bench streams them), and a result JSON with vLLM'
 sweep or a bench runs end to end against the fake server (`--dry` runs, faults tests).
 
 Prompts: the random dataset's are `--random-input-len` words; the custom dataset's are the "prompt"
-of each line of --dataset-path (a .jsonl). Output lengths: --random-output-len / --custom-output-len.
+of each line of --dataset-path (a .jsonl), ShareGPT's the first turn of each conversation. Output
+lengths: --random-output-len / --custom-output-len / --sharegpt-output-len.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                 ("--dataset-name", str, "random"), ("--dataset-path", str, None),
                                 ("--num-prompts", int, 1000), ("--max-concurrency", int, None),
                                 ("--random-input-len", int, 1024), ("--random-output-len", int, 128),
-                                ("--custom-output-len", int, 256), ("--request-rate", str, "inf"),
+                                ("--custom-output-len", int, 256), ("--sharegpt-output-len", int, 256), ("--request-rate", str, "inf"),
                                 ("--num-warmups", int, 0), ("--seed", int, 0), ("--result-dir", str, "."),
                                 ("--result-filename", str, "result.json"), ("--percentile-metrics", str, ""),
                                 ("--metric-percentiles", str, "99")):
@@ -41,6 +42,10 @@ def prompts(args: argparse.Namespace) -> list[tuple[str, int]]:
         texts = [x["prompt"] for x in lines]
         texts = (texts * (args.num_prompts // max(1, len(texts)) + 1))[:args.num_prompts]
         return [(t, args.custom_output_len) for t in texts]
+    if args.dataset_name == "sharegpt":
+        texts = [c["conversations"][0]["value"] for c in json.loads(Path(args.dataset_path).read_text())]
+        texts = (texts * (args.num_prompts // max(1, len(texts)) + 1))[:args.num_prompts]
+        return [(t, args.sharegpt_output_len) for t in texts]
     return [(" ".join(["word"] * args.random_input_len), args.random_output_len)] * args.num_prompts
 
 
