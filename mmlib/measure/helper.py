@@ -16,6 +16,7 @@ from mmlib import paths
 from mmlib.errors import MMError
 
 TICK_S = 0.5
+DONE_POLL_S = 0.05  # how often a kept helper's done file is looked for
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,15 @@ class KeptHelper:
             assert self.proc.stdin is not None
             self.proc.stdin.write((json.dumps(job) + "\n").encode())
             self.proc.stdin.flush()
+            ticked = 0.0
             while not done.exists():
                 if self.proc.poll() is not None:
                     raise MMError(f"{self.what} ended (exit {self.proc.returncode}); see {self.log}"
                                   f"{last_line(self.log)}")
-                if on_tick:
+                if on_tick and time.monotonic() - ticked >= TICK_S:
                     on_tick()
-                time.sleep(TICK_S)
+                    ticked = time.monotonic()
+                time.sleep(DONE_POLL_S)
         except BrokenPipeError:
             raise MMError(f"{self.what} ended early; see {self.log}{last_line(self.log)}") from None
         except BaseException:
