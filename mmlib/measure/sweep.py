@@ -330,6 +330,8 @@ def run(profile: Any, server: dict[str, Any], plans: list[Plan], mode: str, ui: 
         doc["plot"] = write_plot(doc, path.with_suffix(".png")).name
     except ImportError:
         doc["plot_note"] = "no plot: matplotlib is not installed (pip install 'mm[eval]')"
+    except Exception as e:  # a plot must never cost the sweep its knee
+        doc["plot_note"] = f"the plot could not be drawn ({type(e).__name__}: {e})"
     path = file.save(doc)
     if found["concurrency"]:
         remember(setup_of(profile, server, card), found["concurrency"],
