@@ -44,6 +44,12 @@ def footprints_file() -> Path:
     return state_dir() / "footprints.json"
 
 
+def best_concurrency_file() -> Path:
+    """The concurrency each profile's last sweep found best for batch work, per model, vLLM and card
+    (`mm bench --sweep` writes it, `mm batch` reads it)."""
+    return state_dir() / "best_concurrency.json"
+
+
 def daemon_socket() -> Path:
     """Where the daemon listens and the CLI asks it (0600, in the private state folder)."""
     return state_dir() / "mm.sock"

@@ -138,6 +138,61 @@ def print_bench(doc: dict[str, Any]) -> None:
     print_memory(doc)
 
 
+SWEEP_COLUMNS = (("c", "concurrency", 0), ("n", "prompts", 0), ("out tok/s", "output_tok_s", 0),
+                 ("req/s", "req_s", 2), ("TTFT p50", "ttft_p50_ms", 0), ("TTFT p99", "ttft_p99_ms", 0),
+                 ("TPOT p50", "tpot_p50_ms", 1), ("ITL p50", "itl_p50_ms", 1), ("failed", "failed", 0))
+
+
+def print_sweep(doc: dict[str, Any], path: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmlib.measure import sweep
+    from mmlib.measure.results import fmt
+
+    first = next(iter(doc.get(sweep.SECTION, {}).values()), {}).get("params", {})
+    table = Table(title=f"{doc['profile']}: concurrency sweep, {doc['mode']} (GPU: {doc['gpu']}; "
+                        f"{first.get('input_len')} in / {first.get('output_len')} out)", title_justify="left",
+                  caption="c: requests in flight; latencies in ms; tok/s: output", caption_justify="left")
+    for col, _, _ in SWEEP_COLUMNS:
+        table.add_column(col, justify="right")
+    knee = (doc.get("knee") or {}).get("concurrency")
+    for point in sweep.points(doc):
+        cells = [fmt(getattr(point, key), digits) for _, key, digits in SWEEP_COLUMNS]
+        table.add_row(*cells, style="bold" if point.concurrency == knee else None)
+    Console().print(table)
+    for name, entry in doc.get(sweep.SECTION, {}).items():
+        for err in entry.get("errors", []):
+            click.echo(f"{name}: a failed request said: {err}")
+    click.echo(sweep.describe(doc.get("knee") or {}))
+    if any(e["params"].get("scaled_for_cpu") for e in doc.get(sweep.SECTION, {}).values()):
+        click.echo(f"(--quick on the CPU build: token lengths / {CPU_DIVISOR}, and at most {CPU_PROMPTS} prompts "
+                   f"or c per level)")
+    print_memory(doc)
+    plot = f" and {path.with_name(doc['plot'])}" if doc.get("plot") else f" ({doc.get('plot_note')})"
+    click.echo(f"saved {path}{plot}")
+    if knee:
+        click.echo(f"`mm batch {doc['profile']}` runs at concurrency {knee} from now on (remembered for this "
+                   f"model, vLLM and card)")
+
+
+def run_sweep(p: Any, mode: str, levels: str | None, cpu: bool, prompts: int | None, input_len: int | None,
+              output_len: int | None, force: bool) -> None:
+    from mmlib.measure import sweep
+    from mmlib.measure.results import ResultFile
+
+    chosen = sweep.parse_levels(levels) if levels else (sweep.QUICK_LEVELS if mode == QUICK else sweep.LEVELS)
+    plans = sweep.level_plans(chosen, mode, cpu, prompts, input_len, output_len)
+    server = serve(p, force)
+    file = ResultFile(p.name, "sweep")
+    try:
+        with RichUI() as ui:
+            path, doc = sweep.run(p, server, plans, mode, ui=ui, file=file)
+    except KeyboardInterrupt:
+        interrupted(file)
+    print_sweep(doc, path)
+
+
 @click.command("bench")
 @click.argument("profile", required=False)
 @click.option("--quick", "mode", flag_value=QUICK, help="A few prompts per scenario (a minute or two).")
@@ -146,24 +201,37 @@ def print_bench(doc: dict[str, Any]) -> None:
 @click.option("--scenario", "scenarios", multiple=True, type=click.Choice(list(SCENARIOS)),
               help="Run only this scenario (repeatable): " + "; ".join(
                   f"{s.name}: {s.describe()}" for s in SCENARIOS.values()) + ".")
-@click.option("--prompts", type=click.IntRange(1), hidden=True, help="Prompts per scenario (tests).")
-@click.option("--input-len", type=click.IntRange(1), hidden=True, help="Input tokens per prompt (tests).")
-@click.option("--output-len", type=click.IntRange(1), hidden=True, help="Output tokens per prompt (tests).")
+@click.option("--sweep", "sweep", is_flag=True,
+              help="Throughput and latency against concurrency (1 to 256), plotted, with the knee: the "
+                   "concurrency `mm batch` runs at. --quick: levels 1,4,16,64,256 and short answers.")
+@click.option("--levels", metavar="C,C,...", help="With --sweep: the concurrencies to measure (e.g. 1,4,16,64).")
+@click.option("--prompts", type=click.IntRange(1), help="Prompts per scenario or sweep level.")
+@click.option("--input-len", type=click.IntRange(1), help="Input tokens per prompt (random dataset).")
+@click.option("--output-len", type=click.IntRange(1), help="Output tokens per prompt (random dataset).")
 @click.option("--force", is_flag=True, help="Skip the checks that run before a start.")
-def bench(profile: str | None, mode: str, scenarios: tuple[str, ...], prompts: int | None,
-          input_len: int | None, output_len: int | None, force: bool) -> None:
+def bench(profile: str | None, mode: str, scenarios: tuple[str, ...], sweep: bool, levels: str | None,
+          prompts: int | None, input_len: int | None, output_len: int | None, force: bool) -> None:
     """Measure PROFILE's server (default: the default profile) with vLLM's bench: TTFT, TPOT,
     throughput, failed requests, and GPU and RAM memory while it runs.
 
-    Results go to benchmark_results/runs/<profile>/ and runs/summary.md (with plots); git ignores runs/."""
+    Results go to benchmark_results/runs/<profile>/ and runs/summary.md (with plots); git ignores runs/.
+    A sweep's result and plot go there too (<time>-sweep.json and .png)."""
     from mmlib.measure import bench as lib
     from mmlib.measure.results import ResultFile
     from mmlib.profiles.vllm_cmd import installed_vllm
 
+    if sweep and scenarios:
+        raise MMError("--sweep measures its own levels of concurrency, not --scenario "
+                      "(fix: drop --scenario, or drop --sweep)")
+    if levels and not sweep:
+        raise MMError("--levels is for --sweep (fix: add --sweep)")
     p = resolve_profile(profile, "bench")
     install = installed_vllm()
     if install is None:
         raise MMError("vLLM is not installed in mm's environment (fix: run ./mm once to set it up)")
+    if sweep:
+        run_sweep(p, mode, levels, install.is_cpu, prompts, input_len, output_len, force)
+        return
     plans = plan(list(scenarios), mode, install.is_cpu, prompts, input_len, output_len)
     server = serve(p, force)
     file = ResultFile(p.name, "bench")

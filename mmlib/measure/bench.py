@@ -30,13 +30,17 @@ FIGURE_KEYS = (
     "completed", "failed", "duration", "request_throughput", "output_throughput", "max_output_tokens_per_s",
     "total_token_throughput", "max_concurrent_requests", "total_input_tokens", "total_output_tokens",
     "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
-    "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms",
+    "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms",
 )
 
 
 def bench_argv(p: Plan, target: Target, result_dir: Path, filename: str, python: str = sys.executable) -> list[str]:
-    argv = [python, "-m", "vllm.entrypoints.cli.main", "bench", "serve",
-            "--backend", "vllm", "--endpoint", "/v1/completions", "--base-url", target.url,
+    return [python, "-m", "vllm.entrypoints.cli.main", "bench", "serve", *bench_args(p, target, result_dir, filename)]
+
+
+def bench_args(p: Plan, target: Target, result_dir: Path, filename: str) -> list[str]:
+    """What follows `vllm bench serve` for one scenario or sweep level."""
+    argv = ["--backend", "vllm", "--endpoint", "/v1/completions", "--base-url", target.url,
             "--model", target.served_model_name, "--tokenizer", target.tokenizer,
             "--dataset-name", "random", "--random-input-len", str(p.input_len),
             "--random-output-len", str(p.output_len), "--ignore-eos", "--num-prompts", str(p.prompts),
@@ -74,10 +78,8 @@ def bench_env(target: Target) -> dict[str, str]:
     return env
 
 
-def run_scenario(p: Plan, target: Target, workdir: Path, log: Path,
-                 on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
-    """Run one scenario; on_progress gets the requests finished so far (warm-ups included)."""
-    filename = f"{p.scenario}.json"
+def progress_ticker(target: Target, on_progress: Callable[[float], None] | None) -> Callable[[], None]:
+    """A tick that reports the server's requests finished since now (warm-ups included)."""
     base = finished_requests(target.url, target.api_key, target.served_model_name) if on_progress else None
 
     def tick() -> None:
@@ -85,8 +87,14 @@ def run_scenario(p: Plan, target: Target, workdir: Path, log: Path,
             now = finished_requests(target.url, target.api_key, target.served_model_name)
             if now is not None:
                 on_progress(now - base)
+    return tick
 
-    run_helper(bench_argv(p, target, workdir, filename), bench_env(target), log, tick,
+
+def run_scenario(p: Plan, target: Target, workdir: Path, log: Path,
+                 on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """Run one scenario; on_progress gets the requests finished so far (warm-ups included)."""
+    filename = f"{p.scenario}.json"
+    run_helper(bench_argv(p, target, workdir, filename), bench_env(target), log, progress_ticker(target, on_progress),
                what=f"vLLM's bench ({p.scenario})")
     return read_vllm_result(workdir / filename)
 
@@ -94,20 +102,22 @@ def run_scenario(p: Plan, target: Target, workdir: Path, log: Path,
 # --- one whole run ------------------------------------------------------------------------------------
 def run(profile: Any, server: dict[str, Any], plans: list[Plan], mode: str, ui: Any = None,
         root: Path | None = None, runner: Callable[..., dict[str, Any]] = run_scenario,
-        sampler: Any = None, file: Any = None) -> tuple[Path, dict[str, Any]]:
+        sampler: Any = None, file: Any = None, kind: str = "bench",
+        section: str = "scenarios") -> tuple[Path, dict[str, Any]]:
     """Bench every plan against the server, sampling memory; returns the result file and document.
 
     The document is saved after each scenario; on Ctrl-C or a failure it is saved with what
-    finished and "complete": false before the exception goes on."""
+    finished and "complete": false before the exception goes on. A sweep (measure/sweep.py) runs
+    its levels through here as kind "sweep", section "levels", and leaves summary.md alone."""
     import tempfile
 
     ui = ui or NullUI()
     target = target_for(profile, server)
     sampler = sampler or memory.MemorySampler(target.pid).start()
-    doc = results.base_doc("bench", profile, mode, server, memory.gpu_name(sampler.probe))
-    rec = results.Recorder(doc, "scenarios", file or results.ResultFile(profile.name, "bench", root), sampler)
+    doc = results.base_doc(kind, profile, mode, server, memory.gpu_name(sampler.probe))
+    rec = results.Recorder(doc, section, file or results.ResultFile(profile.name, kind, root), sampler)
     log = log_path(profile.name, "bench")
-    with results.finishing(rec, root) as outcome, tempfile.TemporaryDirectory(prefix="mm-bench-") as work:
+    with results.finishing(rec, root, summary=kind == "bench") as outcome, tempfile.TemporaryDirectory(prefix="mm-bench-") as work:
         for i, p in enumerate(plans):
             if i:
                 time.sleep(0.5)  # let the server finish the last scenario's bookkeeping

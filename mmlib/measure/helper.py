@@ -3,9 +3,11 @@ measures it (vLLM's bench, lm-eval), run in its own session so Ctrl-C ends it cl
 read from the server's own request counter."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +16,7 @@ from mmlib import paths
 from mmlib.errors import MMError
 
 TICK_S = 0.5
+DONE_POLL_S = 0.05  # how often a kept helper's done file is looked for
 
 
 @dataclass(frozen=True)
@@ -74,10 +77,61 @@ def run_helper(argv: list[str], env: dict[str, str], log: Path, on_tick: Callabl
         _end_group(proc)
         raise
     if proc.returncode != 0:
-        from mmlib.system.files import tail_lines
+        raise MMError(f"{what} failed (exit {proc.returncode}); see {log}{last_line(log)}")
 
-        tail = [line for line in tail_lines(log, 40) if not line.startswith((" - leaked", "nanobind"))][-3:]
-        raise MMError(f"{what} failed (exit {proc.returncode}); see {log}" + (f": {tail[-1]}" if tail else ""))
+
+def last_line(log: Path) -> str:
+    """": the log's last telling line" (vLLM's exit noise skipped), or ""."""
+    from mmlib.system.files import tail_lines
+
+    tail = [line for line in tail_lines(log, 40) if not line.startswith((" - leaked", "nanobind"))][-3:]
+    return f": {tail[-1]}" if tail else ""
+
+
+class KeptHelper:
+    """A helper process kept for several jobs (a sweep's levels, so vLLM is imported once): a job is a
+    JSON line on its stdin, and it says the job ended by writing the job's "done" file. Its own
+    session, its output appended to log; Ctrl-C or a failure ends its whole group, as run_helper's."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, what: str = "the helper"):
+        self.log, self.what = log, what
+        with open(log, "ab") as out:
+            out.write(f"\n# mm: {' '.join(argv)}\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True, cwd=paths.PROJECT_ROOT)
+
+    def run(self, job: dict[str, Any], done: Path, on_tick: Callable[[], None] | None = None) -> str:
+        """Hand the helper a job and wait for its done file; what the file says."""
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write((json.dumps(job) + "\n").encode())
+            self.proc.stdin.flush()
+            ticked = 0.0
+            while not done.exists():
+                if self.proc.poll() is not None:
+                    raise MMError(f"{self.what} ended (exit {self.proc.returncode}); see {self.log}"
+                                  f"{last_line(self.log)}")
+                if on_tick and time.monotonic() - ticked >= TICK_S:
+                    on_tick()
+                    ticked = time.monotonic()
+                time.sleep(DONE_POLL_S)
+        except BrokenPipeError:
+            raise MMError(f"{self.what} ended early; see {self.log}{last_line(self.log)}") from None
+        except BaseException:
+            _end_group(self.proc)
+            raise
+        return done.read_text().strip()
+
+    def close(self, grace: float = 10.0) -> None:
+        """No more jobs: it exits on its own; its group is ended if it has not within `grace`."""
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+            self.proc.wait(grace)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        _end_group(self.proc)
 
 
 def _end_group(proc: subprocess.Popen) -> None:

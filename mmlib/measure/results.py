@@ -122,9 +122,10 @@ class Recorder:
 
 # --- reading ------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def finishing(rec: "Recorder", root: Path | None):
+def finishing(rec: "Recorder", root: Path | None, summary: bool = True):
     """Whatever ends the run (done, an error, Ctrl-C), the result file is closed as complete or not
-    and the summary rewritten; what finished stays. Yields a dict that gets the file's "path"."""
+    and (with `summary`) the summary rewritten; what finished stays. Yields a dict that gets the
+    file's "path"."""
     outcome: dict[str, Any] = {"complete": False, "error": None}
     try:
         yield outcome
@@ -134,7 +135,8 @@ def finishing(rec: "Recorder", root: Path | None):
         raise
     finally:
         outcome["path"] = rec.finish(outcome["complete"], outcome["error"])
-        write_summary(root)
+        if summary:
+            write_summary(root)
 
 
 def load_results(root: Path | None = None) -> list[dict[str, Any]]:
@@ -365,7 +367,7 @@ def write_plots(results: list[dict], root: Path) -> list[str]:
         if benches:
             fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
             draw(benches, *axes)
-            _save(fig, root / name, plt)
+            save_figure(fig, root / name, plt)
             made.append(name)
     return made
 
@@ -431,7 +433,8 @@ def _points(t: list[float], values: Any) -> list[tuple[float, float]]:
     return [(x, y) for x, y in zip(t, values) if isinstance(y, (int, float))]
 
 
-def _save(fig: Any, path: Path, plt: Any) -> None:
+def save_figure(fig: Any, path: Path, plt: Any) -> None:
+    """A PNG written whole (a temp file beside it, then a rename), and the figure closed."""
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=110)

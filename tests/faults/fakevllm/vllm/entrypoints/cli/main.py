@@ -21,6 +21,8 @@ metric names and format (prometheus_client, as vLLM uses). Environment knobs:
   FAKE_HANG (unset)              never answer a request (a hung engine)
   FAKE_STOP_DELAY (0)            seconds the engine process takes to exit after SIGTERM
   FAKE_CONTROL_FAIL (unset)      /sleep and /wake_up answer 500
+  FAKE_MAX_RUNNING (unset)       requests generating at once (vLLM's max_num_seqs): the rest wait, so
+                                 throughput levels off past it, as a real server's does
   FAKE_GPU_DIR (unset)           report the engine's GPU memory to the fake card (tests/faults/fakegpu):
                                  FAKE_GPU_AWAKE_MIB (51200) awake, FAKE_GPU_ASLEEP_MIB (1024) asleep; while the
                                  fake driver holds the engine checkpointed, /wake_up and requests answer 500
@@ -67,6 +69,11 @@ class FakeCard:
 
 
 def main() -> None:
+    if sys.argv[1:3] == ["bench", "serve"]:  # `vllm bench serve`: vllm/benchmarks/serve.py (fake)
+        from vllm.benchmarks.serve import main as bench_serve
+
+        bench_serve(sys.argv[3:])
+        return
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
 
     ap = make_arg_parser(argparse.ArgumentParser())
@@ -125,6 +132,8 @@ def main() -> None:
     sleep_state = Gauge("vllm:engine_sleep_state", "Engine sleep state", [*labels, "sleep_state"],
                         registry=registry)
     hang = bool(os.environ.get("FAKE_HANG"))
+    max_running = int(os.environ.get("FAKE_MAX_RUNNING") or 0)
+    gate = asyncio.Semaphore(max_running) if max_running else None
     control_fail = bool(os.environ.get("FAKE_CONTROL_FAIL"))
     api_key = (args.api_key or [os.environ.get("VLLM_API_KEY")])[0]
 
@@ -239,11 +248,17 @@ def main() -> None:
         ttft.observe(delay)
         if not body.get("stream"):
             state["in_flight"] += 1
+            held = False
             try:
+                if gate:
+                    await gate.acquire()
+                    held = True
                 if delay and not await busy(request, delay * n):
                     return JSONResponse({"error": {"message": "aborted"}}, status_code=500)
             finally:
                 state["in_flight"] -= 1
+                if held:
+                    gate.release()
             return JSONResponse({"id": "fake", "object": "chat.completion", "model": names[0], "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": " ".join([word] * n).strip()},
                  "finish_reason": "length"}], "usage": usage})
@@ -251,7 +266,11 @@ def main() -> None:
         async def events():
             running.inc()
             state["in_flight"] += 1
+            held = False
             try:
+                if gate:
+                    await gate.acquire()
+                    held = True
                 for i in range(n):
                     if delay and not await busy(None, delay):  # (a stream's client leaving ends it anyway)
                         return  # aborted: the stream ends without [DONE]
@@ -265,6 +284,8 @@ def main() -> None:
             finally:
                 running.dec()
                 state["in_flight"] -= 1
+                if held:
+                    gate.release()
         return StreamingResponse(events(), media_type="text/event-stream")
 
     app = Starlette(routes=[

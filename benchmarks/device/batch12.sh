@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Issue 23's run of record on the device (benchmarks/batch12.py), after .gpu-stage/part-00 and
+# part-01 were copied (../shared/gpu/README.md); as rotation12.sh:
+#   start:  unpack, the extra wheels if carried (.gpu-extra/*.whl), JIT caches of an earlier machine
+#           (.gpu-extra/jit.tar.xz), the ballast leaving 12 GiB, then batch12.py in the background
+#           (setsid: the chat profile's first start compiles, the sweep and the two 1,000-prompt runs
+#           take minutes, so it outlasts one call), and polls it for the rest of the call.
+#           Carry: .gpu-stage/part-02 .gpu-stage/unpack.sh .gpu-stage/MANIFEST .gpu-stage/models
+#           .gpu-stage/ballast.py .whl .gpu-extra (or part-02 in a call of its own first: 64 MiB a call).
+#   poll:   waits up to 9 minutes for the run, brings back what it wrote so far (at most 6 of $OUT's 8
+#           files: batch_<device>.txt, batch_sweep_<device>.png, batch12.log, logs.tar.xz with the
+#           daemon's, the server's and both clients' logs, jit.tar.xz once it has ended); call it back
+#           to back until the run has ended.
+# BATCH12_ARGS passes flags (e.g. "--prompts 500" where device time is short).
+# Usage: bash benchmarks/device/batch12.sh start|poll
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out="${OUT:-/tmp/mm-out}"; mkdir -p "$out"
+unset PYTHONDONTWRITEBYTECODE  # (issue_runs.sh: let vLLM's first import write its bytecode)
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
+  VLLM_USE_FLASHINFER_SAMPLER=0
+
+start() {
+  mkdir -p /tmp/stage && bash .gpu-stage/unpack.sh > /dev/null || exit 1
+  for whl in .gpu-extra/*.whl; do [ -f "$whl" ] && python3 -m zipfile -e "$whl" /tmp/site0; done
+  python3 -c "import platformdirs, tomli_w" 2>/dev/null ||
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  [ -f .gpu-extra/jit.tar.xz ] && mkdir -p ~/.cache && tar -xJf .gpu-extra/jit.tar.xz -C ~/.cache
+  if ! grep -q holding /tmp/ballast.log 2>/dev/null; then
+    CUDA_VISIBLE_DEVICES=0 setsid python3 .gpu-stage/ballast.py --leave 12 > /tmp/ballast.log 2>&1 < /dev/null &
+    for _ in $(seq 60); do grep -q holding /tmp/ballast.log && break; sleep 1; done
+  fi
+  cat /tmp/ballast.log
+  python3 -c "import pandas" 2>/dev/null || echo "(no pandas here: vLLM's bench reads the prompts as its ShareGPT dataset)"
+  CUDA_VISIBLE_DEVICES=0 PYTHONPATH="/tmp/site0:$PYTHONPATH" setsid python3 benchmarks/batch12.py \
+    --out /tmp/batch12.txt ${BATCH12_ARGS:-} > /tmp/batch12.log 2>&1 < /dev/null &
+  echo $! > /tmp/batch12.pid
+  poll 100  # (the setup takes about a minute of the call's 10)
+}
+
+running() { kill -0 "$(cat /tmp/batch12.pid 2>/dev/null)" 2>/dev/null; }
+
+poll() {  # poll [N]: wait up to N x 5 s (108: 9 minutes) for the run to end
+  for _ in $(seq "${1:-${POLL_N:-108}}"); do running || break; sleep 5; done
+  tag=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import rotation12, pynvml; pynvml.nvmlInit(); \
+print(rotation12.device_tag(str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))))" 2>/dev/null || echo h100)
+  cp /tmp/batch12.txt "$out/batch_${tag}.txt" 2>/dev/null
+  cp /tmp/batch_sweep_*.png "$out/batch_sweep_${tag}.png" 2>/dev/null
+  tail -c 60000 /tmp/batch12.log > "$out/batch12.log"
+  # the daemon's and the server's logs, and both clients' (vllm bench serve, mm batch)
+  (cd /tmp && tar -cJf "$out/logs.tar.xz" mm-card12-*/state/logs mm-batch12-*/*.log 2>/dev/null)
+  cat /tmp/batch12.txt 2>/dev/null; tail -n 3 /tmp/batch12.log
+  nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv
+  if ! running; then tar -cJf "$out/jit.tar.xz" -C ~/.cache vllm flashinfer 2>/dev/null; fi
+}
+
+for step in "$@"; do echo "== $step"; $step; done
