@@ -46,8 +46,9 @@ class Recovered:
 class OutputStore:
     """OUTPUT opened for a run: recovered, locked, appended to."""
 
-    def __init__(self, path: Path, fd: int, recovered: Recovered):
+    def __init__(self, path: Path, fd: int, recovered: Recovered, created: bool = False):
         self.path, self.fd, self.recovered = path, fd, recovered
+        self.created = created  # by this run: removed again if it stays empty (the run stopped before an answer)
         self.dirty = False
 
     @classmethod
@@ -78,7 +79,7 @@ class OutputStore:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, recovered)
+        return cls(path, fd, recovered, created=not existed)
 
     def append(self, data: bytes) -> None:
         """Whole lines, in one write."""
@@ -95,6 +96,8 @@ class OutputStore:
     def close(self) -> None:
         if self.fd >= 0:
             try:
+                if self.created and os.fstat(self.fd).st_size == 0:
+                    self.path.unlink(missing_ok=True)  # still locked: no other run has it open
                 os.fsync(self.fd)
             finally:
                 os.close(self.fd)  # lets the lock go

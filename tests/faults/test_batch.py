@@ -75,7 +75,8 @@ def test_greedy_samples_and_a_mismatched_output(batch_mm, tmp_path):
     assert len(out.read_text().splitlines()) == 6
 
 
-def test_ctrl_c_keeps_what_finished_and_the_same_command_resumes(batch_mm, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_keeps_what_finished_and_the_same_command_resumes(batch_mm, tmp_path, stop):
     inp, out = prompts(tmp_path / "in.jsonl", {i: f"q{i}" for i in range(60)}), tmp_path / "out.jsonl"
     args = ["batch", "slowbulk", str(inp), "-o", str(out), "-n", "2", "--temperature", "1", "--concurrency", "2",
             "--force"]
@@ -85,7 +86,7 @@ def test_ctrl_c_keeps_what_finished_and_the_same_command_resumes(batch_mm, tmp_p
     deadline = time.time() + 60
     while time.time() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < 20):
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert f"what finished is kept in {out}. To resume: mm batch slowbulk" in err

@@ -118,7 +118,7 @@ def test_an_output_that_does_not_fit_is_one_line_and_left_untouched(tmp_path, li
 
 
 def test_a_second_writer_on_the_same_output_is_refused(tmp_path):
-    path = tmp_path / "out.jsonl"
+    path = write_lines(tmp_path / "out.jsonl", out_line("a", 0))
     with OutputStore.open(path, IDS):
         with pytest.raises(MMError, match="another mm batch is writing it"):
             OutputStore.open(path, IDS)
@@ -237,7 +237,7 @@ async def run_against(scripts: dict[str, list], tmp_path: Path, n: int = 1, retr
             errors.close()
     finally:
         await runner.cleanup()
-    written = [json.loads(x) for x in out.read_text().splitlines()]
+    written = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
     failed = [json.loads(x) for x in errors.path.read_text().splitlines()] if errors.path.exists() else []
     return stats, written, failed, server
 
@@ -319,3 +319,6 @@ def test_bad_input_stops_before_anything_starts(mm_env, tmp_path):
     good = write_lines(tmp_path / "in2.jsonl", {"id": 1, "prompt": "a"})
     r = CliRunner().invoke(main, ["batch", "default", str(good), "-o", str(good)])
     assert r.exit_code == 1 and "that is the input" in r.output
+    r = CliRunner().invoke(main, ["batch", "voice", str(good), "-o", str(tmp_path / "out.jsonl")])
+    assert r.exit_code == 1 and "voice is a stack" in r.output and "voice-stt" in r.output
+    assert not (tmp_path / "out.jsonl").exists()  # a run that wrote nothing leaves no empty file behind
