@@ -56,10 +56,11 @@ def device() -> str:
 
 
 def run_batch(env: dict, profile: str, prompts_file: Path, work: Path, output_len: int,
-              concurrency: int | None) -> dict:
+              concurrency: int | None, force: bool = False) -> dict:
     out = work / f"batch-{time.monotonic_ns()}.jsonl"
     argv = [sys.executable, "-m", "mmlib", "batch", profile, str(prompts_file), "-o", str(out), "--ignore-eos",
-            "--max-tokens", str(output_len)] + (["--concurrency", str(concurrency)] if concurrency else [])
+            "--max-tokens", str(output_len)] + (["--concurrency", str(concurrency)] if concurrency else []) + \
+        (["--force"] if force else [])
     r = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"mm batch failed:\n{r.stderr}")
@@ -108,6 +109,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", type=int, help="default: what mm batch picks for the profile")
     ap.add_argument("--scratch", action="store_true", help="a scratch MM_HOME, stopped at the end")
+    ap.add_argument("--force", action="store_true", help="skip mm's start checks (a dummy-weight model folder)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmark_results" / "runs" / "batch_throughput.txt")
     args = ap.parse_args()
 
@@ -125,7 +127,7 @@ def main() -> None:
     batch_input.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(texts)))
     dataset.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
 
-    mm(env, "up", args.profile)
+    mm(env, "up", args.profile, *(["--force"] if args.force else []))
     server = served(env, args.profile)
     os.environ.update({k: v for k, v in env.items() if k.startswith("MM_")})  # load_profile reads MM_HOME
     tokenizer = tokenizer_path(server.get("model") or load_profile(args.profile).model)
@@ -138,7 +140,7 @@ def main() -> None:
         order = ["mm batch", "vllm bench serve"] if r % 2 == 0 else ["vllm bench serve", "mm batch"]
         for who in order:
             if who == "mm batch":
-                res = run_batch(env, args.profile, batch_input, work, args.output_len, concurrency)
+                res = run_batch(env, args.profile, batch_input, work, args.output_len, concurrency, args.force)
                 if concurrency is None:
                     concurrency = res["concurrency"]
                     lines.append(f"concurrency {concurrency}: {res['source']}")
