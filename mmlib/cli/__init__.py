@@ -20,7 +20,7 @@ COMMANDS = {
     "voice": "servers:voice", "ocr": "servers:ocr", "chat": "chat:chat", "profiles": "profiles_cmd:profiles",
     "check": "check:check", "doctor": "check:doctor", "bench": "bench:bench", "compare": "bench:compare",
     "eval": "evals:eval_cmd", "daemon": "daemon_cmd:daemon", "pull": "models_cmd:pull", "models": "models_cmd:models",
-    "service": "service:service", "completion": "service:completion",
+    "service": "service:service", "completion": "service:completion", "batch": "batch:batch",
 }
 
 

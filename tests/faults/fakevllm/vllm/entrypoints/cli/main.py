@@ -4,7 +4,9 @@ Put tests/faults/fakevllm first on PYTHONPATH: mm then sees a GPU build of vLLM 
 runs this module exactly as it runs the real one (`python -m vllm.entrypoints.cli.main serve ...`).
 Only the model is fake: processes, ports, signals and HTTP are real.
 
-It answers OpenAI chat/completions (streaming or not) with its own served name, keeps sleep state
+It answers OpenAI chat/completions (streaming or not; `n` choices when not streaming, with their
+token_ids on return_token_ids, and a 400 for n > 1 at temperature 0 as vLLM; faults asked for in the
+prompt, see injected_fault) with its own served name, keeps sleep state
 like vLLM's dev-mode endpoints (level 2 drops the "weights": a plain /wake_up after it answers with
 empty text, as real vLLM answers garbage, until /collective_rpc reload_weights; /sleep?mode=keep
 pauses the requests in flight until /wake_up, as vLLM 0.26+ preempts them and resumes them after,
@@ -223,6 +225,23 @@ def main() -> None:
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
 
+    seen_faults: dict[str, int] = {}
+
+    def injected_fault(body: dict) -> JSONResponse | None:
+        """A fault asked for in the prompt: "[fake:fail-twice]" answers 503 the first two times that
+        prompt comes, "[fake:fail-always]" 500 every time, "[fake:bad-request]" 400 (mm batch's retries)."""
+        text = json.dumps(body.get("messages", body.get("prompt", "")))
+        if "[fake:" not in text:
+            return None
+        seen = seen_faults[text] = seen_faults.get(text, 0) + 1
+        if "[fake:fail-twice]" in text and seen <= 2:
+            return JSONResponse({"error": {"message": "fake: overloaded"}}, status_code=503)
+        if "[fake:fail-always]" in text:
+            return JSONResponse({"error": {"message": "fake: engine error"}}, status_code=500)
+        if "[fake:bad-request]" in text:
+            return JSONResponse({"error": {"message": "fake: bad request"}}, status_code=400)
+        return None
+
     async def chat(request: Request):
         body = await request.json()
         model = body.get("model") or names[0]
@@ -247,6 +266,13 @@ def main() -> None:
               f"{' (stream)' if body.get('stream') else ''}", flush=True)
         ttft.observe(delay)
         if not body.get("stream"):
+            fault = injected_fault(body)
+            if fault:
+                return fault
+            choices = int(body.get("n") or 1)  # parallel sampling: n answers to one prompt
+            if choices > 1 and body.get("temperature") == 0:
+                return JSONResponse({"error": {"message": f"n must be 1 when using greedy sampling, got {choices}."}},
+                                    status_code=400)
             state["in_flight"] += 1
             held = False
             try:
@@ -259,9 +285,11 @@ def main() -> None:
                 state["in_flight"] -= 1
                 if held:
                     gate.release()
+            usage = {**usage, "completion_tokens": n * choices, "total_tokens": n_in + n * choices}
             return JSONResponse({"id": "fake", "object": "chat.completion", "model": names[0], "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": " ".join([word] * n).strip()},
-                 "finish_reason": "length"}], "usage": usage})
+                {"index": i, "message": {"role": "assistant", "content": " ".join([word] * n).strip()},
+                 "finish_reason": "length", **({"token_ids": list(range(n))} if body.get("return_token_ids") else {})}
+                for i in range(choices)], "usage": usage})
 
         async def events():
             running.inc()
