@@ -35,7 +35,7 @@ start() {
   CUDA_VISIBLE_DEVICES=0 PYTHONPATH="/tmp/site0:$PYTHONPATH" setsid python3 benchmarks/batch12.py \
     --out /tmp/batch12.txt ${BATCH12_ARGS:-} > /tmp/batch12.log 2>&1 < /dev/null &
   echo $! > /tmp/batch12.pid
-  poll 100  # (the setup takes about a minute of the call's 10)
+  poll "${START_POLL_N:-100}"  # (the setup takes about a minute of the call's 10)
 }
 
 running() { kill -0 "$(cat /tmp/batch12.pid 2>/dev/null)" 2>/dev/null; }
