@@ -82,9 +82,16 @@ class FakeServer:
             return
         await self.start()
 
+    checkpointing: list[int] = [0, 0]  # (checkpoints running now, the most at once), all servers
+
     async def checkpoint(self) -> None:
         assert self.state == State.ASLEEP and self.can_checkpoint
         self.log.append(f"checkpoint {self.name}")
+        now = FakeServer.checkpointing
+        now[0] += 1
+        now[1] = max(now)
+        await asyncio.sleep(0)  # (the driver's call runs in a thread: others may start meanwhile)
+        now[0] -= 1
         if "checkpoint" in self.fails:
             self.state, self.error = State.FAILED, "checkpoint failed"
             raise MMError(f"{self.name}: cuCheckpointProcessCheckpoint failed (CUDA_ERROR_NOT_SUPPORTED)")
@@ -790,6 +797,17 @@ def test_a_sleeper_is_checkpointed_instead_of_stopped_and_restored_on_its_next_u
         await visit(w, "a")
         assert w.log[-2:] == ["sleep big", "restore a"] and w.log.count("start a") == 1
         assert w.server("a").state == State.AWAKE and card.peak <= card.cap
+    run(go())
+
+
+def test_the_sleepers_a_switch_needs_off_the_card_are_checkpointed_together():
+    """One after another, three checkpoints took 2.5 s of a switch (the H100 rotation12 run)."""
+    async def go():
+        w, card = checkpoint_world({"a": (4, 1.5), "b": (4, 1.5), "c": (4, 1.5), "big": (11, 1)}, ram_budget_gib=100)
+        FakeServer.checkpointing[:] = [0, 0]
+        await visit(w, "a", "b", "c", "big")  # 11 + 1.5 > 12: all three residues must go
+        assert sorted(e for e in w.log if e.startswith("checkpoint")) == ["checkpoint a", "checkpoint b", "checkpoint c"]
+        assert FakeServer.checkpointing[1] == 3 and card.peak <= card.cap
     run(go())
 
 
