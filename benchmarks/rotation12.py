@@ -218,7 +218,7 @@ def start_all(run: Run, profiles: list[str], served: dict, fake: bool, client: h
 
 
 def ram_line(run: Run, when: str) -> str:
-    """The machine's RAM, mm's RAM budget for sleepers and what the sleepers hold (PSS, and RSS for
+    """The machine's RAM, mm's RAM budget (for its servers together) and what the sleepers hold (PSS, and RSS for
     comparison with earlier runs), so that a stop for RAM can be read against its figures."""
     import psutil
 
@@ -228,8 +228,8 @@ def ram_line(run: Run, when: str) -> str:
     def gib(key: str) -> str:
         return f"{sum((s.get('memory') or {}).get(key) or 0 for s in asleep) / 1024:.1f}"
     budget = status.get("ram_budget")
-    return (f"# ram {when}: total {vm.total / 2**30:.1f} GiB, available {vm.available / 2**30:.1f}; mm's budget "
-            f"for sleepers {'none' if budget is None else f'{budget / 2**30:.1f}'}; {len(asleep)} sleepers hold "
+    return (f"# ram {when}: total {vm.total / 2**30:.1f} GiB, available {vm.available / 2**30:.1f}; mm's RAM budget "
+            f"(its servers together) {'none' if budget is None else f'{budget / 2**30:.1f}'}; {len(asleep)} sleepers hold "
             f"{gib('ram_mib')} GiB (PSS; RSS {gib('rss_mib')})")
 
 
