@@ -203,3 +203,203 @@ def test_more_cards_than_the_machine_has_is_an_error_before_anything_starts():
     (heads,) = [f for f in split3 if f.rule == "tensor-split"]
     assert "28 attention heads (4 KV heads) do not split evenly over 3 cards" in heads.message
     assert heads.fix.startswith("set gpus = 2 or 4")
+
+
+# --- the scheduler on several cards (fake servers and cards, the test's clock) -------------------------------
+from mmlib.guard.fit import Footprint  # noqa: E402
+from mmlib.serve import cards as placing  # noqa: E402
+from mmlib.serve.scheduler import Policy  # noqa: E402
+from mmlib.serve.states import State  # noqa: E402
+from tests.unit.test_scheduler import World, profile, run  # noqa: E402
+
+
+class FakeCards:
+    """`count` cards of `capacity` GiB. A server holds prints[name] (awake, asleep GiB) on each of
+    the cards the scheduler gave it; `peaks` keeps the most each card held."""
+
+    def __init__(self, world: World, count: int, capacity: float, prints: dict[str, tuple[float, float]]):
+        self.world, self.count, self.cap = world, count, int(capacity * GIB)
+        self.prints = {n: Footprint(int(a * GIB), int(s * GIB)) for n, (a, s) in prints.items()}
+        self.budget = None
+        self.peaks = [0] * count
+
+    def used(self, card: int) -> int:
+        total = 0
+        for s in self.world.sched.servers.values():
+            if card not in (getattr(s, "gpus", None) or ()):
+                continue
+            fp = self.prints[s.name]
+            total += fp.awake if s.state in (State.AWAKE, State.STARTING, State.WAKING) else \
+                fp.asleep if s.state == State.ASLEEP else 0
+        self.peaks[card] = max(self.peaks[card], total)
+        return total
+
+    def cards(self) -> list[int]:
+        return list(range(self.count))
+
+    def capacity(self) -> int:
+        return self.cap
+
+    def free(self, cards=None) -> int:
+        return min(self.cap - self.used(c) for c in (cards or [0]))
+
+    def held(self, pid) -> int | None:
+        return None
+
+    def predict(self, p) -> Footprint:
+        fp = self.prints[p.name]
+        return Footprint(fp.awake, fp.asleep)
+
+
+def cards_world(count: int, prints: dict[str, tuple[float, float]], **layouts) -> tuple[World, FakeCards]:
+    """Profiles of `prints` on `count` cards of 80 GiB; `layouts`: name -> (gpus, parallel)."""
+    made = []
+    for name in prints:
+        gpus, parallel = layouts.get(name, (1, ""))
+        count_, indices = (gpus, ()) if isinstance(gpus, int) else (len(gpus), tuple(gpus))
+        made.append(dataclasses.replace(profile(name), gpus=count_, gpu_indices=indices, parallel=parallel))
+    w = World(*made)
+    w.sched.memory = card = FakeCards(w, count, 80, prints)
+    w.sched.policy = Policy(max_wait_s=1.0, settle_timeout_s=5.0)
+    return w, card
+
+
+def test_servers_on_cards_of_their_own_stay_awake_together():
+    async def go():
+        w, card = cards_world(2, {"a": (50, 1), "b": (50, 1)})  # two do not fit one 80 GiB card
+        await w.sched.activate(w.profiles["a"])
+        await w.sched.activate(w.profiles["b"])
+        assert (w.server("a").gpus, w.server("b").gpus) == ((0,), (1,))  # the least used card each
+        assert w.server("a").state == w.server("b").state == State.AWAKE and not any("sleep" in e for e in w.log)
+        assert max(card.peaks) <= card.cap
+    run(go())
+
+
+def test_on_one_card_the_same_servers_take_turns():
+    async def go():
+        w, card = cards_world(1, {"a": (50, 1), "b": (50, 1)})
+        await w.sched.activate(w.profiles["a"])
+        await w.sched.activate(w.profiles["b"])
+        assert (w.server("a").state, w.server("b").state) == (State.ASLEEP, State.AWAKE)
+        assert w.server("b").gpus == (0,) and card.peaks[0] <= card.cap
+    run(go())
+
+
+def test_servers_pinned_to_one_card_compete_and_one_on_another_card_is_left_alone():
+    async def go():
+        w, card = cards_world(2, {"a": (50, 1), "b": (50, 1), "c": (50, 1)}, a=([1], ""), b=([1], ""), c=([0], ""))
+        for name in ("c", "a", "b"):
+            await w.sched.activate(w.profiles[name])
+        assert [w.server(n).gpus for n in "abc"] == [(1,), (1,), (0,)]
+        assert [w.server(n).state for n in "abc"] == [State.ASLEEP, State.AWAKE, State.AWAKE]
+        assert "sleep c" not in w.log and max(card.peaks) <= card.cap
+    run(go())
+
+
+def test_a_split_server_shares_each_of_its_cards():
+    async def go():
+        # "split" holds 50 GiB on each of two cards; "one" needs 50 on the least used card
+        w, card = cards_world(2, {"split": (50, 1), "one": (50, 1), "other": (20, 1)},
+                              split=(2, "tensor"), other=([0], ""))
+        await w.sched.activate(w.profiles["other"])
+        await w.sched.activate(w.profiles["split"])  # 20 + 50 fit card 0, 50 fits card 1
+        assert w.server("split").gpus == (0, 1) and w.server("other").state == State.AWAKE
+        await w.sched.activate(w.profiles["one"])  # card 1 (less used) holds split's 50: split sleeps
+        assert w.server("one").gpus == (1,)
+        assert (w.server("split").state, w.server("other").state) == (State.ASLEEP, State.AWAKE)
+        assert max(card.peaks) <= card.cap
+    run(go())
+
+
+def test_sleepers_are_stopped_for_room_only_on_the_cards_a_start_needs():
+    async def go():
+        # five 30 GiB sleepers of 15 GiB each: a, b on card 0 ... a start on card 1 stops nothing on card 0
+        prints = {"a": (30, 15), "b": (30, 15), "c": (30, 15), "d": (30, 15), "big": (75, 1)}
+        w, card = cards_world(2, prints, a=([0], ""), b=([0], ""), c=([1], ""), d=([1], ""), big=([1], ""))
+        for name in "abcd":
+            await w.sched.activate(w.profiles[name])
+            await w.sched.sleep(name)
+        await w.sched.activate(w.profiles["big"])  # 75 + 15 + 15 > 80: c and d give way, a and b do not
+        assert (w.server("a").state, w.server("b").state) == (State.ASLEEP, State.ASLEEP)
+        assert (w.server("c").state, w.server("d").state) == (State.STOPPED, State.STOPPED)
+        assert w.server("big").state == State.AWAKE and max(card.peaks) <= card.cap
+    run(go())
+
+
+def test_placement_takes_named_cards_else_the_least_used():
+    p = dataclasses.replace(profile("x"), gpus=2, parallel="tensor")
+    assert placing.place(p, [0, 1, 2, 3], {0: 5, 1: 0, 2: 9}) == (1, 3)
+    assert placing.place(dataclasses.replace(p, gpu_indices=(2, 0)), [0, 1, 2, 3], {}) == (2, 0)
+    assert placing.place(profile("y"), [], {}) is None  # no GPU: CUDA's choice
+    assert placing.share((0, 1), (1,)) and not placing.share((0,), (1,)) and placing.share(None, (1,))
+    assert placing.judged([(0,), (1, 2)]) == [0, 1, 2] and placing.judged([(0,), None]) == [None]
+
+
+# --- status per card: NVML by device, the daemon's cards, `mm status`, /metrics ----------------------------------
+import asyncio  # noqa: E402
+import types  # noqa: E402
+
+from mmlib.cli.servers import card_lines, memory_cells  # noqa: E402
+from mmlib.serve.memory import CardMemory  # noqa: E402
+from mmlib.serve.metrics import Metrics  # noqa: E402
+from mmlib.system.nvml import Nvml  # noqa: E402
+
+MIB = 1 << 20
+
+
+def two_card_nvml(procs: dict[int, list[tuple[int, int]]]) -> types.ModuleType:
+    """A pynvml of two 80 GiB cards; procs: card -> [(pid, MiB)]."""
+    m = types.ModuleType("pynvml")
+    m.nvmlInit = m.nvmlShutdown = lambda: None
+    m.nvmlDeviceGetCount = lambda: 2
+    m.nvmlDeviceGetHandleByIndex = lambda i: i
+    m.nvmlDeviceGetUUID = lambda h: f"GPU-{h}"
+    m.nvmlDeviceGetName = lambda h: b"NVIDIA H100"
+    m.nvmlDeviceGetCudaComputeCapability = lambda h: (9, 0)
+
+    def memory(h):
+        used = sum(mib for _, mib in procs.get(h, [])) * MIB
+        return types.SimpleNamespace(total=80 * GIB, used=used, free=80 * GIB - used)
+    m.nvmlDeviceGetMemoryInfo = memory
+    m.nvmlDeviceGetComputeRunningProcesses = lambda h: [types.SimpleNamespace(pid=p, usedGpuMemory=mib * MIB)
+                                                        for p, mib in procs.get(h, [])]
+    return m
+
+
+def test_nvml_tells_what_processes_hold_on_each_card(monkeypatch):
+    nv = Nvml(two_card_nvml({0: [(11, 1000), (99, 5)], 1: [(11, 3000), (12, 500)]}), visible=None)
+    assert nv.indices() == [0, 1]
+    assert nv.processes_bytes_by_device({11, 12}) == {0: 1000 * MIB, 1: 3500 * MIB}
+    assert nv.processes_bytes({11, 12}) == 4500 * MIB
+    assert nv.processes_bytes_by_device({12}) == {1: 500 * MIB}
+    only_second = Nvml(two_card_nvml({1: [(11, 3000)]}), visible="1")
+    assert only_second.indices() == [1] and only_second.device_by_index(0) is None
+    assert only_second.device_by_index(1).used == 3000 * MIB
+    memory = CardMemory(nvml=Nvml(two_card_nvml({0: [(7, 2000)], 1: [(7, 6000)]})))
+    assert memory.cards() == [0, 1] and memory.free((0, 1)) == 80 * GIB - 6000 * MIB == memory.free((1,))
+    monkeypatch.setattr("mmlib.serve.memory.proctree.family", lambda pid: [types.SimpleNamespace(pid=7)])
+    assert memory.held(7) == 6000 * MIB  # one card's footprint: where it holds most
+
+
+def test_the_daemons_cards_list_each_cards_memory_and_the_servers_on_it():
+    devices = [GpuInfo(0, "NVIDIA H100", 80 * GIB, 29 * GIB), GpuInfo(1, "NVIDIA H100", 80 * GIB, 80 * GIB)]
+    servers = [{"profile": "big", "state": "awake", "pid": 5, "gpus": [0, 1],
+                "memory": {"gpu_mib": 51200.0, "cards": {"0": 51200.0}}},
+               {"profile": "asleep", "state": "asleep", "pid": 6, "gpus": [0], "memory": {"cards": {"0": 1024.0}}},
+               {"profile": "stopped", "state": "stopped", "pid": None, "gpus": [1], "memory": {}}]
+    cards = placing.status(devices, servers, budget=12 * GIB)
+    assert [c["index"] for c in cards] == [0, 1] and cards[0]["capacity"] == 12 * GIB
+    assert [(s["profile"], s["gpu_mib"]) for s in cards[0]["servers"]] == [("big", 51200.0), ("asleep", 1024.0)]
+    assert [(s["profile"], s["gpu_mib"]) for s in cards[1]["servers"]] == [("big", None)]  # placed, nothing yet
+    lines = card_lines(cards)
+    assert lines[0] == "card 0 (NVIDIA H100): 29.0 GiB free of 80.0 GiB (mm may use 12.0); big 50.0 GiB, asleep 1.0 GiB"
+    assert lines[1] == "card 1 (NVIDIA H100): 80.0 GiB free of 80.0 GiB (mm may use 12.0); big"
+    assert memory_cells({"gpu_mib": 51200.0, "rss_mib": 2048.0}, [0, 1]) == ("50.0 GiB (cards 0,1)", "2.0 GiB")
+
+    async def status():
+        return {"servers": [], "cards": cards}
+    text = asyncio.run(Metrics(status=status).scrape()).decode()
+    assert 'mm_gpu_memory_total_bytes{gpu="1"} 8.589934592e+10' in text
+    assert 'mm_gpu_memory_capacity_bytes{gpu="0"} 1.2884901888e+10' in text
+    assert 'mm_server_gpu_card_memory_bytes{gpu="0",model="asleep"} 1.073741824e+09' in text
+    assert 'model="big",gpu="1"' not in text and 'gpu="1",model="big"' not in text  # nothing measured there
