@@ -83,3 +83,22 @@ def test_a_layout_the_machine_cannot_run_is_one_line_before_anything_starts(two_
     r = two_cards.mm("up", "wide", check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "wide.toml: parallel: vLLM's data parallelism and sleep mode are not reliable together" in r.stderr
+
+
+def test_the_dp_vs_tp_benchmark_runs_dry(tmp_path):
+    """benchmarks/dp_vs_tp.py's --dry: both layouts through mm on the fake cards, a line each, the ratio."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "dp_vs_tp.txt"
+    r = subprocess.run([sys.executable, "benchmarks/dp_vs_tp.py", "--dry", "--concurrency", "1,8", "--out", str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("# benchmarks/dp_vs_tp.py") and "2x NVIDIA Fake H100" in lines[0]
+    for parallel in ("data", "tensor"):
+        runs = [line for line in lines if line.lstrip().startswith(f"{parallel} c=")]
+        assert [line.split("(")[-1] for line in runs] == ["16/16 answered)", "32/32 answered)"]
+        assert any(f"{parallel} parallel on cards [0, 1]" in line and "card 1 30.00" in line for line in lines)
+    assert [line.split(" data")[0] for line in lines if "data / tensor" in line] == ["c=1   ", "c=8   "]
