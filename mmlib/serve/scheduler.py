@@ -163,6 +163,7 @@ class Scheduler:
         self.ram_budget = ram_budget  # bytes the sleepers may hold in RAM; None: derived_ram_budget
         self.host_ram = host_ram  # () -> (total, available) bytes of the machine's RAM; None: unknown
         self.footprints: dict[tuple[str, str | None], Footprint] = {}  # (profile, model) -> measured
+        self._placing: dict[str, tuple[int, ...] | None] = {}  # the cards of the switch's starts (cards_of)
         self.switch_times: deque[float] = deque(maxlen=1000)
         self._make_server = make_server
         self._load = load
@@ -530,6 +531,8 @@ class Scheduler:
     def cards_of(self, profile: Profile) -> tuple[int, ...] | None:
         """The cards a profile's server holds, or would get if it started now; None: none known."""
         server, visible = self.servers.get(profile.name), self.memory.cards()
+        if profile.name in self._placing and (server is None or server.state not in LIVE):
+            return self._placing[profile.name]  # placed by the switch under way
         if server is not None and server.state in LIVE:
             held = getattr(server, "gpus", None)  # None: started without a card named, CUDA's first
             return held if held is not None or not visible else tuple(visible[:1])
@@ -539,8 +542,8 @@ class Scheduler:
         """Bytes the live servers (but `exclude`) hold on each card, as their footprints say."""
         load: dict[int, int] = {}
         for s in self.servers.values():
-            if s.name == exclude or s.state not in LIVE:
-                continue
+            if s.name == exclude or (s.state not in LIVE and s.name not in self._placing):
+                continue  # (a start placed earlier in this switch counts: a stack's members spread out)
             fp = self.footprint(s.profile)
             held = (fp.asleep if s.state in SLEEPING else fp.awake) if fp else 1
             for c in self.cards_of(s.profile) or ():
@@ -622,9 +625,10 @@ class Scheduler:
                 await self._drain(old)
                 await old.stop()
         targets = [self.server_for(m) for m in self.members(profile)]
-        for t in targets:  # a start gets its cards now, each member's before the next one's
+        self._placing = {}
+        for t in targets:  # a start gets its cards now, kept while the switch makes room for it
             if t.state not in LIVE and self.memory.cards():
-                t.gpus = self.cards_of(t.profile)
+                t.gpus = self._placing[t.name] = self.cards_of(t.profile)
         if not fit_together([t.profile for t in targets]):
             budget = sum(t.profile.memory_share for t in targets)
             raise MMError(f"{profile.source}: stack: its servers cannot be awake together (shares add "
@@ -642,6 +646,7 @@ class Scheduler:
         self.last_switch_s = took
         self.switch_times.append(self.clock.now())
         self.active = [t.name for t in targets]
+        self._placing = {}
         self.on_switch(awake_before, self.active, took)  # metrics (issue 14)
         return targets
 
@@ -656,6 +661,7 @@ class Scheduler:
                 # (why is the server's own line, logged once where it failed)
                 log.warning("%s: restoring it from its checkpoint failed; starting it again", server.name)
                 await server.stop()  # whatever is left of it
+                self._placing[server.name] = getattr(server, "gpus", None)  # it starts on the same cards
                 await self._make_room(targets)  # a start peaks above what a wake needs
                 await self._await_room(self._room_needed([server]), self._cards_held(server))
                 return await self._bring_up(server, targets)

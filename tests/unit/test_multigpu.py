@@ -403,3 +403,18 @@ def test_the_daemons_cards_list_each_cards_memory_and_the_servers_on_it():
     assert 'mm_gpu_memory_capacity_bytes{gpu="0"} 1.2884901888e+10' in text
     assert 'mm_server_gpu_card_memory_bytes{gpu="0",model="asleep"} 1.073741824e+09' in text
     assert 'model="big",gpu="1"' not in text and 'gpu="1",model="big"' not in text  # nothing measured there
+
+
+def test_a_stacks_members_placed_in_one_switch_count_against_each_other():
+    async def go():
+        from types import MappingProxyType
+
+        w, card = cards_world(2, {"stt": (30, 1), "llm": (60, 1), "voice": (0, 0)})
+        shared = {"share_gpu": True, "engine": MappingProxyType({"gpu_memory_utilization": 0.4})}
+        w.profiles.update(stt=dataclasses.replace(w.profiles["stt"], **shared),
+                          llm=dataclasses.replace(w.profiles["llm"], **shared),
+                          voice=dataclasses.replace(w.profiles["voice"], model=None, stack=("stt", "llm")))
+        await w.sched.activate(w.profiles["voice"])
+        assert (w.server("stt").gpus, w.server("llm").gpus) == ((0,), (1,))  # stt's 30 GiB counted for llm
+        assert w.server("stt").state == w.server("llm").state == State.AWAKE
+    run(go())
