@@ -301,7 +301,8 @@ RULES: list[Rule] = [
                        else "remove gpus and parallel (one card); a multi-card layout needs a machine with 2 or more GPUs"),
          key="gpus"),
     Rule("gpus-not-here", ERROR, lambda p, f: bool(_missing_cards(p, f)),
-         lambda p, f: (f"card {', '.join(map(str, _missing_cards(p, f)))} is not among the GPUs mm sees: "
+         lambda p, f: (("cards {} are" if len(_missing_cards(p, f)) > 1 else "card {} is").format(
+                           ", ".join(map(str, _missing_cards(p, f)))) + " not among the GPUs mm sees: "
                        + _cards_text(f) + (" (CUDA_VISIBLE_DEVICES hides the others)"
                                            if "CUDA_VISIBLE_DEVICES" in f.environ else "")),
          "list cards as `mm status` numbers them", key="gpus"),
