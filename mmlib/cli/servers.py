@@ -248,11 +248,26 @@ def state_cell(s: dict) -> str:
     return cell
 
 
-def memory_cells(mem: dict) -> tuple[str, str]:
+def memory_cells(mem: dict, cards: list | None = None) -> tuple[str, str]:
+    """GPU and RAM cells; `cards`: the cards it runs on, named where the machine has several."""
     gpu = f"{mem['gpu_mib'] / 1024:.1f} GiB" if mem.get("gpu_mib") is not None else (mem.get("gpu") or "-")
+    if cards:
+        gpu += f" (card{'s' if len(cards) > 1 else ''} {','.join(map(str, cards))})"
     ram_mib = mem["ram_mib"] if mem.get("ram_mib") is not None else mem.get("rss_mib")
     ram = f"{ram_mib / 1024:.1f} GiB" if ram_mib is not None else "-"
     return gpu, ram
+
+
+def card_lines(cards: list[dict]) -> list[str]:
+    """One line per card of a machine of several: its memory and the servers on it."""
+    lines = []
+    for c in cards:
+        on = ", ".join(s["profile"] + (f" {s['gpu_mib'] / 1024:.1f} GiB" if s.get("gpu_mib") is not None else "")
+                       for s in c.get("servers") or []) or "no server"
+        budget = f" (mm may use {c['capacity'] / 2**30:.1f})" if c.get("capacity", c["total"]) < c["total"] else ""
+        lines.append(f"card {c['index']} ({c['name']}): {c['free'] / 2**30:.1f} GiB free of "
+                     f"{c['total'] / 2**30:.1f} GiB{budget}; {on}")
+    return lines
 
 
 @click.command("status")
@@ -282,10 +297,12 @@ def status(as_json: bool) -> None:
     table = Table(title=f"mm: proxy {doc['daemon']['proxy']}/v1", title_justify="left")
     for col in ("profile", "model", "state", "URL", "pid", "uptime", "GPU", "RAM", "queue", "switch", "last switch"):
         table.add_column(col)
+    several = len(doc.get("cards") or []) > 1
     for s in doc["servers"]:
         last = f"{s['last_switch_s']:.2f}s" if s.get("last_switch_s") is not None else "-"
+        cards = s.get("gpus") if several and s.get("pid") else None
         table.add_row(s["profile"], s["served_model_name"], state_cell(s), s["url"] or "-", str(s["pid"] or "-"),
-                      human_duration(s["uptime_s"]), *memory_cells(s.get("memory") or {}),
+                      human_duration(s["uptime_s"]), *memory_cells(s.get("memory") or {}, cards),
                       f"{s.get('in_flight', 0)} / {s.get('waiting', 0)}", s["switch"], last)
     console = Console()
     if not console.is_terminal:  # piped: don't squeeze the table into 80 columns
@@ -293,9 +310,11 @@ def status(as_json: bool) -> None:
     console.print(table)
     card = doc.get("card") or {}
     room = f"; card: {card['free'] / 2**30:.1f} GiB free of {card['capacity'] / 2**30:.1f} GiB" + \
-        (" (budget)" if card.get("budget") else "") if card.get("capacity") else ""
+        (" (budget)" if card.get("budget") else "") if card.get("capacity") and not several else ""
     console.print(f"queue: in flight (paused while asleep) / waiting; switches in the last minute: {doc.get('switches_per_min', 0)}{room}",
                   highlight=False)
+    for line in card_lines(doc["cards"]) if several else []:
+        console.print(line, highlight=False, markup=False)
     for s in doc["servers"]:
         if s["state"] == "failed" and s.get("error"):
             console.print(f"[red]{s['profile']}[/]: {s['error']} (log: {s['log']})")

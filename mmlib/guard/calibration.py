@@ -74,3 +74,6 @@ ASLEEP_BASE = FIGURES["ASLEEP_BASE"].value
 KV_BLOCK = 16  # vLLM allocates KV in blocks of 16 tokens
 HEADROOM = 512 << 20  # what "fill" leaves free, and the margin under which a fit is called tight
 MIN_FIT_CONTEXT = 1024
+# NCCL's and vLLM's custom all-reduce buffers on each card of a tensor-parallel server: an estimate,
+# not yet measured (benchmarks/dp_vs_tp.py prints the prediction beside what each card held).
+ALL_REDUCE = 256 << 20

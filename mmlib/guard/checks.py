@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 from mmlib.errors import MMError, ProfileError
 from mmlib.guard import fit as fitmod
-from mmlib.guard import modelinfo, rules
+from mmlib.guard import layout, modelinfo, rules
 from mmlib.guard.rules import ERROR, INFO, WARN, Facts, Finding
 from mmlib.models import cache
 from mmlib.profiles.profile import Profile, list_profile_names, load_all, load_profile, name_clashes
@@ -28,6 +28,7 @@ from mmlib.profiles.vllm_cmd import (
     engine_int,
     flag,
     installed_vllm,
+    layout_engine,
     resolve_model,
     server_argv,
 )
@@ -165,6 +166,20 @@ def check_engine_args(p: Profile, spec: ArgSpec) -> list[Finding]:
         elif argv.count(option) > 1 and action.kind != "append":
             add(WARN, key, f"only the last item reaches vLLM: it keeps the last of a repeated {option}",
                 "list one item (mm passes a list as repeated flags)", "arg-repeated")
+    return out
+
+
+def check_layout_args(p: Profile, spec: ArgSpec) -> list[Finding]:
+    """The flag a multi-card layout becomes (gpus, parallel), asked of the installed vLLM's parser."""
+    out = []
+    for key, n in layout_engine(p).items():
+        action = spec.lookup(flag(key))
+        other = "tensor" if p.parallel == "data" else "data"
+        if action is None:
+            out.append(Finding(ERROR, p.source, "parallel", f"vLLM {spec.version} has no {flag(key)}: it cannot run "
+                               f"{p.parallel} parallel", f'set parallel = "{other}", or update vLLM', "layout-flag"))
+        elif (bad := _bad_value(key, n, action)) is not None:
+            out.append(Finding(ERROR, p.source, "gpus", f"mm passes {flag(key)} {n}: {bad[0]}", bad[1], "layout-flag"))
     return out
 
 
@@ -398,13 +413,16 @@ def check_fit(p: Profile, facts: Facts, folder: Any, cfg: dict[str, Any] | None,
     flipped = fitmod.predict(p, card, cfg, folder, spec, replace(here, checkpointed=not here.checkpointed)) \
         if fp.kept_for_sleepers or here.checkpointed else fp
     beside = room_beside(card.capacity - fp.awake_bytes, here, card.capacity - flipped.awake_bytes)
+    cards_here = len(facts.gpus or ())
     return _fit_findings(p, fp, card, facts, gpu_memory, finding, beside) + _ram_findings(p, fp, facts) \
-        + _derived_findings(p, fp, spec)
+        + _derived_findings(p, fp, spec) \
+        + layout.findings(p, fp, cfg, folder, cards_here, lambda q: fitmod.predict(q, card, cfg, folder, spec, here))
 
 
 def _fit_findings(p: Profile, fp: fitmod.Prediction, card: fitmod.Card, facts: Facts, gpu_memory: int | None,
                   finding: Callable[..., Finding], beside: str) -> list[Finding]:
     out = []
+    on = card.label() + (f", each of its {p.gpus} cards ({p.parallel} parallel)" if p.gpus > 1 else "")
     text, spare = fp.summary(where=False), card.capacity - fp.awake_bytes
     if fp.form == "share":
         text += (f" (vLLM fills its {fitmod.gib(p.memory_share * card.capacity)}"
@@ -413,22 +431,22 @@ def _fit_findings(p: Profile, fp: fitmod.Prediction, card: fitmod.Card, facts: F
     key, fix = _fix(fp.advice)
     if not fp.starts:
         need = f"one request of {fp.context:,} tokens" if fp.context else "a KV cache"
-        out.append(finding(ERROR, f"vLLM would refuse to start on {card.label()}: no room for {need}: {text}",
+        out.append(finding(ERROR, f"vLLM would refuse to start on {on}: no room for {need}: {text}",
                            fix, key))
     elif spare < 0:
-        out.append(finding(ERROR, f"does not fit {card.label()}: {text}", fix, key))
+        out.append(finding(ERROR, f"does not fit {on}: {text}", fix, key))
     elif spare < fitmod.HEADROOM:
-        out.append(finding(WARN, f"fits {card.label()} only just ({fitmod.gib(spare)} spare): {text}", fix, key))
+        out.append(finding(WARN, f"fits {on} only just ({fitmod.gib(spare)} spare): {text}", fix, key))
     elif p.memory and cap is not None and fp.awake_bytes > cap * card.capacity:
         wider = math.ceil(fp.awake_bytes / card.capacity * 100) / 100
-        out.append(finding(ERROR, f"needs more than its gpu_memory_utilization = {cap:g} of {card.label()}: {text}",
+        out.append(finding(ERROR, f"needs more than its gpu_memory_utilization = {cap:g} of {on}: {text}",
                            f"set engine.gpu_memory_utilization = {wider:g}", "engine.gpu_memory_utilization"))
     else:
-        out.append(finding(INFO, f"fits {card.label()}: {text}; {fitmod.gib(spare)} spare: {beside}"))
+        out.append(finding(INFO, f"fits {on}: {text}; {fitmod.gib(spare)} spare: {beside}"))
     if fp.full_requests is not None and fp.sequences and fp.starts and fp.sequences > fp.full_requests + 1e-9:
         out.append(finding(INFO, f"{fp.sequences} sequences but room for {fp.full_requests:.1f} at full length: "
                                  "long requests queue (fine for short ones)"))
-    gpu = facts.gpu
+    gpu = profile_gpu(p, facts)
     need = fp.awake_bytes - fitmod.CUDA_CONTEXT
     # mm sleeps or stops its own servers to make room: only what other programs hold can stop the start
     ours = sum(q.used or 0 for q in gpu.processes if q.pid in facts.mm_pids) if gpu is not None else 0
@@ -444,6 +462,12 @@ def _fit_findings(p: Profile, fp: fitmod.Prediction, card: fitmod.Card, facts: F
                            "stop the other programs holding it"
                            + (f", or lower gpu_memory_utilization to {floor:g}" if floor > 0 and not p.memory else "")))
     return out
+
+
+def profile_gpu(p: Profile, facts: Facts) -> Any:
+    """The first card the profile names where it names one here, else the first this machine shows."""
+    named = [g for g in facts.gpus or () if p.gpu_indices and g.index == p.gpu_indices[0]]
+    return named[0] if named else facts.gpu
 
 
 def _ram_findings(p: Profile, fp: fitmod.Prediction, facts: Facts) -> list[Finding]:
@@ -534,7 +558,7 @@ def check_profile(p: Profile, facts: Facts, spec: ArgSpec | None, gpu_memory: in
     facts = replace(facts, model_config=cfg, vllm_env=spec.env if spec else None)
     found = rules.evaluate(p, facts) + [f for f in [model_missing(p)] if f]
     if spec is not None:
-        found += check_engine_args(p, spec) + check_env_names(p, spec)
+        found += check_engine_args(p, spec) + check_layout_args(p, spec) + check_env_names(p, spec)
     return found + check_fit(p, facts, folder, cfg, why, gpu_memory, gpu_error, card, spec, sleepers)
 
 

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 from mmlib.guard.advice import advise
 from mmlib.guard.calibration import (
     ACTIVATION_FIXED,
+    ALL_REDUCE,
     ASLEEP_BASE,
     BUFFER_BYTES_PER_HIDDEN,
     COMPILE_RESERVE,
@@ -198,7 +199,7 @@ class Prediction:
         """One line: the parts, asleep, RAM (`where`: and the card)."""
         names = {"weights": "weights", "kv_cache": "KV", "cuda_graphs": "CUDA graphs",
                  "activations": "activations", "cuda_context": "CUDA context", "vllm_share": "vLLM's share",
-                 "workspace": "attention workspace"}
+                 "workspace": "attention workspace", "all_reduce": "all-reduce buffers"}
         parts = " + ".join(f"{names.get(k, k)} {v / GIB:.2f}" + (f" ({self.kv_text()})" if k == "kv_cache"
                                                                  and self.kv_tokens else "")
                            for k, v in self.parts.items())
@@ -272,6 +273,11 @@ def context_bytes(eager: bool) -> int:
     return NON_TORCH + CUDA_CONTEXT + (0 if eager else COMPILED_KERNELS)
 
 
+def all_reduce_bytes(profile: Profile) -> int:
+    """The all-reduce buffers each card of a tensor-parallel server keeps (none on one card)."""
+    return ALL_REDUCE if profile.tensor_parallel > 1 else 0
+
+
 def workspace_bytes(profile: Profile) -> int:
     """Attention backends' buffers outside the KV cache and the profiled activations."""
     backend = str(profile.engine.get("attention_backend") or "").upper()
@@ -329,6 +335,9 @@ def _model(profile: Profile, cfg: Mapping[str, Any] | None, folder: Path | None)
     dtype = str(engine.get("dtype", "auto")).lower()
     kv_name, kv_size = kv_bytes(engine.get("kv_cache_dtype"), shape.dtype if dtype in ("auto", "") else dtype)
     weights, source = weights_of(shape, engine, folder)
+    cards = profile.tensor_parallel  # each card holds its part: the prediction is per card
+    if cards > 1:
+        shape, weights = shape.split(cards), -(-weights // cards)
     return _Model(shape, weights, source, shape.kv_bytes_per_token(kv_size), kv_name, context_limit(cfg))
 
 
@@ -407,8 +416,9 @@ def offload_ram(offload: int) -> int:
 
 
 def _host_ram(profile: Profile, weights: int, offload: int) -> int:
+    """`weights`: one card's (a tensor-parallel server's level-1 sleep keeps every card's in RAM)."""
     level1 = profile.sleep.enabled and profile.sleep.level == 1
-    return HOST_BASE + offload_ram(offload) + (weights if level1 else 0)
+    return HOST_BASE + offload_ram(offload) + (weights * profile.tensor_parallel if level1 else 0)
 
 
 def engine_offload_bytes(profile: Profile) -> int:
@@ -445,7 +455,8 @@ def _predict_share(profile: Profile, card: Card | None, model: _Model | None) ->
     buffers = BUFFER_BYTES_PER_HIDDEN * shape.hidden
     peak = activation_bytes(shape, batched)
     vllm_graphs = CUDA_GRAPHS if capture else 0
-    kv = int(share * capacity) - model.weights - buffers - peak - NON_TORCH - vllm_graphs
+    all_reduce = all_reduce_bytes(profile)  # outside torch: vLLM's profiler takes it off the KV cache
+    kv = int(share * capacity) - model.weights - buffers - peak - NON_TORCH - vllm_graphs - all_reduce
     limit = engine_int(profile.engine.get("max_model_len"))
     context = limit if limit and limit > 0 else model.limit
     tokens = max(0, kv) // model.kv_per_token // KV_BLOCK * KV_BLOCK if card else None
@@ -456,6 +467,8 @@ def _predict_share(profile: Profile, card: Card | None, model: _Model | None) ->
     eager = profile.engine.get("enforce_eager") is True
     parts = {"weights": model.weights + buffers, "kv_cache": max(0, kv) if card else 0, "cuda_graphs": graphs,
              "activations": peak + compile_reserve_bytes(shape, batched, eager), "cuda_context": context_bytes(eager)}
+    if all_reduce:
+        parts["all_reduce"] = all_reduce
     fp = Prediction(profile.name, card, "share", parts, (ASLEEP_BASE + graphs) if profile.sleep.enabled else 0,
                    _host_ram(profile, model.weights, offload), sizes, context=context, sequences=sequences,
                    kv_tokens=tokens, kv_per_token=model.kv_per_token, kv_dtype=model.kv_dtype,
@@ -493,7 +506,8 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
     eager = profile.engine.get("enforce_eager") is True
     activations = kept if eager else compiled_activation_bytes(shape, sequences, batched)
     workspace = workspace_bytes(profile)
-    fixed = weights + graphs + activations + workspace + context_bytes(eager)
+    all_reduce = all_reduce_bytes(profile)
+    fixed = weights + graphs + activations + workspace + all_reduce + context_bytes(eager)
     per_token, extra = model.kv_per_token, shape.encoder_positions
     context = m.context
     if context and model.limit and context > model.limit and profile.model_replaced:
@@ -514,6 +528,8 @@ def _predict_bytes(profile: Profile, card: Card | None, model: _Model | None, sp
              "cuda_context": context_bytes(eager)}
     if workspace:
         parts["workspace"] = workspace
+    if all_reduce:
+        parts["all_reduce"] = all_reduce
     awake = sum(parts.values())
     if card:
         cap = _share(profile, None)

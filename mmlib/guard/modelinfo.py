@@ -134,6 +134,26 @@ class Shape:
             return replace(self, quant_method=q, bits=8)
         return self
 
+    def split(self, cards: int) -> "Shape":
+        """One card's part under tensor parallelism over `cards` (vLLM's sharding): the attention
+        heads and the MLP's and experts' widths divided; the KV heads too, each card keeping at least
+        one (vLLM copies them where there are fewer than cards). An MLA latent and the vocabulary
+        (the sampler's logits are gathered whole) stay whole on every card."""
+        if cards <= 1:
+            return self
+
+        def part(n: int) -> int:
+            return -(-n // cards)
+        return replace(self, heads=part(self.heads), kv_heads=part(self.kv_heads), intermediate=part(self.intermediate),
+                       expert_intermediate=part(self.expert_intermediate),
+                       shared_expert_intermediate=part(self.shared_expert_intermediate))
+
+    def splits_over(self, cards: int) -> bool:
+        """Whether vLLM can split this model over `cards` by tensor parallelism: the attention heads
+        divide evenly, and the KV heads do, or the cards divide evenly among them."""
+        kv = self.kv_heads
+        return cards >= 1 and self.heads % cards == 0 and (kv % cards == 0 or cards % kv == 0)
+
     def kv_bytes_per_token(self, kv_dtype_bytes: float) -> int:
         if self.kv_lora_rank:  # MLA caches one latent vector (plus the RoPE part) per layer
             return int(self.layers * (self.kv_lora_rank + self.rope_head_dim) * kv_dtype_bytes)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mmlib.guard.modelinfo import model_max_len
+from mmlib.guard.modelinfo import Shape, model_max_len
 from mmlib.profiles.profile import Profile
 from mmlib.profiles.vllm_cmd import SLEEP_MODE, engine_int, wants_tcp
 from mmlib.system.nvml import GpuInfo
@@ -160,6 +160,39 @@ def _weights_missing(p: Profile, facts: Facts) -> bool:
     return not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES)
 
 
+# --- more than one card ----------------------------------------------------------------------------------
+def _cards_text(f: Facts) -> str:
+    if not f.gpus:
+        return "this machine has no GPU" + (" (vLLM's CPU build)" if f.is_cpu else "")
+    return f"this machine has {len(f.gpus)}: " + ", ".join(f"{g.index} ({g.name})" for g in f.gpus)
+
+
+def _missing_cards(p: Profile, f: Facts) -> list[int]:
+    here = {g.index for g in f.gpus or ()}
+    return [i for i in p.gpu_indices if i not in here]
+
+
+def _too_few_cards(p: Profile, f: Facts) -> bool:
+    return not p.gpu_indices and p.gpus > 1 and p.gpus > len(f.gpus or ())
+
+
+def _model_shape(f: Facts) -> Shape | None:
+    return Shape.from_config(f.model_config) if f.model_config else None
+
+
+def _unsplittable(p: Profile, f: Facts) -> bool:
+    shape = _model_shape(f)
+    return p.tensor_parallel > 1 and shape is not None and not shape.splits_over(p.tensor_parallel)
+
+
+def _split_fix(p: Profile, f: Facts) -> str:
+    shape = _model_shape(f)
+    sizes = [n for n in range(2, max(8, p.gpus) + 1) if shape and shape.splits_over(n)]
+    if not sizes:
+        return 'set parallel = "data", or gpus = 1'
+    return f"set gpus = {' or '.join(map(str, sizes[:3]))} (numbers of cards its heads divide by)"
+
+
 # --- environment variables vLLM no longer reads ------------------------------------------------------
 @dataclass(frozen=True)
 class RemovedEnv:
@@ -262,6 +295,21 @@ RULES: list[Rule] = [
          "leave port and host out: mm then serves it on a unix socket only you can reach (clients use mm's proxy)",
          key=lambda p, f: "port" if p.port is not None else "host"),
     *(_env_rule(r) for r in REMOVED_ENV),
+    Rule("gpus-too-few", ERROR, _too_few_cards,
+         lambda p, f: f"needs {p.gpus} GPUs and {_cards_text(f)}",
+         lambda p, f: (f"set gpus = {len(f.gpus)}, or run it where {p.gpus} GPUs are visible" if f.gpus and len(f.gpus) > 1
+                       else "remove gpus and parallel (one card); a multi-card layout needs a machine with 2 or more GPUs"),
+         key="gpus"),
+    Rule("gpus-not-here", ERROR, lambda p, f: bool(_missing_cards(p, f)),
+         lambda p, f: (("cards {} are" if len(_missing_cards(p, f)) > 1 else "card {} is").format(
+                           ", ".join(map(str, _missing_cards(p, f)))) + " not among the GPUs mm sees: "
+                       + _cards_text(f) + (" (CUDA_VISIBLE_DEVICES hides the others)"
+                                           if "CUDA_VISIBLE_DEVICES" in f.environ else "")),
+         "list cards as `mm status` numbers them", key="gpus"),
+    Rule("tensor-split", ERROR, _unsplittable,
+         lambda p, f: (f"the model's {_model_shape(f).heads} attention heads ({_model_shape(f).kv_heads} KV heads) "
+                       f"do not split evenly over {p.gpus} cards: vLLM refuses to start"),
+         _split_fix, key="gpus"),
 ]
 
 

@@ -41,7 +41,20 @@ RESERVED_ENGINE_KEYS = {
     "model": "set the top-level `model` instead", "served_model_name": "set the top-level `served_model_name` instead",
     "api_key": "set the top-level `api_key` instead (mm passes it by environment, never on the command line)",
     "uds": "remove it: mm puts each server on a unix socket of its own unless the profile sets `port`",
+    "tensor_parallel_size": 'set gpus = N and parallel = "tensor" instead (mm gives the server its cards)',
+    "data_parallel_size": 'set gpus = N and parallel = "data" instead (mm gives the server its cards)',
 }
+# More than one card: how the model is laid out over them.
+PARALLEL_LAYOUTS = {"data": "a replica of the whole model on each card, behind the server's one endpoint",
+                    "tensor": "the model split over the cards, one copy in all"}
+MAX_GPUS = 64
+# [env] variables that choose cards: mm sets them from `gpus`, so that its memory accounting is right.
+CARD_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+# vLLM's data parallelism and its sleep mode are not reliable together (vllm-project/vllm#51476: a
+# sleep's drain could only time out until #51481, a DP pause runs forwards it does not wait for, and
+# #44483 fixed an illegal memory access on a wake): mm refuses the pair rather than hang a switch.
+DATA_PARALLEL_SLEEP = ("vLLM's data parallelism and sleep mode are not reliable together (vllm-project/vllm#51476: "
+                       "a sleep's drain can hang and a wake can crash)")
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,12 @@ class Profile:
     # The profile's own model when `with_model` put another in its place (mm then fits the
     # memory plan to the new model's shapes).
     base_model: str | None = None
+    # The cards the server runs on: how many, and which where the profile names them (NVML's
+    # indices, as `nvidia-smi` and `mm status` print them; none named: mm picks the least used).
+    # More than one needs a layout, `parallel`: "data" or "tensor" (PARALLEL_LAYOUTS).
+    gpus: int = 1
+    gpu_indices: tuple[int, ...] = ()
+    parallel: str = ""
 
     @property
     def is_stack(self) -> bool:
@@ -98,6 +117,16 @@ class Profile:
             return self.memory.sequences
         n = self.engine.get("max_num_seqs")
         return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+    @property
+    def tensor_parallel(self) -> int:
+        """Cards the model is split over (1: whole on each of its cards)."""
+        return self.gpus if self.parallel == "tensor" else 1
+
+    @property
+    def data_parallel(self) -> int:
+        """Replicas of the model, one a card."""
+        return self.gpus if self.parallel == "data" else 1
 
     @property
     def memory_share(self) -> float:
@@ -129,6 +158,8 @@ SCALAR_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "api_key": ((str,), "a string"),
     "stack": ((list,), "a list of profile names"),
     "share_gpu": ((bool,), "true or false"),
+    "gpus": ((int, list), "a number of cards such as 2, or a list of card indices such as [0, 1]"),
+    "parallel": ((str,), '"data" or "tensor"'),
 }
 TABLE_KEYS = ("engine", "env", "sleep", "memory")
 SLEEP_KEYS = {"enabled": (bool,), "level": (int,), "checkpoint": (bool,)}
@@ -376,6 +407,9 @@ def _env(file: str, table: Mapping[str, Any]) -> dict[str, str]:
     for key, value in table.items():
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
             raise ProfileError(file, "not an environment variable name", key=f"env.{key}")
+        if key in CARD_ENV:
+            raise ProfileError(file, "mm chooses the server's cards itself (and counts their memory)",
+                               "set gpus = [1] (the cards' indices, as `mm status` shows them) instead", key=f"env.{key}")
         if isinstance(value, bool):
             value = "1" if value else "0"
         if not isinstance(value, (str, int, float)):
@@ -396,6 +430,39 @@ def _sleep(file: str, table: Any) -> SleepSettings:
         raise ProfileError(file, f"level {level} is not 1 or 2", "level 1 keeps weights in RAM, 2 drops them",
                            key="sleep.level")
     return SleepSettings(enabled=table.get("enabled", True), level=level, checkpoint=table.get("checkpoint", True))
+
+
+def _gpus(file: str, value: Any) -> tuple[int, tuple[int, ...]]:
+    """(how many cards, which: () where mm picks) from `gpus = 2` or `gpus = [0, 1]`."""
+    if isinstance(value, int):
+        if not 1 <= value <= MAX_GPUS:
+            raise ProfileError(file, f"{value} is out of range", f"use 1-{MAX_GPUS} cards", key="gpus")
+        return value, ()
+    if not value or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_GPUS for i in value):
+        raise ProfileError(file, f"expected card indices, got {value!r}"[:200],
+                           "list cards as `mm status` numbers them, e.g. gpus = [0, 1]", key="gpus")
+    if len(set(value)) != len(value):
+        raise ProfileError(file, f"a card is listed twice in {value!r}", "list each card once", key="gpus")
+    return len(value), tuple(value)
+
+
+def _layout(file: str, data: Mapping[str, Any], sleep: SleepSettings) -> tuple[int, tuple[int, ...], str]:
+    """`gpus` and `parallel`: how many cards, which, and how the model is laid out over them."""
+    count, indices = _gpus(file, data.get("gpus", 1))
+    parallel = data.get("parallel", "")
+    if parallel and parallel not in PARALLEL_LAYOUTS:
+        raise ProfileError(file, f"{parallel!r} is not a layout",
+                           '"data" (a replica on each card) or "tensor" (the model split over the cards)',
+                           key="parallel")
+    if count > 1 and not parallel:
+        raise ProfileError(file, f"{count} cards need a layout",
+                           'set parallel = "data" (a replica of the model on each card, for throughput) or '
+                           '"tensor" (the model split over the cards, for a model too big for one)', key="parallel")
+    if count > 1 and parallel == "data" and sleep.enabled:
+        raise ProfileError(file, DATA_PARALLEL_SLEEP,
+                           'set sleep = false (mm stops and starts it instead of sleeping it), or parallel = "tensor"',
+                           key="parallel")
+    return count, indices, parallel if count > 1 else ""
 
 
 def validate(name: str, data: Mapping[str, Any], file: str) -> Profile:
@@ -431,6 +498,7 @@ def validate(name: str, data: Mapping[str, Any], file: str) -> Profile:
     host, env = data.get("host", "127.0.0.1"), _env(file, data.get("env", {}))
     sleep = _sleep(file, data.get("sleep", {"enabled": False}))
     _check_listen(file, host, sleep, env, data.get("api_key"))
+    gpus, gpu_indices, parallel = _layout(file, data, sleep)
     return Profile(
         name=name, source=file,
         description=data.get("description", ""),
@@ -444,6 +512,7 @@ def validate(name: str, data: Mapping[str, Any], file: str) -> Profile:
         idle_sleep=data.get("idle_sleep"), idle_stop=data.get("idle_stop"),
         restart=restart, max_restarts=max_restarts,
         api_key=data.get("api_key"), stack=stack, share_gpu=data.get("share_gpu", False),
+        gpus=gpus, gpu_indices=gpu_indices, parallel=parallel,
     )
 
 
@@ -455,6 +524,8 @@ def to_dict(p: Profile) -> dict[str, Any]:
         "restart": p.restart, "max_restarts": p.max_restarts, "idle_sleep": p.idle_sleep,
         "idle_stop": p.idle_stop, "stack": list(p.stack), "share_gpu": p.share_gpu,
     }.items() if v not in (None, [], "")}
+    if p.gpus > 1 or p.gpu_indices:
+        doc.update(gpus=list(p.gpu_indices) or p.gpus, **({"parallel": p.parallel} if p.parallel else {}))
     doc["sleep"] = {"enabled": p.sleep.enabled, "level": p.sleep.level, "checkpoint": p.sleep.checkpoint}
     if p.memory is not None:
         doc["memory"] = p.memory.to_table()

@@ -111,10 +111,11 @@ def checkpoint_blocker(profile: Profile, install: VllmInstall | None = None) -> 
         return "vLLM's CPU build (no sleep mode)"
     if not profile.sleep.checkpoint:
         return "[sleep] checkpoint = false"
-    for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
-        n = engine_int(profile.engine.get(key, 1))
-        if n is not None and n > 1:
-            return f"engine.{key} = {n}: its processes share GPU memory, which the driver cannot checkpoint"
+    if profile.gpus > 1:
+        return f"gpus = {profile.gpus}: its processes share GPU memory across cards, which the driver cannot checkpoint"
+    n = engine_int(profile.engine.get("pipeline_parallel_size", 1))
+    if n is not None and n > 1:
+        return f"engine.pipeline_parallel_size = {n}: its processes share GPU memory, which the driver cannot checkpoint"
     return None
 
 
@@ -133,6 +134,29 @@ def sleep_keeps_requests() -> bool:
     except (OSError, metadata.PackageNotFoundError):
         return False
     return "PAUSED_ALL" in text and "reset_running_requests" in text
+
+
+# The engine key of each multi-card layout (profile.PARALLEL_LAYOUTS).
+LAYOUT_KEYS = {"tensor": "tensor_parallel_size", "data": "data_parallel_size"}
+
+
+def layout_engine(profile: Profile) -> dict[str, Any]:
+    """The engine key a multi-card layout becomes: vLLM's tensor or data parallel size (its cards
+    themselves come by environment: card_env)."""
+    return {LAYOUT_KEYS[profile.parallel]: profile.gpus} if profile.gpus > 1 and profile.parallel else {}
+
+
+def layout_flag(parallel: str) -> str:
+    """The vLLM flag of a layout (for lines that name it)."""
+    return flag(LAYOUT_KEYS[parallel])
+
+
+def card_env(cards: tuple[int, ...] | None) -> dict[str, str]:
+    """The environment that gives a server its cards: NVML's indices (what mm counts memory by and
+    `mm status` prints), in NVML's (PCI bus) order for CUDA too. None: leave the cards to CUDA."""
+    if cards is None:
+        return {}
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(str(c) for c in cards)}
 
 
 def memory_engine(profile: Profile) -> dict[str, Any]:
@@ -209,10 +233,14 @@ def server_argv(profile: Profile, listen: int | str, python: str = sys.executabl
             "--served-model-name", *profile.names]
     if sleep_available(profile):
         argv.append(SLEEP_MODE)
-    return argv + engine_args({**profile.engine, **memory_engine(profile), **derived_engine(profile, derived)})
+    layout = [a for key, n in layout_engine(profile).items() for a in (flag(key), str(n))]  # reserved in [engine]
+    return argv + layout + engine_args({**profile.engine, **memory_engine(profile), **derived_engine(profile, derived)})
 
 
-def server_env(profile: Profile, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def server_env(profile: Profile, base: Mapping[str, str] | None = None,
+               cards: tuple[int, ...] | None = None) -> dict[str, str]:
+    """The server's environment; `cards`: the NVML indices of the cards it runs on (None: CUDA's
+    choice, the first it sees)."""
     env = dict(os.environ if base is None else base)
     install = installed_vllm()
     if install and install.is_cpu:
@@ -225,6 +253,7 @@ def server_env(profile: Profile, base: Mapping[str, str] | None = None) -> dict[
     if sleep_available(profile, install):
         env["VLLM_SERVER_DEV_MODE"] = "1"
     env.update(profile.env)
+    env.update(card_env(cards))  # (profile.py keeps these out of [env])
     if profile.api_key:
         env["VLLM_API_KEY"] = profile.api_key  # a secret: by environment, never in argv (ps shows argv)
     return env

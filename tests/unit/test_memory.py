@@ -52,6 +52,9 @@ class FakeProbe:
     def processes_bytes(self, pids):
         return int(self.server * MIB) if self.available else None
 
+    def processes_bytes_by_device(self, pids):
+        return {0: int(self.server * MIB)} if self.available else None
+
 
 def test_probe_attributes_memory_to_the_server_processes(monkeypatch):
     probe = probe_with(monkeypatch, [{"name": "NVIDIA H100", "used": 9000, "total": 81559,
@@ -90,7 +93,7 @@ def test_tree_memory_reads_this_process_tree():
     assert out["rss_mib"] > 1
     with_gpu = tree_memory(os.getpid(), nv=FakeProbe(server=1234.5))
     assert with_gpu == {"gpu_mib": 1234.5, "rss_mib": pytest.approx(out["rss_mib"], rel=0.5),
-                        "ram_mib": pytest.approx(out["ram_mib"], rel=0.5), "gpu": None}
+                        "ram_mib": pytest.approx(out["ram_mib"], rel=0.5), "gpu": None, "cards": {"0": 1234.5}}
     assert 0 < out["ram_mib"] <= out["rss_mib"] * 1.1  # this process's PSS share
     assert tree_memory(None)["rss_mib"] is None and tree_memory(None)["ram_mib"] is None
 

@@ -18,7 +18,7 @@ VLLM_FLAGS = {"--uds", "--host", "--port", "--served-model-name", "--enable-slee
               "--kv-cache-memory-bytes", "--max-cudagraph-capture-size", "--gpu-memory-utilization",
               "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--kv-offloading-size",
               "--kv-offloading-backend", "--enforce-eager", "--tensor-parallel-size", "--quantization",
-              "--kv-cache-dtype", "--attention-backend", "--load-format", "--dtype"}
+              "--kv-cache-dtype", "--attention-backend", "--load-format", "--dtype", "--data-parallel-size"}
 
 
 def literals(path: Path) -> list[tuple[int, str]]:

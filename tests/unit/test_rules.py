@@ -1,6 +1,7 @@
 """Every rule in mmlib.guard.rules.RULES: a profile and machine that trigger it, and one that does not."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import MappingProxyType
 
@@ -20,6 +21,13 @@ HERE = Path(__file__).resolve().parent
 HOPPER, AMPERE, CPU = Facts(gpus=(H100,)), Facts(gpus=(RTX3060,)), Facts(is_cpu=True)
 AWQ_CONFIG = {"torch_dtype": "float16", "max_position_embeddings": 32768,
               "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}
+TWO_H100 = Facts(gpus=(H100, dataclasses.replace(H100, index=1)))
+QWEN_7B = {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4}
+
+
+def cards(p: Profile, gpus: int | tuple[int, ...], parallel: str = "tensor") -> Profile:
+    count, indices = (gpus, ()) if isinstance(gpus, int) else (len(gpus), gpus)
+    return dataclasses.replace(p, gpus=count, gpu_indices=indices, parallel=parallel if count > 1 else "")
 
 
 def profile(engine=None, env=None, sleep=False, port=None, model="Qwen/Qwen2.5-7B-Instruct-AWQ",
@@ -84,6 +92,15 @@ CASES = {
     "env-vllm-use-v1": (
         (profile(env={"VLLM_USE_V1": "1"}), AMPERE),
         (profile(env={"VLLM_USE_V1": "1"}), Facts(vllm_env=frozenset({"VLLM_USE_V1"})))),  # an old vLLM reads it
+    "gpus-too-few": (
+        (cards(profile(), 2), HOPPER),
+        (cards(profile(), 2), TWO_H100)),
+    "gpus-not-here": (
+        (cards(profile(), (1,)), HOPPER),
+        (cards(profile(), (1,)), TWO_H100)),
+    "tensor-split": (  # 28 heads and 4 KV heads: 2 and 4 cards split it, 3 do not
+        (cards(profile(), 3), Facts(gpus=TWO_H100.gpus * 2, model_config=QWEN_7B)),
+        (cards(profile(), 4), Facts(gpus=TWO_H100.gpus * 2, model_config=QWEN_7B))),
 }
 
 

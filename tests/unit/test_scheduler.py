@@ -327,6 +327,9 @@ class FakeCard:
                 fp.asleep if s.state == State.ASLEEP else 0
         return used + sum(g[0] for g in self.ghosts)
 
+    def cards(self) -> list[int]:
+        return []  # one card, none named (tests/unit/test_multigpu.py has several)
+
     def capacity(self) -> int:
         return self.cap
 

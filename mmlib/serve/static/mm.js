@@ -222,9 +222,26 @@ function renderSummary() {
     <div class="stat"><div class="k">now</div><div class="v">${inFlight}<small> in flight · </small>${waiting}<small> waiting</small></div></div>
     <div class="stat"><div class="k">switches, last hour</div><div class="v">${switches.length}<small>${switches.length ? ` · median ${fmtS(median(switches.map((e) => e.seconds)))}` : ""}</small></div></div>`;
 }
+function severalCards() {
+  const cards = (S.status && S.status.cards) || [];
+  return cards.length > 1 ? cards : null; // each {index, name, total, free, capacity, servers: [{profile, state, gpu_mib}]}
+}
+function cardsHtml(cards) {
+  // a machine of several GPUs: one bar per card, its servers' memory on it
+  return cards.map((c) => {
+    const total = c.total / 1048576;
+    const on = (c.servers || []).filter((s) => s.gpu_mib != null);
+    const segs = on.map((s) => `<span class="${s.state}" style="width:${(100 * s.gpu_mib) / total}%" title="${esc(s.profile)} ${s.state} ${fmtMiB(s.gpu_mib)}"></span>`).join("");
+    const names = (c.servers || []).map((s) => esc(s.profile)).join(", ") || "no server";
+    return `<div class="k">GPU ${c.index} · ${esc(c.name)}</div><div class="budget">${segs}</div>
+      <div class="small muted">${fmtMiB(c.free / 1048576)} free of ${fmtMiB(total)} · ${names}</div>`;
+  }).join("");
+}
 function budgetHtml(list) {
   const c = card();
   const live = list.filter((s) => ["awake", "asleep", "checkpointed", "starting", "waking"].includes(s.state));
+  const cards = severalCards();
+  if (cards) return cardsHtml(cards);
   if (c && c.total_mib) {
     const total = c.total_mib;
     const parts = live.filter((s) => s.memory && s.memory.gpu_mib != null);
@@ -287,6 +304,7 @@ function serverCard(s, fp, peakGpu, peakRam) {
     `<span>${esc(s.switch)}${s.last_switch_s != null ? ` <b>${fmtS(s.last_switch_s)}</b>` : ""}</span>`,
     s.uptime_s != null ? `<span>up <b>${fmtAge(s.uptime_s)}</b></span>` : "",
     s.port && s.pid ? `<span>port ${s.port}</span>` : "",
+    severalCards() && s.pid && s.gpus ? `<span>GPU <b>${s.gpus.join(",")}</b>${s.parallel ? ` ${esc(s.parallel)} parallel` : ""}</span>` : "",
     s.restarts ? `<span>restarts <b>${s.restarts}</b></span>` : "",
     p.share_gpu ? `<span>share ${(p.memory_share ?? 0).toFixed(2)}</span>` : "",
   ].filter(Boolean).join("");

@@ -1,5 +1,6 @@
-"""The state the fake card, the fake driver and the fake vLLM share: files, so that the daemon, the
-servers and the test see one card. `$FAKE_GPU_DIR/<pid>` holds the bytes a process holds on the card;
+"""The state the fake cards, the fake driver and the fake vLLM share: files, so that the daemon, the
+servers and the test see the same cards. `$FAKE_GPU_COUNT` cards (default 1) of 80 GiB each;
+`$FAKE_GPU_DIR/<pid>` holds the bytes a process holds on each card ({"0": bytes, "1": ...});
 `$MM_FAKE_CUDA_CHECKPOINT` is the driver's JSON: {"states": {pid: "CHECKPOINTED"...}, "calls": [...],
 "fail": "restore" (the next such call fails), "api_version": 13000}."""
 from __future__ import annotations
@@ -39,11 +40,17 @@ def driver_state(pid: int) -> str:
     return read_driver().get("states", {}).get(str(pid), "RUNNING")
 
 
-def hold(pid: int, nbytes: int) -> None:
-    """What a process holds on the fake card now."""
+def count() -> int:
+    return int(os.environ.get("FAKE_GPU_COUNT") or 1)
+
+
+def hold(pid: int, nbytes: int, cards: tuple[int, ...] = (0,)) -> None:
+    """What a process holds on each of these fake cards now."""
     d = gpu_dir()
     if d is not None:
-        (d / str(pid)).write_text(str(nbytes))
+        tmp = d / f".{pid}.tmp"
+        tmp.write_text(json.dumps({str(c): nbytes for c in cards}))
+        os.replace(tmp, d / str(pid))
 
 
 def alive(pid: int) -> bool:
@@ -54,14 +61,16 @@ def alive(pid: int) -> bool:
         return False
 
 
-def processes() -> dict[int, int]:
+def processes(card: int = 0) -> dict[int, int]:
     """pid -> bytes of every live process on the card; a checkpointed one has left it."""
     d, states = gpu_dir(), read_driver().get("states", {})
     out = {}
     for f in d.iterdir() if d and d.is_dir() else []:
         if f.name.isdigit() and alive(int(f.name)) and states.get(f.name, "RUNNING") != "CHECKPOINTED":
             try:
-                out[int(f.name)] = int(f.read_text() or 0)
+                held = json.loads(f.read_text() or "{}").get(str(card))
             except (OSError, ValueError):
                 continue
+            if held is not None:
+                out[int(f.name)] = int(held)
     return out

@@ -1,11 +1,11 @@
-"""A fake pynvml (nvidia-ml-py): one 80 GiB card whose compute processes are fake_gpu_state's."""
+"""A fake pynvml (nvidia-ml-py): $FAKE_GPU_COUNT cards (default one) of 80 GiB whose compute processes
+are fake_gpu_state's. A handle is the card's index."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import fake_gpu_state as gpu
 
-HANDLE = "fake-gpu-0"
 
 
 def nvmlInit() -> None:
@@ -17,15 +17,17 @@ def nvmlShutdown() -> None:
 
 
 def nvmlDeviceGetCount() -> int:
-    return 1
+    return gpu.count()
 
 
-def nvmlDeviceGetHandleByIndex(i: int) -> str:
-    return HANDLE
+def nvmlDeviceGetHandleByIndex(i: int) -> int:
+    if not 0 <= i < gpu.count():
+        raise IndexError(f"no fake GPU {i}")
+    return i
 
 
 def nvmlDeviceGetUUID(h) -> str:
-    return "GPU-fake-0000"
+    return f"GPU-fake-{h:04d}"
 
 
 def nvmlDeviceGetName(h) -> str:
@@ -37,12 +39,12 @@ def nvmlDeviceGetCudaComputeCapability(h) -> tuple[int, int]:
 
 
 def nvmlDeviceGetMemoryInfo(h) -> SimpleNamespace:
-    used = sum(gpu.processes().values())
+    used = sum(gpu.processes(h).values())
     return SimpleNamespace(total=gpu.TOTAL, used=used, free=gpu.TOTAL - used)
 
 
 def nvmlDeviceGetComputeRunningProcesses(h) -> list[SimpleNamespace]:
-    return [SimpleNamespace(pid=pid, usedGpuMemory=n) for pid, n in gpu.processes().items()]
+    return [SimpleNamespace(pid=pid, usedGpuMemory=n) for pid, n in gpu.processes(h).items()]
 
 
 def nvmlDeviceGetGraphicsRunningProcesses(h) -> list:

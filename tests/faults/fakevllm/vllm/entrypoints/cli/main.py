@@ -25,7 +25,8 @@ metric names and format (prometheus_client, as vLLM uses). Environment knobs:
   FAKE_CONTROL_FAIL (unset)      /sleep and /wake_up answer 500
   FAKE_MAX_RUNNING (unset)       requests generating at once (vLLM's max_num_seqs): the rest wait, so
                                  throughput levels off past it, as a real server's does
-  FAKE_GPU_DIR (unset)           report the engine's GPU memory to the fake card (tests/faults/fakegpu):
+  FAKE_GPU_DIR (unset)           report the engine's GPU memory to the fake cards (tests/faults/fakegpu), on
+                                 each card CUDA_VISIBLE_DEVICES names (NVML's indices; card 0 without it):
                                  FAKE_GPU_AWAKE_MIB (51200) awake, FAKE_GPU_ASLEEP_MIB (1024) asleep; while the
                                  fake driver holds the engine checkpointed, /wake_up and requests answer 500
                                  (real vLLM would hang in its first CUDA call)
@@ -56,6 +57,8 @@ class FakeCard:
 
     def __init__(self, engine_pid: int):
         self.pid, self.on = engine_pid, bool(os.environ.get("FAKE_GPU_DIR"))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self.cards = tuple(int(c) for c in visible.split(",")) if visible else (0,)
         if self.on:
             import fake_gpu_state
 
@@ -64,7 +67,7 @@ class FakeCard:
     def hold(self, awake: bool) -> None:
         if self.on:
             mib = os.environ.get("FAKE_GPU_AWAKE_MIB" if awake else "FAKE_GPU_ASLEEP_MIB", "51200" if awake else "1024")
-            self.gpu.hold(self.pid, int(mib) << 20)
+            self.gpu.hold(self.pid, int(mib) << 20, self.cards)
 
     def checkpointed(self) -> bool:
         return self.on and self.gpu.driver_state(self.pid) != "RUNNING"
@@ -215,7 +218,8 @@ def main() -> None:
         return JSONResponse(state.get("last_body"))
 
     async def argv(request: Request):
-        return JSONResponse({"argv": sys.argv, "engine_pid": engine.pid})
+        return JSONResponse({"argv": sys.argv, "engine_pid": engine.pid,
+                             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
 
     async def metrics(request: Request):
         for name in ("awake", "weights_offloaded"):

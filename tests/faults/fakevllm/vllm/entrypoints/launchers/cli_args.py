@@ -16,4 +16,6 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-cudagraph-capture-size", type=int)
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction)
     parser.add_argument("--load-format")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1)
     return parser
