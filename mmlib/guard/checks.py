@@ -273,16 +273,17 @@ def checkpoint_support(report: GpuReport | None = None, enabled: bool | None = N
     return Support(True, f"CUDA process checkpoint, driver API {api}", api)
 
 
-def measured_residues() -> dict[tuple[str, str | None], int]:
-    """(profile, model) -> bytes the daemon measured its server to keep on the card asleep
-    (footprints.json); empty where the daemon has measured none."""
+def measured_residues() -> dict[tuple[str, str | None, str], int]:
+    """(profile, model, its sizing digest) -> bytes the daemon measured its server to keep on the card
+    asleep (footprints.json); empty where the daemon has measured none."""
     import json
 
     from mmlib import paths
 
     try:
         rows = json.loads(paths.footprints_file().read_text())
-        return {(name, model or None): int(f["asleep"]) for name, model, f in rows if int(f["asleep"]) > 0}
+        return {(name, model or None, f.get("sizing", "")): int(f["asleep"]) for name, model, f in rows
+                if int(f["asleep"]) > 0}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
@@ -304,7 +305,7 @@ def sleepers_here(card: fitmod.Card, spec: ArgSpec | None = None, checkpointed: 
     for p in load_all()[0]:
         if p.is_stack or not p.model or not p.sleep.enabled:
             continue
-        residue = measured.get((p.name, p.model))
+        residue = measured.get((p.name, p.model, p.sizing))
         if residue is None:
             folder, cfg, _ = _local_model_files(p)
             residue = fitmod.predict(p, card, cfg, folder, spec).asleep_bytes if cfg else None

@@ -106,6 +106,19 @@ class Profile:
         return bool(self.stack)
 
     @property
+    def sizing(self) -> str:
+        """A digest of the settings that size its server's memory (engine, memory, sleep level,
+        cards): a footprint measured under other settings stands for them, not for these (a stale
+        awake peak made the scheduler evict sleepers after "fill" changed)."""
+        import hashlib
+        import json
+
+        settings = {"engine": dict(self.engine), "memory": self.memory.to_table() if self.memory else None,
+                    "sleep": self.sleep.level if self.sleep.enabled else None,
+                    "cards": [self.gpus, list(self.gpu_indices), self.parallel]}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    @property
     def names(self) -> tuple[str, ...]:
         """Every model name a client may use for this profile."""
         return (self.served_model_name, *self.aliases) if self.served_model_name else ()

@@ -286,14 +286,15 @@ class Daemon:
     def load_footprints(self) -> None:
         try:
             saved = json.loads(footprints_path().read_text())
-            self.scheduler.footprints = {(name, model or None): Footprint(f["awake"], f["asleep"], measured=True)
-                                         for name, model, f in saved}
+            # (a row without "sizing", from before it was kept, matches no profile: measured again)
+            self.scheduler.footprints = {(name, model or None, f.get("sizing", "")):
+                                         Footprint(f["awake"], f["asleep"], measured=True) for name, model, f in saved}
         except (OSError, ValueError, KeyError, TypeError):
             pass  # none yet, or unreadable: measured again as servers run
 
     def save_footprints(self) -> None:
-        rows = [[name, model, {"awake": f.awake, "asleep": f.asleep}]
-                for (name, model), f in sorted(self.scheduler.footprints.items(), key=str) if f.measured]
+        rows = [[name, model, {"awake": f.awake, "asleep": f.asleep, "sizing": sizing}]
+                for (name, model, sizing), f in sorted(self.scheduler.footprints.items(), key=str) if f.measured]
         text = json.dumps(rows)
         if text != self._saved_footprints:
             replace_atomic(footprints_path(), text, mode=0o600)

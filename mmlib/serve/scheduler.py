@@ -172,7 +172,8 @@ class Scheduler:
         self.ram_budget = ram_budget  # bytes mm's servers may hold in RAM; None: derived_ram_budget
         self._freed: list[tuple[float, int]] = []  # (when, bytes of RAM) of servers stopped lately
         self.host_ram = host_ram  # () -> (total, available) bytes of the machine's RAM; None: unknown
-        self.footprints: dict[tuple[str, str | None], Footprint] = {}  # (profile, model) -> measured
+        # (profile, model, its sizing digest) -> measured
+        self.footprints: dict[tuple[str, str | None, str], Footprint] = {}
         self._placing: dict[str, tuple[int, ...] | None] = {}  # the cards of the switch's starts (cards_of)
         self.switch_times: deque[float] = deque(maxlen=1000)
         self._make_server = make_server
@@ -503,7 +504,7 @@ class Scheduler:
     # --- memory ----------------------------------------------------------------------------------------
     def footprint(self, profile: Profile) -> Footprint | None:
         """Measured where this profile's model ran before, else predicted; None where unknown (no GPU)."""
-        return self.footprints.get((profile.name, profile.model)) or self.memory.predict(profile)
+        return self.footprints.get((profile.name, profile.model, profile.sizing)) or self.memory.predict(profile)
 
     def _asleep_profiles(self, exclude: set[str]) -> list[Profile]:
         return [s.profile for s in self.servers.values()
@@ -572,7 +573,7 @@ class Scheduler:
         held = self.memory.held(server.pid) if server.pid else None
         if held is None or server.state not in (State.AWAKE, State.ASLEEP):
             return
-        key = (server.name, server.profile.model)
+        key = (server.name, server.profile.model, server.profile.sizing)
         old = self.footprints.get(key)
         guess = self.memory.predict(server.profile) or Footprint(awake=held, asleep=held)
         fp = old if old is not None and old.measured else Footprint(guess.awake, guess.asleep, measured=True)

@@ -406,7 +406,8 @@ def write_footprints(asleep_gib: dict[str, float]) -> None:
     """footprints.json as the daemon writes it: [profile, model, {"awake", "asleep"}] a server."""
     from mmlib import paths
 
-    rows = [[name, load_profile(name).model, {"awake": 10 * GIB, "asleep": int(g * GIB)}]
+    rows = [[name, load_profile(name).model, {"awake": 10 * GIB, "asleep": int(g * GIB),
+                                              "sizing": load_profile(name).sizing}]
             for name, g in asleep_gib.items()]
     paths.footprints_file().write_text(json.dumps(rows))
 

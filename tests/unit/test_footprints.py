@@ -3,6 +3,7 @@ switch after one counts real bytes, not a guess."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from types import SimpleNamespace
 
 from mmlib.guard import fit
@@ -16,14 +17,29 @@ from mmlib.serve.memory import CardMemory
 def test_measured_footprints_survive_a_daemon_restart(mm_env):
     async def go():
         first = Daemon(Config())
-        first.scheduler.footprints[("chat", "Qwen/Qwen2.5-7B-Instruct-AWQ")] = Footprint(9 << 30, 1 << 30, measured=True)
-        first.scheduler.footprints[("guess", None)] = Footprint(5 << 30, 1 << 30)  # predicted: not kept
+        chat = load_profile("chat")
+        first.scheduler.footprints[("chat", chat.model, chat.sizing)] = Footprint(9 << 30, 1 << 30, measured=True)
+        first.scheduler.footprints[("guess", None, "")] = Footprint(5 << 30, 1 << 30)  # predicted: not kept
         first.save_footprints()
         assert oct(footprints_path().stat().st_mode & 0o777) == "0o600"
         second = Daemon(Config())
         second.load_footprints()
-        assert second.scheduler.footprints == {("chat", "Qwen/Qwen2.5-7B-Instruct-AWQ"):
+        assert second.scheduler.footprints == {("chat", chat.model, chat.sizing):
                                                Footprint(9 << 30, 1 << 30, measured=True)}
+        assert second.scheduler.footprint(chat) == Footprint(9 << 30, 1 << 30, measured=True)
+    asyncio.run(go())
+
+
+def test_a_footprint_measured_under_other_settings_is_not_used(mm_env):
+    """A stale awake peak, measured before a profile was resized, made mm evict sleepers for room it no
+    longer needed."""
+    async def go():
+        daemon = Daemon(Config())
+        chat = load_profile("chat")
+        daemon.scheduler.footprints[("chat", chat.model, chat.sizing)] = Footprint(11 << 30, 1 << 30, measured=True)
+        smaller = dataclasses.replace(chat, engine={**chat.engine, "max_num_seqs": 4})
+        assert smaller.sizing != chat.sizing
+        assert daemon.scheduler.footprint(smaller) != Footprint(11 << 30, 1 << 30, measured=True)
     asyncio.run(go())
 
 
