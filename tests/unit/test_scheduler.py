@@ -68,6 +68,8 @@ class FakeServer:
             raise MMError(f"{self.name}: the start was cancelled")
         self.state = State.AWAKE
 
+    restoring: list[int] = [0, 0]  # (restores running now, the most at once), all servers
+
     async def wake(self) -> None:
         if self.state == State.ASLEEP:
             self.log.append(f"wake {self.name}")
@@ -75,6 +77,11 @@ class FakeServer:
             return
         if self.state == State.CHECKPOINTED:
             self.log.append(f"restore {self.name}")
+            now = FakeServer.restoring
+            now[0] += 1
+            now[1] = max(now)
+            await asyncio.sleep(0)  # (the driver's call runs in a thread)
+            now[0] -= 1
             if "restore" in self.fails:
                 self.state, self.error = State.FAILED, "restore failed"
                 raise MMError(f"{self.name}: cuCheckpointProcessRestore failed (CUDA_ERROR_ILLEGAL_STATE)")
@@ -811,6 +818,24 @@ def test_the_sleepers_a_switch_needs_off_the_card_are_checkpointed_together():
         await visit(w, "a", "b", "c", "big")  # 11 + 1.5 > 12: all three residues must go
         assert sorted(e for e in w.log if e.startswith("checkpoint")) == ["checkpoint a", "checkpoint b", "checkpoint c"]
         assert FakeServer.checkpointing[1] == 3 and card.peak <= card.cap
+    run(go())
+
+
+def test_a_stacks_checkpointed_members_are_restored_together():
+    async def go():
+        w, card = checkpoint_world({"llm": (4, 1.5), "stt": (2, 1), "big": (11.5, 1)}, ram_budget_gib=100)
+        voice = profile("voice", stack=("llm", "stt"))
+        members = {"llm": profile("llm", share_gpu=True, engine={"gpu_memory_utilization": 0.4}),
+                   "stt": profile("stt", share_gpu=True, engine={"gpu_memory_utilization": 0.2})}
+        for name, p in members.items():
+            w.server(name).profile = p
+        w.profiles.update(voice=voice, **members)
+        await visit(w, "voice", "big")  # both members asleep, then off the card for big
+        assert (w.server("llm").state, w.server("stt").state) == (State.CHECKPOINTED, State.CHECKPOINTED)
+        FakeServer.restoring[:] = [0, 0]
+        await visit(w, "voice")
+        assert (w.server("llm").state, w.server("stt").state) == (State.AWAKE, State.AWAKE)
+        assert FakeServer.restoring[1] == 2 and card.peak <= card.cap
     run(go())
 
 
