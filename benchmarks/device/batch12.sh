@@ -13,24 +13,11 @@
 #           to back until the run has ended.
 # BATCH12_ARGS passes flags (e.g. "--prompts 500" where device time is short).
 # Usage: bash benchmarks/device/batch12.sh start|poll
-set -uo pipefail
-cd "$(dirname "$0")/../.."
-out="${OUT:-/tmp/mm-out}"; mkdir -p "$out"
-unset PYTHONDONTWRITEBYTECODE  # (issue_runs.sh: let vLLM's first import write its bytecode)
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
-  VLLM_USE_FLASHINFER_SAMPLER=0
+source "$(dirname "$0")/kit.sh"
 
 start() {
-  mkdir -p /tmp/stage && bash .gpu-stage/unpack.sh > /dev/null || exit 1
-  for whl in .gpu-extra/*.whl; do [ -f "$whl" ] && python3 -m zipfile -e "$whl" /tmp/site0; done
-  python3 -c "import platformdirs, tomli_w" 2>/dev/null ||
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  [ -f .gpu-extra/jit.tar.xz ] && mkdir -p ~/.cache && tar -xJf .gpu-extra/jit.tar.xz -C ~/.cache
-  if ! grep -q holding /tmp/ballast.log 2>/dev/null; then
-    CUDA_VISIBLE_DEVICES=0 setsid python3 .gpu-stage/ballast.py --leave 12 > /tmp/ballast.log 2>&1 < /dev/null &
-    for _ in $(seq 60); do grep -q holding /tmp/ballast.log && break; sleep 1; done
-  fi
-  cat /tmp/ballast.log
+  kit_setup
+  ballast12
   python3 -c "import pandas" 2>/dev/null || echo "(no pandas here: vLLM's bench reads the prompts as its ShareGPT dataset)"
   CUDA_VISIBLE_DEVICES=0 PYTHONPATH="/tmp/site0:$PYTHONPATH" setsid python3 benchmarks/batch12.py \
     --out /tmp/batch12.txt ${BATCH12_ARGS:-} > /tmp/batch12.log 2>&1 < /dev/null &
@@ -41,9 +28,8 @@ start() {
 running() { kill -0 "$(cat /tmp/batch12.pid 2>/dev/null)" 2>/dev/null; }
 
 poll() {  # poll [N]: wait up to N x 5 s (108: 9 minutes) for the run to end
-  for _ in $(seq "${1:-${POLL_N:-108}}"); do running || break; sleep 5; done
-  tag=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import rotation12, pynvml; pynvml.nvmlInit(); \
-print(rotation12.device_tag(str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))))" 2>/dev/null || echo h100)
+  wait_for /tmp/batch12.pid "${1:-}"
+  tag=$(device_tag)
   cp /tmp/batch12.txt "$out/batch_${tag}.txt" 2>/dev/null
   cp /tmp/batch_sweep_*.png "$out/batch_sweep_${tag}.png" 2>/dev/null
   tail -c 60000 /tmp/batch12.log > "$out/batch12.log"

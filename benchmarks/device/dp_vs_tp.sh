@@ -12,18 +12,12 @@
 # NVLink multicast stays off (the device's rule: NCCL_NVLS_ENABLE=0 and the others, exported here
 # too, and every server mm starts inherits them).
 # Usage: bash benchmarks/device/dp_vs_tp.sh start|poll
-set -uo pipefail
-cd "$(dirname "$0")/../.."
-out="${OUT:-/tmp/mm-out}"; mkdir -p "$out"
-unset PYTHONDONTWRITEBYTECODE  # (issue_runs.sh: let vLLM's first import write its bytecode)
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
-  VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source "$(dirname "$0")/kit.sh"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 start() {
   nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv
-  mkdir -p /tmp/stage && bash .gpu-stage/unpack.sh > /dev/null || exit 1
-  python3 -c "import platformdirs, tomli_w" 2>/dev/null ||
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  kit_setup
   # shellcheck disable=SC2086
   setsid python3 benchmarks/dp_vs_tp.py --out /tmp/dp_vs_tp.txt ${DP_VS_TP_ARGS:-} > /tmp/dp_vs_tp.log 2>&1 < /dev/null &
   echo $! > /tmp/dp_vs_tp.pid
@@ -33,9 +27,8 @@ start() {
 running() { kill -0 "$(cat /tmp/dp_vs_tp.pid 2>/dev/null)" 2>/dev/null; }
 
 poll() {  # poll [N]: wait up to N x 5 s (108: 9 minutes) for the run to end
-  for _ in $(seq "${1:-${POLL_N:-108}}"); do running || break; sleep 5; done
-  tag=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import dp_vs_tp, pynvml; pynvml.nvmlInit(); \
-print(dp_vs_tp.device_tag(str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))))" 2>/dev/null || echo h100)
+  wait_for /tmp/dp_vs_tp.pid "${1:-}"
+  tag=$(device_tag)
   cp /tmp/dp_vs_tp.txt "$out/dp_vs_tp_${tag}.txt" 2>/dev/null; tail -c 60000 /tmp/dp_vs_tp.log > "$out/dp_vs_tp.log"
   (cd /tmp && tar -cJf "$out/logs.tar.xz" mm-dp-vs-tp-*/state/logs 2>/dev/null)  # the daemon's and each server's
   cat /tmp/dp_vs_tp.txt 2>/dev/null; tail -n 5 /tmp/dp_vs_tp.log

@@ -14,36 +14,22 @@
 #           (issue_runs.sh mixed1; mixed_load_<device>.txt).
 # ROTATION12_ARGS passes flags (e.g. --explicit-checkpoint where the scheduler does not checkpoint yet).
 # Usage: bash benchmarks/device/rotation12.sh start|poll|mixed
-set -uo pipefail
-cd "$(dirname "$0")/../.."
-out="${OUT:-/tmp/mm-out}"; mkdir -p "$out"
-unset PYTHONDONTWRITEBYTECODE  # (issue_runs.sh: let vLLM's first import write its bytecode)
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
-  VLLM_USE_FLASHINFER_SAMPLER=0
+source "$(dirname "$0")/kit.sh"
 
 start() {
-  mkdir -p /tmp/stage && bash .gpu-stage/unpack.sh > /dev/null || exit 1
-  for whl in .gpu-extra/*.whl; do [ -f "$whl" ] && python3 -m zipfile -e "$whl" /tmp/site0; done
-  python3 -c "import platformdirs, tomli_w" 2>/dev/null ||
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  [ -f .gpu-extra/jit.tar.xz ] && mkdir -p ~/.cache && tar -xJf .gpu-extra/jit.tar.xz -C ~/.cache
-  if ! grep -q holding /tmp/ballast.log 2>/dev/null; then
-    CUDA_VISIBLE_DEVICES=0 setsid python3 .gpu-stage/ballast.py --leave 12 > /tmp/ballast.log 2>&1 < /dev/null &
-    for _ in $(seq 60); do grep -q holding /tmp/ballast.log && break; sleep 1; done
-  fi
-  cat /tmp/ballast.log
+  kit_setup
+  ballast12
   CUDA_VISIBLE_DEVICES=0 PYTHONPATH="/tmp/site0:$PYTHONPATH" setsid python3 benchmarks/rotation12.py \
     --out /tmp/rotation12.txt ${ROTATION12_ARGS:-} > /tmp/rotation12.log 2>&1 < /dev/null &
   echo $! > /tmp/rotation12.pid
-  poll 100  # (the setup takes about a minute of the call's 10)
+  poll "${START_POLL_N:-100}"  # (the setup takes about a minute of the call's 10)
 }
 
 running() { kill -0 "$(cat /tmp/rotation12.pid 2>/dev/null)" 2>/dev/null; }
 
 poll() {  # poll [N]: wait up to N x 5 s (108: 9 minutes) for the run to end
-  for _ in $(seq "${1:-${POLL_N:-108}}"); do running || break; sleep 5; done
-  tag=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import rotation12, pynvml; pynvml.nvmlInit(); \
-print(rotation12.device_tag(str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))))" 2>/dev/null || echo h100)
+  wait_for /tmp/rotation12.pid "${1:-}"
+  tag=$(device_tag)
   cp /tmp/rotation12.txt "$out/rotation12_${tag}.txt" 2>/dev/null; tail -c 60000 /tmp/rotation12.log > "$out/rotation12.log"
   (cd /tmp && tar -cJf "$out/logs.tar.xz" mm-card12-*/state/logs 2>/dev/null)  # the daemon's and each server's
   cat /tmp/rotation12.txt 2>/dev/null; tail -n 3 /tmp/rotation12.log
@@ -55,8 +41,7 @@ mixed() {
   running && { echo "rotation12.py still runs: poll first"; return 1; }
   kill "$(grep -o "ballast pid [0-9]*" /tmp/ballast.log | grep -o "[0-9]*$")" 2>/dev/null; sleep 5
   bash benchmarks/device/issue_runs.sh mixed1
-  tag=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import rotation12, pynvml; pynvml.nvmlInit(); \
-print(rotation12.device_tag(str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))))" 2>/dev/null || echo h100)
+  tag=$(device_tag)
   mv "$out/mixed_load.txt" "$out/mixed_load_${tag}.txt"
 }
 
