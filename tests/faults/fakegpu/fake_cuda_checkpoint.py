@@ -30,6 +30,10 @@ class FileDriver:
         return ProcessState[self._doc()["states"].get(str(pid), "RUNNING")]
 
     def _step(self, what: str, pid: int, need: str, to: str) -> None:
+        with gpu.driver_locked(self.path):
+            self._step_locked(what, pid, need, to)
+
+    def _step_locked(self, what: str, pid: int, need: str, to: str) -> None:
         doc = self._doc()
         doc["calls"].append(f"{what} {pid}")
         if doc.get("fail") == what:

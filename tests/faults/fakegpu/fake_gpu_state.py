@@ -5,8 +5,11 @@ servers and the test see the same cards. `$FAKE_GPU_COUNT` cards (default 1) of 
 "fail": "restore" (the next such call fails), "api_version": 13000}."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import threading
 from pathlib import Path
 
 MIB = 1 << 20
@@ -29,9 +32,19 @@ def read_driver(path: Path | None = None) -> dict:
         return {}
 
 
+@contextlib.contextmanager
+def driver_locked(path: Path | None = None):
+    """One read-modify-write of the driver's file at a time: mm checkpoints several sleepers at once,
+    each from a thread of its own (the real driver keeps its state per process)."""
+    path = path or driver_file()
+    with open(path.with_suffix(".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def write_driver(doc: dict, path: Path | None = None) -> None:
     path = path or driver_file()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, path)
 
