@@ -213,7 +213,7 @@ class Daemon:
                 "last_switch_s": self.scheduler.last_switch_s,
                 "switches_per_min": self.scheduler.switches_per_minute(), "servers": servers,
                 "background_errors": list(self.background_errors.values()),
-                "ram_budget": self.scheduler.ram_budget_now()}
+                "ram_budget": await self.scheduler.ram_budget_read()}
 
     def _profile(self, args: dict) -> Profile:
         name = args.get("profile") or self.config.default_profile

@@ -730,13 +730,10 @@ class Scheduler:
                 break
             leaving.append(s)
         room = await self._ram_for_checkpoints(leaving, names)
-
-        async def no() -> bool:
-            return False
-        kept = await asyncio.gather(*(self._checkpoint(s, names, ram_judged=True) if s in room else no()
-                                      for s in leaving))
-        for s, off_the_card in zip(leaving, kept):
-            if off_the_card or s.state != State.ASLEEP:
+        done = await asyncio.gather(*(self._checkpoint(s) for s in room))
+        off_the_card = {s.name for s, ok in zip(room, done) if ok}
+        for s in leaving:
+            if s.name in off_the_card or s.state != State.ASLEEP:
                 continue  # checkpointed, or stopped meanwhile to keep RAM
             log.info("stopping %s (asleep, least recently used) to make room for %s", s.name, ", ".join(names))
             self._drop_come_back(s.name)  # its paused requests end with it: nobody to bring it back for
@@ -762,17 +759,11 @@ class Scheduler:
             room.append(s)
         return room
 
-    async def _checkpoint(self, server: Any, exclude: set[str], ram_judged: bool = False) -> bool:
-        """Move a sleeper's GPU residue to RAM (the CUDA driver's checkpoint) where it can be and RAM
-        allows; False where it stays on the card. A failed checkpoint stops it (one log line).
-        ram_judged: the caller made RAM room for it (and others checkpointed beside it) already."""
-        if not getattr(server, "can_checkpoint", False):
-            return False
-        fp = self.footprint(server.profile)
-        extra = fp.asleep if fp else 0  # what the checkpoint adds to RAM
-        if not ram_judged:
-            await self._keep_ram(exclude, extra)  # older sleepers give way first; it may go itself
-        if server.state != State.ASLEEP or (not ram_judged and self._ram_short(extra)):
+    async def _checkpoint(self, server: Any) -> bool:
+        """Move a sleeper's GPU residue to RAM (the CUDA driver's checkpoint; _ram_for_checkpoints
+        made the RAM room); False where it stays on the card. A failed checkpoint stops it (one log
+        line)."""
+        if not getattr(server, "can_checkpoint", False) or server.state != State.ASLEEP:
             return False
         log.info("checkpointing %s (asleep, least recently used) to make room", server.name)
         try:
@@ -811,6 +802,11 @@ class Scheduler:
         """(total, available) bytes of RAM, available counting what stopped servers are still freeing."""
         ram = self.host_ram() if self.host_ram else None
         return None if ram is None else (ram[0], min(ram[0], ram[1] + self._freeing()))
+
+    async def ram_budget_read(self) -> int | None:
+        """ram_budget_now() for `mm status`, its servers' RAM read off the event loop first."""
+        await self._read_ram()
+        return self.ram_budget_now()
 
     def ram_budget_now(self) -> int | None:
         """Bytes mm's servers may hold in RAM together now: config.toml's ram_budget, else derived."""
