@@ -150,7 +150,7 @@ def test_page_asks_for_the_key_shows_every_profile_and_wakes_one(page_mm, browse
 def test_results_tab_renders_the_summary_with_its_plots(page_mm, browser, tmp_path):
     browser.find_element(By.CSS_SELECTOR, 'a[data-tab="results"]').click()
     until(browser, lambda d: "mm benchmark results" in d.find_element(By.ID, "result-view").text, what="summary.md")
-    until(browser, lambda d: all(i.get_attribute("src").startswith("blob:") and
+    until(browser, lambda d: all((i.get_attribute("src") or "").startswith("blob:") and  # (none until fetched)
                                  d.execute_script("return arguments[0].naturalWidth", i) > 0
                                  for i in d.find_elements(By.CSS_SELECTOR, "#result-view img")) and
           d.find_elements(By.CSS_SELECTOR, "#result-view img"), what="the plots, loaded with the key")
