@@ -176,20 +176,28 @@ def print_sweep(doc: dict[str, Any], path: Any) -> None:
                    f"model, vLLM and card)")
 
 
+def measured(p: Any, kind: str, force: bool, run: Any) -> tuple[Any, dict[str, Any]]:
+    """Serve the profile, then `run(server, ui=, file=)` with progress bars into a result file of
+    this kind; Ctrl-C keeps what finished and says where. (path, the result)."""
+    from mmlib.measure.results import ResultFile
+
+    server = serve(p, force)
+    file = ResultFile(p.name, kind)
+    try:
+        with RichUI() as ui:
+            return run(server, ui=ui, file=file)
+    except KeyboardInterrupt:
+        interrupted(file)
+        raise  # (interrupted exits)
+
+
 def run_sweep(p: Any, mode: str, levels: str | None, cpu: bool, prompts: int | None, input_len: int | None,
               output_len: int | None, force: bool) -> None:
     from mmlib.measure import sweep
-    from mmlib.measure.results import ResultFile
 
     chosen = sweep.parse_levels(levels) if levels else (sweep.QUICK_LEVELS if mode == QUICK else sweep.LEVELS)
     plans = sweep.level_plans(chosen, mode, cpu, prompts, input_len, output_len)
-    server = serve(p, force)
-    file = ResultFile(p.name, "sweep")
-    try:
-        with RichUI() as ui:
-            path, doc = sweep.run(p, server, plans, mode, ui=ui, file=file)
-    except KeyboardInterrupt:
-        interrupted(file)
+    path, doc = measured(p, "sweep", force, lambda server, **kw: sweep.run(p, server, plans, mode, **kw))
     print_sweep(doc, path)
 
 
@@ -217,7 +225,6 @@ def bench(profile: str | None, mode: str, scenarios: tuple[str, ...], sweep: boo
     Results go to benchmark_results/runs/<profile>/ and runs/summary.md (with plots); git ignores runs/.
     A sweep's result and plot go there too (<time>-sweep.json and .png)."""
     from mmlib.measure import bench as lib
-    from mmlib.measure.results import ResultFile
     from mmlib.profiles.vllm_cmd import installed_vllm
 
     if sweep and scenarios:
@@ -233,13 +240,7 @@ def bench(profile: str | None, mode: str, scenarios: tuple[str, ...], sweep: boo
         run_sweep(p, mode, levels, install.is_cpu, prompts, input_len, output_len, force)
         return
     plans = plan(list(scenarios), mode, install.is_cpu, prompts, input_len, output_len)
-    server = serve(p, force)
-    file = ResultFile(p.name, "bench")
-    try:
-        with RichUI() as ui:
-            path, doc = lib.run(p, server, plans, mode, ui=ui, file=file)
-    except KeyboardInterrupt:
-        interrupted(file)
+    path, doc = measured(p, "bench", force, lambda server, **kw: lib.run(p, server, plans, mode, **kw))
     print_bench(doc)
     click.echo(f"saved {path}; summary in {path.parent.parent / 'summary.md'}")
 
