@@ -81,6 +81,9 @@ RAM_SHARE = 0.8
 # it counts as freed, or the next judgment (the budget derived from what others seem to hold, the
 # floor) would stop more sleepers for memory already on its way back (the H100 rotation12 run).
 FREED_GRACE_S = 10.0
+# Free bytes left beside a target restored early (_restore_early), over its residue: slack for what
+# the awake servers' allocators may still take while they finish their requests.
+RESTORE_EARLY_MARGIN = 512 << 20
 SLEEPING = frozenset({State.ASLEEP, State.CHECKPOINTED})  # sleepers: on the card, or off it in RAM
 
 
@@ -556,7 +559,8 @@ class Scheduler:
             if s.name == exclude or (s.state not in LIVE and s.name not in self._placing):
                 continue  # (a start placed earlier in this switch counts: a stack's members spread out)
             fp = self.footprint(s.profile)
-            held = (fp.asleep if s.state in SLEEPING else fp.awake) if fp else 1
+            held = (0 if s.state == State.CHECKPOINTED else fp.asleep if s.state == State.ASLEEP
+                    else fp.awake) if fp else 1
             for c in self.cards_of(s.profile) or ():
                 load[c] = load.get(c, 0) + held
         return load
@@ -711,11 +715,62 @@ class Scheduler:
         tp = [t.profile for t in targets]
         starting = frozenset(t.name for t in targets if t.state not in LIVE)
         others = [s for s in self.awake() if s.name not in names and self._shares_card(s.profile, tp)]
-        if not self._fits(tp, [s.profile for s in others], self._asleep_profiles(names), starting):
-            await asyncio.gather(*(self._drain_then_sleep(s) for s in others))
-            for s in others:
-                self._measure_soon(s)
-            await self._keep_ram(names)  # a sleep moves weights to RAM
+        early = self._restore_early(targets)
+        try:
+            if not self._fits(tp, [s.profile for s in others], self._asleep_profiles(names), starting):
+                await asyncio.gather(*(self._drain_then_sleep(s) for s in others))
+                for s in others:
+                    self._measure_soon(s)
+                early = early or self._restore_early(targets)
+                await self._keep_ram(names)  # a sleep moves weights to RAM
+            await self._move_sleepers_off(targets, names, tp, starting)
+        finally:
+            back = await early if early is not None else []
+        failed = [t for t in back if t.state != State.ASLEEP]
+        if failed:  # (why is the server's own line): a cold start, which peaks above a wake
+            for t in failed:
+                log.warning("%s: restoring it from its checkpoint failed; starting it again", t.name)
+                await t.stop()
+                self._placing[t.name] = getattr(t, "gpus", None)  # it starts on the same cards
+            await self._make_room(targets)
+
+    def _restore_early(self, targets: list[Any]) -> Awaitable[list[Any]] | None:
+        """Checkpointed targets go back onto the card (still asleep) while the rest of the room is
+        made, where their residue fits now, by the card and by the footprints: a restore (0.8-1.2 s on
+        the H100) then overlaps the others' sleep and checkpoints (0.5-1.6 s) instead of following
+        them. Returns what resolves to those targets once their restores end (failed or not)."""
+        back = [t for t in targets if t.state == State.CHECKPOINTED and getattr(t, "restore", None)]
+        if not back:
+            return None
+        tp, held, need = [t.profile for t in targets], 0, 0
+        for s in self.servers.values():
+            if s.state not in LIVE or s.state == State.CHECKPOINTED or not self._shares_card(s.profile, tp):
+                continue
+            fp = self.footprint(s.profile)
+            if fp is None:
+                return None
+            held += fp.asleep if s.state == State.ASLEEP else fp.awake
+        for t in back:
+            fp = self.footprint(t.profile)
+            if fp is None:
+                return None
+            need += fp.asleep
+        held_cards = [self._cards_held(t) for t in back]
+        cards = None if any(c is None for c in held_cards) else tuple(sorted({i for c in held_cards for i in c}))
+        capacity, free = self.memory.capacity(), self.memory.free(cards) if cards else self.memory.free()
+        if capacity is None or free is None or min(free, capacity - held) < need + RESTORE_EARLY_MARGIN:
+            return None
+
+        async def restore(t: Any) -> Any:
+            try:
+                await t.restore()
+            except MMError:
+                pass  # it failed: _make_room starts it cold
+            return t
+        return asyncio.ensure_future(asyncio.gather(*(restore(t) for t in back)))
+
+    async def _move_sleepers_off(self, targets: list[Any], names: set[str], tp: list[Profile],
+                                 starting: frozenset[str]) -> None:
         # Least recently used first; sleepers holding paused requests last (stopping one ends them).
         # Each is checkpointed off the card where it can be, else stopped; only sleepers on a card the
         # targets use. The sleepers that must go are chosen first and checkpointed together: one after

@@ -27,8 +27,9 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.AWAKE: frozenset({State.FALLING_ASLEEP, State.STOPPING, State.FAILED}),
     State.FALLING_ASLEEP: frozenset({State.ASLEEP, State.FAILED, State.STOPPING}),
     State.ASLEEP: frozenset({State.WAKING, State.STOPPING, State.FAILED, State.CHECKPOINTED}),
-    # Restored and woken in one step (WAKING); a failed restore is a FAILED server, stopped and started again.
-    State.CHECKPOINTED: frozenset({State.WAKING, State.STOPPING, State.FAILED}),
+    # Restored and woken in one step (WAKING), or restored still asleep (ASLEEP: a switch restores its
+    # target while it makes the rest of the room); a failed restore is a FAILED server, started again.
+    State.CHECKPOINTED: frozenset({State.WAKING, State.ASLEEP, State.STOPPING, State.FAILED}),
     State.WAKING: frozenset({State.AWAKE, State.FAILED, State.STOPPING}),
     State.STOPPING: frozenset({State.STOPPED, State.FAILED}),
     State.FAILED: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),

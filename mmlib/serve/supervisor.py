@@ -548,6 +548,16 @@ class ManagedServer:
             log.info("%s: checkpointed off the card in %.2f s (pids %s)", self.name, time.perf_counter() - t0,
                      ", ".join(map(str, pids)))
 
+    async def restore(self) -> None:
+        """Bring a checkpointed sleeper back onto the card, still asleep (a switch restores its target
+        while it checkpoints others, then wakes it). A failure stops it, as in wake()."""
+        async with self._lock:
+            if self.state != State.CHECKPOINTED:
+                return
+            await self._restore()
+            self._write_record()
+            await self._set_state(State.ASLEEP)
+
     def _pids_on_gpu(self) -> list[int]:
         """Its processes that hold the GPU: the server's family as NVML lists them (vLLM's engine)."""
         family = {p.pid for p in (self._family or self._process_family())}

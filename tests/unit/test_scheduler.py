@@ -89,16 +89,40 @@ class FakeServer:
             return
         await self.start()
 
+    async def restore(self) -> None:  # back onto the card, still asleep (a switch's early restore)
+        if self.state != State.CHECKPOINTED:
+            return
+        self.log.append(f"restore {self.name}")
+        self.restoring_now = True  # (the card counts its residue from the first byte)
+        driver, now = FakeServer.driver, FakeServer.restoring
+        for count in (driver, now):
+            count[0] += 1
+            count[1] = max(count)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        driver[0] -= 1
+        now[0] -= 1
+        self.restoring_now = False
+        if "restore" in self.fails:
+            self.state, self.error = State.FAILED, "restore failed"
+            raise MMError(f"{self.name}: cuCheckpointProcessRestore failed (CUDA_ERROR_ILLEGAL_STATE)")
+        self.state = State.ASLEEP
+
+    restoring_now = False
+    driver: list[int] = [0, 0]  # (checkpoints and early restores running now, the most at once)
     checkpointing: list[int] = [0, 0]  # (checkpoints running now, the most at once), all servers
 
     async def checkpoint(self) -> None:
         assert self.state == State.ASLEEP and self.can_checkpoint
         self.log.append(f"checkpoint {self.name}")
-        now = FakeServer.checkpointing
+        now, driver = FakeServer.checkpointing, FakeServer.driver
         now[0] += 1
         now[1] = max(now)
+        driver[0] += 1
+        driver[1] = max(driver)
         await asyncio.sleep(0)  # (the driver's call runs in a thread: others may start meanwhile)
         now[0] -= 1
+        driver[0] -= 1
         if "checkpoint" in self.fails:
             self.state, self.error = State.FAILED, "checkpoint failed"
             raise MMError(f"{self.name}: cuCheckpointProcessCheckpoint failed (CUDA_ERROR_NOT_SUPPORTED)")
@@ -331,7 +355,7 @@ class FakeCard:
             fp = self.prints[s.name]
             used += self.resting.get(s.name, fp.awake) if s.state == State.AWAKE else \
                 fp.awake if s.state in (State.STARTING, State.WAKING) else \
-                fp.asleep if s.state == State.ASLEEP else 0
+                fp.asleep if s.state == State.ASLEEP or s.restoring_now else 0
         return used + sum(g[0] for g in self.ghosts)
 
     def cards(self) -> list[int]:
@@ -805,8 +829,35 @@ def test_a_sleeper_is_checkpointed_instead_of_stopped_and_restored_on_its_next_u
         assert [w.server(n).state for n in ("a", "b", "c")] == [State.CHECKPOINTED, State.ASLEEP, State.ASLEEP]
         assert "checkpoint a" in w.log and "stop a" not in w.log and card.peak <= card.cap
         await visit(w, "a")
-        assert w.log[-2:] == ["sleep big", "restore a"] and w.log.count("start a") == 1
+        assert w.log[-3:] == ["sleep big", "restore a", "wake a"] and w.log.count("start a") == 1
         assert w.server("a").state == State.AWAKE and card.peak <= card.cap
+    run(go())
+
+
+def test_a_checkpointed_target_is_restored_while_the_others_are_checkpointed():
+    """On the H100 a switch checkpointed the sleepers in its way (0.5-1.6 s), then restored its target
+    (0.8-1.2 s): where the target's residue fits meanwhile, the two overlap."""
+    async def go():
+        w, card = checkpoint_world({n: (8, 1.5) for n in "abcd"}, ram_budget_gib=100)
+        await visit(w, "a", "b", "c", "d")  # 8 + three residues of 1.5 > 12: a leaves the card
+        assert w.server("a").state == State.CHECKPOINTED
+        FakeServer.driver[:] = [0, 0]
+        await visit(w, "a")  # d sleeps; a's 8 beside three residues does not fit: b leaves, a comes back
+        assert w.log[-4:-1] == ["sleep d", "restore a", "checkpoint b"] and w.log[-1] == "wake a"
+        assert FakeServer.driver[1] == 2, "the restore and the checkpoint ran at once"
+        assert w.server("a").state == State.AWAKE and card.peak <= card.cap
+    run(go())
+
+
+def test_a_target_is_restored_early_only_where_its_residue_fits_beside_what_the_card_holds():
+    async def go():
+        w, card = checkpoint_world({"a": (7, 3.8), "b": (7, 4), "c": (7, 4)}, ram_budget_gib=100)
+        await visit(w, "a", "b", "c")  # c beside both residues does not fit: a leaves the card
+        assert w.server("a").state == State.CHECKPOINTED
+        FakeServer.driver[:] = [0, 0]
+        await visit(w, "a")  # after c sleeps the card holds 8 of 12: a's 3.8 (and slack) would not fit
+        assert w.log[-3:] == ["sleep c", "checkpoint b", "restore a"]  # (restored by its wake)
+        assert FakeServer.driver[1] == 1 and card.peak <= card.cap
     run(go())
 
 
@@ -976,6 +1027,7 @@ def test_a_paused_sleeper_checkpointed_keeps_its_requests():
         await visit(w, "big")  # 11 + 1.5: b is stopped, then a, paused, leaves the card
         assert "stop b" in w.log and "checkpoint a" in w.log and "stop a" not in w.log
         await w.clock.advance(1)  # big idle: a comes back for its paused answer
-        assert w.log[-1] == "restore a" and long_answer.state == State.AWAKE and long_answer.in_flight == 1
+        assert w.log[-2:] == ["restore a", "wake a"] and long_answer.state == State.AWAKE
+        assert long_answer.in_flight == 1
         assert card.peak <= card.cap
     run(go())
