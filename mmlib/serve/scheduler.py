@@ -21,7 +21,8 @@ card's capacity or the budget in config.toml. Servers that fit stay awake togeth
 does not fit puts the others to sleep, then moves the least recently used sleepers off the card
 (checkpointed into RAM by the CUDA driver where the server can be, else stopped; lazily: a sleeper
 keeps its residue while everything fits), then waits until the card shows the memory free. A
-checkpointed server holds no GPU memory; its wake restores it, and a failed restore is a cold start.
+checkpointed server holds no GPU memory; its wake restores it (while the switch makes the rest of the
+room, where its residue fits meanwhile), and a failed restore is a cold start.
 Without a GPU, declared shares (share_gpu) decide as before. On a machine of several cards each
 server has its own (serve/cards.py: the profile's, else the least used): servers on different cards
 never put each other to sleep, and where cards are shared these rules hold on each of them.
