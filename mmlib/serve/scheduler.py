@@ -696,11 +696,7 @@ class Scheduler:
             await server.wake()
         except MMError as e:
             if restoring and server.state != State.AWAKE:
-                # (why is the server's own line, logged once where it failed)
-                log.warning("%s: restoring it from its checkpoint failed; starting it again", server.name)
-                await server.stop()  # whatever is left of it
-                self._placing[server.name] = getattr(server, "gpus", None)  # it starts on the same cards
-                await self._make_room(targets)  # a start peaks above what a wake needs
+                await self._start_cold_instead([server], targets)
                 await self._await_room(self._room_needed([server]), self._cards_held(server))
                 return await self._bring_up(server, targets)
             if starting and server.state == State.FAILED:  # not a stop that cancelled the start
@@ -732,12 +728,18 @@ class Scheduler:
         finally:
             back = await early if early is not None else []
         failed = [t for t in back if t.state != State.ASLEEP]
-        if failed:  # (why is the server's own line): a cold start, which peaks above a wake
-            for t in failed:
-                log.warning("%s: restoring it from its checkpoint failed; starting it again", t.name)
-                await t.stop()
-                self._placing[t.name] = getattr(t, "gpus", None)  # it starts on the same cards
-            await self._make_room(targets)
+        if failed:
+            await self._start_cold_instead(failed, targets)
+
+    async def _start_cold_instead(self, failed: list[Any], targets: list[Any]) -> None:
+        """Targets whose restore failed (why is each server's own line, logged where it failed) start
+        again cold on the same cards: what is left of them stops, and the room is made again for a
+        start, which peaks above what a wake needs."""
+        for t in failed:
+            log.warning("%s: restoring it from its checkpoint failed; starting it again", t.name)
+            await t.stop()
+            self._placing[t.name] = getattr(t, "gpus", None)
+        await self._make_room(targets)
 
     def _restore_early(self, targets: list[Any]) -> Awaitable[list[Any]] | None:
         """Checkpointed targets go back onto the card (still asleep) while the rest of the room is
